@@ -1,0 +1,132 @@
+// kda_ext: the ops' own invariants, checked in the binding layer of both backends.
+//
+// chunk_kda (Python) already validates user input with friendly ValueError/TypeError messages;
+// these TORCH_CHECKs guard direct calls of torch.ops.kda_ext.* so that no backend ever reads out
+// of bounds. Every message names the argument, the expectation and what was given.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <optional>
+
+namespace kda_ext {
+
+// Sizes shared by every stage. NT is the number of chunk slots of `h`: ceil(T/BT) for fixed
+// length, the shape-only upper bound (T + N*(BT-1)) / BT with cu_seqlens (see docs/design.md).
+struct KdaDims {
+  int64_t B, T, H, HV, K, V, N, BT, NT;
+  bool varlen;
+};
+
+inline int64_t chunk_slots(int64_t T, int64_t N, int64_t BT, bool varlen) {
+  return varlen ? (T + N * (BT - 1)) / BT : (T + BT - 1) / BT;
+}
+
+inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "kda_ext: ", name, " must be on ", ref.device(),
+              " (the device of q), got ", t.device());
+}
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// The dtype of states, gate cumsums and every accumulator.
+inline at::ScalarType compute_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& g, const at::Tensor& beta,
+                                    const std::optional<at::Tensor>& initial_state,
+                                    const std::optional<at::Tensor>& A_log,
+                                    const std::optional<at::Tensor>& dt_bias,
+                                    const std::optional<at::Tensor>& cu_seqlens,
+                                    bool use_gate_in_kernel,
+                                    std::optional<double> lower_bound, bool state_v_first,
+                                    int64_t chunk_size) {
+  TORCH_CHECK(q.dim() == 4, "kda_ext: q must be [B, T, H, K], got shape ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "kda_ext: k must have q's shape ", q.sizes(), ", got ",
+              k.sizes());
+  TORCH_CHECK(v.dim() == 4, "kda_ext: v must be [B, T, HV, V], got shape ", v.sizes());
+  KdaDims d{};
+  d.B = q.size(0);
+  d.T = q.size(1);
+  d.H = q.size(2);
+  d.K = q.size(3);
+  d.HV = v.size(2);
+  d.V = v.size(3);
+  TORCH_CHECK(v.size(0) == d.B && v.size(1) == d.T, "kda_ext: v must be [", d.B, ", ", d.T,
+              ", HV, V] (B and T of q), got ", v.sizes());
+  TORCH_CHECK(d.H > 0 && d.HV > 0 && d.HV % d.H == 0, "kda_ext: the value heads HV=", d.HV,
+              " must be a positive multiple of the q/k heads H=", d.H);
+  TORCH_CHECK(d.K > 0 && d.K <= 256, "kda_ext: key head dim K must be in [1, 256], got ", d.K);
+  TORCH_CHECK(d.V > 0 && d.V <= 256, "kda_ext: value head dim V must be in [1, 256], got ", d.V);
+  TORCH_CHECK(g.dim() == 4 && g.size(0) == d.B && g.size(1) == d.T && g.size(2) == d.HV &&
+                  g.size(3) == d.K,
+              "kda_ext: g must be [", d.B, ", ", d.T, ", ", d.HV, ", ", d.K, "], got ", g.sizes());
+  TORCH_CHECK(beta.dim() == 3 && beta.size(0) == d.B && beta.size(1) == d.T &&
+                  beta.size(2) == d.HV,
+              "kda_ext: beta must be [", d.B, ", ", d.T, ", ", d.HV, "], got ", beta.sizes());
+  TORCH_CHECK(chunk_size == 32 || chunk_size == 64, "kda_ext: chunk_size must be 32 or 64, got ",
+              chunk_size);
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"},
+                         {&g, "g"}, {&beta, "beta"}}) {
+    TORCH_CHECK(is_float_dtype(t->scalar_type()), "kda_ext: ", name,
+                " must be float16, bfloat16, float32 or float64, got ", t->scalar_type());
+    check_same_device(q, *t, name);
+  }
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "kda_ext: q, k and v must share a dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  d.BT = chunk_size;
+  d.varlen = cu_seqlens.has_value();
+  if (d.varlen) {
+    const auto& cu = *cu_seqlens;
+    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2,
+                "kda_ext: cu_seqlens must be a 1-D tensor of N+1 >= 2 offsets, got shape ",
+                cu.sizes());
+    TORCH_CHECK(cu.scalar_type() == at::kLong || cu.scalar_type() == at::kInt,
+                "kda_ext: cu_seqlens must be int32 or int64, got ", cu.scalar_type());
+    check_same_device(q, cu, "cu_seqlens");
+    TORCH_CHECK(d.B == 1, "kda_ext: batch size must be 1 with cu_seqlens, got ", d.B);
+    d.N = cu.numel() - 1;
+  } else {
+    d.N = d.B;
+  }
+  d.NT = chunk_slots(d.T, d.N, d.BT, d.varlen);
+  const auto sdt = compute_dtype(q);
+  if (initial_state.has_value()) {
+    const auto& h0 = *initial_state;
+    const int64_t r = state_v_first ? d.V : d.K, c = state_v_first ? d.K : d.V;
+    TORCH_CHECK(h0.dim() == 4 && h0.size(0) == d.N && h0.size(1) == d.HV && h0.size(2) == r &&
+                    h0.size(3) == c,
+                "kda_ext: initial_state must be [", d.N, ", ", d.HV, ", ", r, ", ", c, "], got ",
+                h0.sizes());
+    TORCH_CHECK(h0.scalar_type() == sdt, "kda_ext: initial_state must be ", sdt, ", got ",
+                h0.scalar_type());
+    check_same_device(q, h0, "initial_state");
+  }
+  if (use_gate_in_kernel) {
+    TORCH_CHECK(A_log.has_value() || lower_bound.has_value(),
+                "kda_ext: the in-kernel softplus gate needs A_log");
+    if (A_log.has_value()) {
+      TORCH_CHECK(A_log->numel() == d.HV, "kda_ext: A_log must have HV=", d.HV,
+                  " elements, got ", A_log->numel());
+      TORCH_CHECK(A_log->scalar_type() == at::kFloat || A_log->scalar_type() == at::kDouble,
+                  "kda_ext: A_log must be float32 or float64, got ", A_log->scalar_type());
+      check_same_device(q, *A_log, "A_log");
+    }
+    if (dt_bias.has_value()) {
+      TORCH_CHECK(dt_bias->numel() == d.HV * d.K, "kda_ext: dt_bias must have HV*K=",
+                  d.HV * d.K, " elements, got ", dt_bias->numel());
+      TORCH_CHECK(dt_bias->scalar_type() == at::kFloat || dt_bias->scalar_type() == at::kDouble,
+                  "kda_ext: dt_bias must be float32 or float64, got ", dt_bias->scalar_type());
+      check_same_device(q, *dt_bias, "dt_bias");
+    }
+  }
+  return d;
+}
+
+}  // namespace kda_ext
