@@ -1,0 +1,220 @@
+"""kda_ext vs FLA's Triton chunk_kda: side by side, same inputs, same process, same card.
+
+Times forward, backward and forward+backward (median of triton.testing.do_bench), the peak extra
+memory of forward+backward, and (with --first-call) the first call's latency in a fresh process.
+Prints a markdown table of ratios (FLA time / ours, so > 1 means we are faster) with absolute times
+and writes it to --out (and a PNG chart with --png).
+
+  python benchmarks/bench_chunk_kda.py                       # the default shape set, Kimi mode
+  python benchmarks/bench_chunk_kda.py --shapes 2x8192x32x128 --modes kimi,softplus --what fwd
+  python benchmarks/bench_chunk_kda.py --first-call          # adds fresh-process first-call times
+
+Modes: kimi = in-kernel lower-bound gate (lower_bound=-5) with safe_gate, q/k l2norm, beta sigmoid,
+state_v_first, fp32 h0 and final state; softplus = in-kernel softplus gate (unbounded), safe_gate
+off, same other flags. Suffix "-dr" sets disable_recompute=True. FLA is optional: without it only
+our times are printed.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    "2x8192x32x128": (2, 8192, 32, 128),
+    "1x8192x96x128": (1, 8192, 96, 128),
+    "8x2048x16x128": (8, 2048, 16, 128),
+    "1x32768x16x128": (1, 32768, 16, 128),
+    "varlen16x32768x16x128": (1, 32768, 16, 128),
+    "1x1024x16x128": (1, 1024, 16, 128),
+    "4x4096x32x64": (4, 4096, 32, 64),
+    "2x4096x16x256": (2, 4096, 16, 256),
+}
+
+
+def varlen_offsets(total, n, seed=0):
+    """n sequence lengths of mixed size (1 .. ~4x mean) summing to total, as cu_seqlens."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, generator=gen) ** 2 + 0.05
+    lens = (w / w.sum() * total).floor().long().clamp(min=1)
+    lens[-1] += total - lens.sum()
+    return torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+
+
+def make_inputs(shape_name, mode, device="cuda", dtype=torch.bfloat16, seed=0):
+    B, T, H, D = SHAPES[shape_name]
+    torch.manual_seed(seed)
+    cu = varlen_offsets(T, 16).to(device) if shape_name.startswith("varlen") else None
+    N = 16 if cu is not None else B
+    x = dict(
+        q=torch.randn(B, T, H, D, device=device, dtype=dtype),
+        k=torch.randn(B, T, H, D, device=device, dtype=dtype),
+        v=torch.randn(B, T, H, D, device=device, dtype=dtype),
+        g=torch.randn(B, T, H, D, device=device, dtype=dtype),
+        beta=torch.randn(B, T, H, device=device, dtype=dtype),
+        A_log=torch.log(torch.empty(H, device=device).uniform_(1, 16)),
+        dt_bias=torch.randn(H * D, device=device) * 0.1,
+        initial_state=torch.randn(N, H, D, D, device=device),
+    )
+    kw = dict(
+        output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True, state_v_first=True, cu_seqlens=cu,
+        cu_seqlens_cpu=cu.cpu() if cu is not None else None,
+        disable_recompute=mode.endswith("-dr"),
+    )
+    if mode.startswith("kimi"):
+        kw.update(safe_gate=True, lower_bound=-5.0)
+    elif mode.startswith("softplus"):
+        kw.update(safe_gate=False, lower_bound=None)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return x, kw
+
+
+def get_impl(name):
+    if name == "ours":
+        import kda_ext
+
+        return kda_ext.chunk_kda
+    from fla.ops.kda import chunk_kda
+
+    return chunk_kda
+
+
+def run(fn, x, kw):
+    return fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"],
+              A_log=x["A_log"], dt_bias=x["dt_bias"], **kw)
+
+
+DIFF = ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "initial_state")
+
+
+def measure(impl, shape_name, mode, what):
+    from triton.testing import do_bench
+
+    fn = get_impl(impl)
+    x, kw = make_inputs(shape_name, mode)
+    res = {}
+    if "fwd" in what:
+        def fwd():
+            with torch.no_grad():
+                run(fn, x, kw)
+        fwd()
+        res["fwd"] = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+    if "bwd" in what or "fwdbwd" in what:
+        for n in DIFF:
+            x[n].requires_grad_(True)
+        o, ht = run(fn, x, kw)
+        do, dht = torch.randn_like(o), torch.randn_like(ht)
+
+        def fwdbwd():
+            o, ht = run(fn, x, kw)
+            torch.autograd.backward((o, ht), (do, dht))
+        fwdbwd()  # warm-up (and autotune for FLA)
+        for n in DIFF:
+            x[n].grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwdbwd()
+        torch.cuda.synchronize()
+        res["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        res["fwdbwd"] = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median",
+                                 grad_to_none=[x[n] for n in DIFF])
+        o, ht = run(fn, x, kw)
+
+        def bwd():
+            torch.autograd.backward((o, ht), (do, dht), retain_graph=True)
+        res["bwd"] = do_bench(bwd, warmup=25, rep=100, return_mode="median",
+                              grad_to_none=[x[n] for n in DIFF])
+    return res
+
+
+def first_call(impl, shape_name, mode, timeout=900):
+    """Seconds of the first forward+backward in a fresh process (import excluded)."""
+    code = (
+        "import sys, time, torch; sys.path.insert(0, %r);"
+        "import bench_chunk_kda as b; fn = b.get_impl(%r); x, kw = b.make_inputs(%r, %r);"
+        "[x[n].requires_grad_(True) for n in b.DIFF]; torch.cuda.synchronize(); t0 = time.perf_counter();"
+        "o, ht = b.run(fn, x, kw); (o.float().sum() + ht.sum()).backward(); torch.cuda.synchronize();"
+        "print('FIRST_CALL_S', time.perf_counter() - t0)"
+    ) % (os.path.dirname(os.path.abspath(__file__)), impl, shape_name, mode)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return float("inf")
+    for line in out.stdout.splitlines():
+        if line.startswith("FIRST_CALL_S"):
+            return float(line.split()[1])
+    print(out.stdout[-2000:], out.stderr[-2000:], file=sys.stderr)
+    return float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--modes", default="kimi")
+    ap.add_argument("--what", default="fwd,bwd,fwdbwd")
+    ap.add_argument("--impls", default="ours,fla")
+    ap.add_argument("--first-call", action="store_true")
+    ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--json", default=None, help="write raw results here")
+    args = ap.parse_args()
+    impls = args.impls.split(",")
+    if "fla" in impls:
+        try:
+            get_impl("fla")
+        except ImportError:
+            print("flash-linear-attention not installed: timing kda_ext alone", file=sys.stderr)
+            impls = [i for i in impls if i != "fla"]
+    what = args.what.split(",")
+    rows = []
+    for shape_name in args.shapes.split(","):
+        for mode in args.modes.split(","):
+            r = {"shape": shape_name, "mode": mode}
+            for impl in impls:
+                try:
+                    r[impl] = measure(impl, shape_name, mode, what)
+                    if args.first_call:
+                        r[impl]["first_call_s"] = first_call(impl, shape_name, mode)
+                except Exception as e:  # a failing configuration is reported, not hidden
+                    r[impl] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                torch.cuda.empty_cache()
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    dev = torch.cuda.get_device_name()
+    head = (f"Card: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+            f"date {time.strftime('%Y-%m-%d')}; command: `python benchmarks/bench_chunk_kda.py "
+            + " ".join(sys.argv[1:]) + "`\n\n")
+    cols = [w for w in ("fwd", "bwd", "fwdbwd", "peak_mib", "first_call_s")
+            if any(w in r.get(i, {}) for r in rows for i in impls)]
+    lines = ["| shape | mode | " + " | ".join(
+        f"{c} ours | {c} FLA | {c} FLA/ours" if "fla" in impls else f"{c} ours" for c in cols) + " |"]
+    lines.append("|" + "---|" * (2 + len(cols) * (3 if "fla" in impls else 1)))
+    for r in rows:
+        cells = [r["shape"], r["mode"]]
+        for c in cols:
+            a = r.get("ours", {}).get(c)
+            b = r.get("fla", {}).get(c) if "fla" in impls else None
+            fmt = (lambda z: "-" if z is None else f"{z:.3f}")
+            cells.append(fmt(a) if "ours" in r and "error" not in r["ours"] else r.get("ours", {}).get("error", "-"))
+            if "fla" in impls:
+                cells.append(fmt(b) if "error" not in r.get("fla", {}) else r["fla"]["error"])
+                cells.append(f"{b / a:.2f}x" if a and b else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    table = head + "Times in ms (median, triton do_bench), peak extra memory of forward+backward in MiB, first call in s.\n\n" + "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

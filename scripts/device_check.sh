@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# kda_ext on a GPU machine in one go: build against the machine's torch, run the CUDA tests,
+# compute-sanitizer on small shapes, and the benchmark against FLA; results under $OUT.
+#
+#   bash scripts/device_check.sh [steps]     steps: any of build,test,sanitize,bench (default all)
+# Environment: OUT (results folder, default /tmp/kda_out), PYTEST_ARGS (extra pytest args,
+# default "-k cuda"), BENCH_ARGS (benchmark args), FLA wheels in .whl/ are installed if present.
+# The build is skipped when kda_ext/_C*.so exists and was built from the same sources (a hash of
+# csrc/ and setup.py is kept beside it), so a carried .so saves the compile.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-/tmp/kda_out}"
+mkdir -p "$OUT"
+STEPS="${1:-build,test,sanitize,bench}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+summary=()
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+
+src_hash=$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+if has build; then
+  so=$(ls kda_ext/_C*.so 2>/dev/null | head -n1)
+  if [ -n "$so" ] && [ "$(cat kda_ext/_C.srchash 2>/dev/null)" == "$src_hash" ]; then
+    echo "build: reusing $so (sources unchanged)"; summary+=("build: reused")
+  else
+    t0=$(date +%s)
+    if KDA_EXT_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" NVCC_THREADS="${NVCC_THREADS:-4}" \
+        "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+      echo "$src_hash" > kda_ext/_C.srchash
+      summary+=("build: ok in $(( $(date +%s) - t0 )) s")
+    else
+      tail -n 60 "$OUT/build.log"; summary+=("build: FAILED"); printf '%s\n' "${summary[@]}"; exit 1
+    fi
+  fi
+  cp kda_ext/_C*.so kda_ext/_C.srchash "$OUT/" 2>/dev/null
+  grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | sort -rn | head -n 5
+fi
+
+if has test; then
+  "$PY" -m pytest -q -ra -p no:cacheprovider tests ${PYTEST_ARGS:--k cuda} > "$OUT/tests.log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
+  summary+=("tests (${PYTEST_ARGS:--k cuda}): $(tail -n 1 "$OUT/tests.log") [rc=$rc]")
+fi
+
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 "$PY" scripts/sanitize_smoke.py > "$OUT/sanitize_$tool.log" 2>&1
+    summary+=("compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -n 1)")
+  done
+fi
+
+if has bench; then
+  "$PY" benchmarks/bench_chunk_kda.py ${BENCH_ARGS:---shapes 2x8192x32x128,1x1024x16x128 --what fwd} \
+      --out "$OUT/bench.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+  summary+=("bench: rc=$?")
+  cat "$OUT/bench.md" 2>/dev/null || tail -n 30 "$OUT/bench.log"
+fi
+
+echo "==== summary ($(head -n1 "$OUT/gpu.txt"))"
+printf '%s\n' "${summary[@]}"

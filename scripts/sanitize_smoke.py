@@ -1,0 +1,50 @@
+"""kda_ext: small CUDA calls for compute-sanitizer (memcheck/racecheck): fixed and varlen shapes,
+odd head dims, both gate regimes, chunk 32/64, forward and (when a CUDA kernel is registered)
+backward. Exits non-zero if any result is not finite."""
+import torch
+
+import kda_ext
+
+
+def has_cuda_kernel(op):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"kda_ext::{op}", "CUDA")
+
+
+def case(B, T, H, HV, K, V, cu=None, chunk_size=64, safe=False, dtype=torch.bfloat16):
+    dev = "cuda"
+    N = len(cu) - 1 if cu is not None else B
+    q = torch.randn(B, T, H, K, device=dev, dtype=dtype)
+    k = torch.randn(B, T, H, K, device=dev, dtype=dtype)
+    v = torch.randn(B, T, HV, V, device=dev, dtype=dtype)
+    g = torch.randn(B, T, HV, K, device=dev, dtype=dtype)
+    beta = torch.randn(B, T, HV, device=dev, dtype=dtype)
+    h0 = torch.randn(N, HV, K, V, device=dev)
+    A_log = torch.randn(HV, device=dev)
+    dt_bias = torch.randn(HV * K, device=dev)
+    leaves = [q, k, v, g, beta, h0, A_log, dt_bias]
+    want_grad = has_cuda_kernel("chunk_kda_bwd")
+    for t in leaves:
+        t.requires_grad_(want_grad)
+    cu_t = torch.tensor(cu, device=dev, dtype=torch.int32) if cu is not None else None
+    o, ht = kda_ext.chunk_kda(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True,
+        use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+        safe_gate=safe, lower_bound=-5.0 if safe else None, A_log=A_log, dt_bias=dt_bias,
+        cu_seqlens=cu_t, chunk_size=chunk_size,
+    )
+    outs = [o, ht]
+    if want_grad:
+        grads = torch.autograd.grad((o.float().sum() + ht.sum()), leaves)
+        outs += list(grads)
+    torch.cuda.synchronize()
+    bad = [i for i, t in enumerate(outs) if not torch.isfinite(t.float()).all()]
+    assert not bad, f"non-finite outputs {bad} in case {(B, T, H, HV, K, V, cu, chunk_size, safe)}"
+
+
+if __name__ == "__main__":
+    case(2, 65, 2, 4, 64, 64)
+    case(1, 100, 1, 1, 60, 100, chunk_size=32)
+    case(1, 131, 2, 2, 128, 128, cu=[0, 1, 2, 67, 131], safe=True)
+    case(1, 40, 1, 2, 256, 256, cu=[0, 17, 40], chunk_size=32, safe=True, dtype=torch.float16)
+    case(1, 70, 1, 1, 32, 48, dtype=torch.float32)
+    print("sanitize smoke: ok")
