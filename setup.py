@@ -61,7 +61,7 @@ def _extensions():
     with_cuda = _want_cuda()
     debug = os.environ.get("KDA_EXT_DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp"]
+    cxx += ["-std=c++20", "-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     archs = []
@@ -69,7 +69,7 @@ def _extensions():
         archs = os.environ.get("KDA_EXT_CUDA_ARCHS", "90a")
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo", "-DNDEBUG"]
         nvcc += [
-            "-std=c++17",
+            "-std=c++20",
             "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__",
             "-U__CUDA_NO_HALF_CONVERSIONS__",

@@ -24,14 +24,30 @@ def find_nvcc():
     return cand if os.path.exists(cand) else shutil.which("nvcc")
 
 
-def nvcc_command(nvcc, src, obj, arch):
+def stub_include_dir(out_dir):
+    """Headers a CPU build of torch leaves out but its c10/cuda headers include.
+
+    The CUDA wheels generate c10/cuda/impl/cuda_cmake_macros.h at build time; the CPU wheel ships the
+    c10/cuda headers without it. An empty stand-in (the real one only sets C10_CUDA_BUILD_SHARED_LIBS,
+    which matters for linking, not for compiling) lets the translation units compile as they would
+    against a CUDA torch. Placed after torch's own include paths, so a real header always wins.
+    """
+    stub = os.path.join(out_dir, "stub_include")
+    path = os.path.join(stub, "c10", "cuda", "impl", "cuda_cmake_macros.h")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    return stub
+
+
+def nvcc_command(nvcc, src, obj, arch, stub_dir):
     from torch.utils.cpp_extension import include_paths
 
     import torch
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [
-        nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr",
+        nvcc, "-std=c++20", "-O3", "--expt-relaxed-constexpr",
         f"-gencode=arch=compute_{arch},code=sm_{arch}",
         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -40,6 +56,7 @@ def nvcc_command(nvcc, src, obj, arch):
         "-I" + os.path.join(ROOT, "csrc"), "-I" + sysconfig.get_paths()["include"],
     ]
     cmd += ["-I" + p for p in include_paths()]
+    cmd += ["-I" + stub_dir]
     cmd += ["-c", src, "-o", obj]
     return cmd
 
@@ -58,10 +75,11 @@ def main():
         print("no CUDA sources found under csrc/cuda", file=sys.stderr)
         return 1
     out_dir = tempfile.mkdtemp(prefix="kda_cuda_check_")
+    stub_dir = stub_include_dir(out_dir)
 
     def compile_one(src):
         obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-        proc = subprocess.run(nvcc_command(nvcc, src, obj, args.arch), capture_output=True, text=True)
+        proc = subprocess.run(nvcc_command(nvcc, src, obj, args.arch, stub_dir), capture_output=True, text=True)
         return src, proc.returncode, proc.stdout + proc.stderr
 
     failed = 0

@@ -7,6 +7,8 @@
 # default "-k cuda"), BENCH_ARGS (benchmark args), FLA wheels in .whl/ are installed if present.
 # The build is skipped when kda_ext/_C*.so exists and was built from the same sources (a hash of
 # csrc/ and setup.py is kept beside it), so a carried .so saves the compile.
+# Every step has a time limit (TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT seconds) so one slow step
+# cannot eat a whole device lease; a step that hits its limit reports rc=124 in the summary.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -44,7 +46,7 @@ if has build; then
 fi
 
 if has test; then
-  "$PY" -m pytest -q -ra -p no:cacheprovider tests ${PYTEST_ARGS:--k cuda} > "$OUT/tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -ra -p no:cacheprovider tests ${PYTEST_ARGS:--k cuda} > "$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
   summary+=("tests (${PYTEST_ARGS:--k cuda}): $(tail -n 1 "$OUT/tests.log") [rc=$rc]")
@@ -52,13 +54,13 @@ fi
 
 if has sanitize; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 "$PY" scripts/sanitize_smoke.py > "$OUT/sanitize_$tool.log" 2>&1
+    timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool $tool --error-exitcode 9 "$PY" scripts/sanitize_smoke.py > "$OUT/sanitize_$tool.log" 2>&1
     summary+=("compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -n 1)")
   done
 fi
 
 if has bench; then
-  "$PY" benchmarks/bench_chunk_kda.py ${BENCH_ARGS:---shapes 2x8192x32x128,1x1024x16x128 --what fwd} \
+  timeout "${BENCH_TIMEOUT:-300}" "$PY" benchmarks/bench_chunk_kda.py ${BENCH_ARGS:---shapes 2x8192x32x128,1x1024x16x128 --what fwd} \
       --out "$OUT/bench.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   summary+=("bench: rc=$?")
   cat "$OUT/bench.md" 2>/dev/null || tail -n 30 "$OUT/bench.log"
