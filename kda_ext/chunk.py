@@ -1,0 +1,396 @@
+# kda_ext.chunk: chunk_kda, the drop-in for fla.ops.kda.chunk_kda (signature, defaults, validation).
+"""The public entry point. It validates its arguments as FLA's ``chunk_kda`` does (plus the checks
+a kernel needs), then calls the ``kda_ext::chunk_kda_fwd`` custom op, whose autograd formula is
+registered in :mod:`kda_ext.ops`. No arithmetic happens here.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Any, Optional, Tuple, Union
+
+import torch
+
+from . import ops
+
+__all__ = ["chunk_kda"]
+
+_KNOWN_KWARGS = ("A_log", "dt_bias", "chunk_size", "transpose_state_layout")
+_QKV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = _QKV_DTYPES
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _require_tensor(x: Any, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"chunk_kda: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_device(x: torch.Tensor, name: str, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(
+            f"chunk_kda: `{name}` must be on {device} (the device of `q`), got {x.device}")
+
+
+def _check_no_fp64_on_gpu(x: torch.Tensor, name: str) -> None:
+    if x.dtype == torch.float64 and x.device.type != "cpu":
+        raise TypeError(
+            f"chunk_kda: `{name}` is float64, which only the CPU backend supports "
+            f"(got a float64 tensor on {x.device}); use float32, float16 or bfloat16")
+
+
+def _check_offsets(bounds: list, T: int, name: str) -> None:
+    if bounds[0] != 0:
+        raise ValueError(f"chunk_kda: `{name}` must start at 0, got {bounds[0]}")
+    if bounds[-1] != T:
+        raise ValueError(
+            f"chunk_kda: `{name}` must end at the total length T={T} (q.shape[1]), got {bounds[-1]}")
+    for i in range(len(bounds) - 1):
+        if bounds[i + 1] < bounds[i]:
+            raise ValueError(
+                f"chunk_kda: `{name}` must be non-decreasing, got {bounds[i]} followed by "
+                f"{bounds[i + 1]} at position {i}")
+
+
+def _exact_num_chunks(bounds: list, BT: int) -> int:
+    return sum((b - a + BT - 1) // BT for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def chunk_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    safe_gate: bool = False,
+    lower_bound: Optional[float] = None,
+    disable_recompute: bool = False,
+    return_intermediate_states: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: Optional[torch.LongTensor] = None,
+    cu_seqlens_cpu: Optional[torch.LongTensor] = None,
+    cp_context: Any = None,
+    **kwargs: Any,
+) -> Union[Tuple[torch.Tensor, Optional[torch.Tensor]],
+           Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
+    r"""Kimi Delta Attention, chunked: a drop-in for ``fla.ops.kda.chunk_kda``.
+
+    Per value head, with state ``S`` (``[K, V]``): ``S <- Diag(exp(g_t)) S``,
+    ``S <- S + beta_t k_t (v_t - S^T k_t)^T``, ``o_t = S^T (scale q_t)``; computed chunk-wise,
+    forward and backward, by the ``kda_ext`` custom ops (CPU and CUDA). Works under
+    ``torch.compile(fullgraph=True)``.
+
+    B batch, T time, H q/k heads, HV value heads (HV % H == 0; value head ``hv`` reads q/k head
+    ``hv // (HV // H)``), K key dim (<= 256), V value dim (<= 256), N sequences (B, or
+    ``len(cu_seqlens) - 1``), BT the chunk size.
+
+    ============================== ===================================== =====================
+    argument                       shape / dtype                         meaning
+    ============================== ===================================== =====================
+    ``q``, ``k``                   ``[B, T, H, K]``; fp16/bf16/fp32      queries, keys
+                                   (fp64 on CPU only); one dtype with v
+    ``v``                          ``[B, T, HV, V]``                     values
+    ``g``                          ``[B, T, HV, K]``, any float dtype    per-step log decay
+                                                                         (<= 0), or raw gate
+                                                                         logits with
+                                                                         ``use_gate_in_kernel``
+    ``beta``                       ``[B, T, HV]``, any float dtype       delta-rule step size,
+                                                                         or logits with
+                                                                         ``use_beta_sigmoid_in_kernel``
+    ``scale``                      float, default ``K ** -0.5``          query scale
+    ``initial_state``              ``[N, HV, K, V]`` (``[N, HV, V, K]``  initial state
+                                   with ``state_v_first``); float32
+                                   (float64 when q is float64)
+    ``output_final_state``         bool, False                           also return the final
+                                                                         state
+    ``use_qk_l2norm_in_kernel``    bool, False                           ``x * rsqrt(sum x^2 +
+                                                                         1e-6)`` on q and k
+    ``use_gate_in_kernel``         bool, False                           gate from raw g:
+                                                                         ``-exp(A_log) *
+                                                                         softplus(g + dt_bias)``,
+                                                                         or ``lower_bound *
+                                                                         sigmoid(exp(A_log) *
+                                                                         (g + dt_bias))``
+    ``use_beta_sigmoid_in_kernel`` bool, False                           ``beta = sigmoid(beta)``
+    ``allow_neg_eigval``           bool, False (needs the flag above)    ``beta = 2 *
+                                                                         sigmoid(beta)``
+    ``safe_gate``                  bool, False                           faster diagonal blocks;
+                                                                         the per-step gate must
+                                                                         be >= ``lower_bound``
+                                                                         >= -5
+    ``lower_bound``                float or None                         selects the lower-bound
+                                                                         gate; in [-5, 0) with
+                                                                         ``safe_gate`` and the
+                                                                         in-kernel gate
+    ``disable_recompute``          bool, False                           save every forward
+                                                                         intermediate instead of
+                                                                         recomputing it in the
+                                                                         backward (same grads)
+    ``return_intermediate_states`` bool, False (inference mode only)     also return ``h``
+    ``state_v_first``              bool, False                           state layout ``[V, K]``
+    ``cu_seqlens``                 ``[N + 1]`` int32/int64 on q's device packed sequences (B = 1)
+    ``cu_seqlens_cpu``             ``[N + 1]`` int on the CPU            host copy of cu_seqlens
+                                                                         (validation and ``h``
+                                                                         slicing without a sync)
+    ``cp_context``                 must be None                          context parallelism is
+                                                                         not supported
+    kw ``A_log``                   HV elements, float32 (float64 with    gate decay rate (in-
+                                   float64 q)                            kernel gate; optional
+                                                                         with ``lower_bound``)
+    kw ``dt_bias``                 HV*K elements, float32 (or float64)   gate bias, optional
+    kw ``chunk_size``              32 or 64, default 64                  BT
+    kw ``transpose_state_layout``  bool (deprecated)                     alias of
+                                                                         ``state_v_first``
+    ============================== ===================================== =====================
+
+    Unlike FLA, which silently ignores unknown keyword arguments, an unknown keyword raises a
+    ``TypeError`` naming it (a typo such as ``dt_bais=`` would otherwise silently drop the bias).
+    ``A_log``/``dt_bias`` are ignored unless ``use_gate_in_kernel``. Inputs may have any strides;
+    none of them is modified.
+
+    Returns:
+        ``(o, final_state)``: ``o`` ``[B, T, HV, V]`` in q's dtype; ``final_state``
+        ``[N, HV, K, V]`` (or ``[N, HV, V, K]``) in float32 (float64 for float64 q), or None.
+        With ``return_intermediate_states``: ``(o, final_state, h)``, ``h`` ``[B, NT, HV, K, V]``
+        (or ``..., V, K]``) in k's dtype, the state entering each chunk; with ``cu_seqlens``,
+        B = 1 and NT is the exact chunk count over all sequences (read from ``cu_seqlens_cpu``
+        when given, otherwise from ``cu_seqlens``, which then costs a device sync).
+
+    Raises:
+        TypeError: a non-tensor input, a wrong dtype, float64 on a GPU, an unknown keyword.
+        ValueError: a wrong shape, device or flag combination (messages name the argument, the
+            expectation and the given value).
+        NotImplementedError: ``cp_context`` is not None.
+    """
+    # --- keyword arguments FLA only accepts through **kwargs ----------------------------------
+    unknown = [name for name in kwargs if name not in _KNOWN_KWARGS]
+    if unknown:
+        raise TypeError(
+            f"chunk_kda() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"the keyword-only extras are {', '.join(_KNOWN_KWARGS)}")
+    for x, name in ((q, "q"), (k, "k"), (v, "v"), (g, "g"), (beta, "beta")):
+        _require_tensor(x, name)
+
+    # --- FLA's checks, in FLA's order ---------------------------------------------------------
+    if "transpose_state_layout" in kwargs:
+        transpose_state_layout = kwargs["transpose_state_layout"]
+        if state_v_first:
+            raise ValueError(
+                "chunk_kda: `transpose_state_layout` is a deprecated alias of `state_v_first`; "
+                "pass only `state_v_first` (both were given)")
+        warnings.warn(
+            "chunk_kda: `transpose_state_layout` is deprecated, use `state_v_first` instead",
+            DeprecationWarning, stacklevel=2)
+        state_v_first = bool(transpose_state_layout)
+
+    if cp_context is not None:
+        raise NotImplementedError(
+            "chunk_kda: context parallelism (`cp_context`) is not supported by kda_ext; "
+            "pass cp_context=None")
+
+    if q.dim() != 4:
+        raise ValueError(f"chunk_kda: `q` must be [B, T, H, K], got shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if lower_bound is not None and (
+            isinstance(lower_bound, bool) or not isinstance(lower_bound, numbers.Real)):
+        raise TypeError(f"chunk_kda: `lower_bound` must be a float or None, got {lower_bound!r}")
+    if cu_seqlens is not None:
+        _require_tensor(cu_seqlens, "cu_seqlens")
+        if B != 1:
+            raise ValueError(
+                f"chunk_kda: the batch size is expected to be 1 rather than {B} when using "
+                "`cu_seqlens`; flatten the variable-length inputs into one sequence before "
+                "processing")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(
+                "chunk_kda: `cu_seqlens` must be a 1-D tensor of N + 1 >= 2 offsets, got shape "
+                f"{tuple(cu_seqlens.shape)}")
+        N = cu_seqlens.shape[0] - 1
+        if initial_state is not None:
+            _require_tensor(initial_state, "initial_state")
+            if initial_state.dim() < 1 or initial_state.shape[0] != N:
+                raise ValueError(
+                    f"chunk_kda: the number of initial states is expected to equal the number "
+                    f"of input sequences, {N} (len(cu_seqlens) - 1), got "
+                    f"{initial_state.shape[0] if initial_state.dim() else 'a 0-d tensor'}")
+    else:
+        N = B
+
+    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if initial_state is not None:
+        _require_tensor(initial_state, "initial_state")
+        if initial_state.dtype != state_dtype:
+            raise TypeError(
+                f"chunk_kda: `initial_state` must be {state_dtype}"
+                f"{' (q is float64)' if state_dtype == torch.float64 else ''}, "
+                f"got {initial_state.dtype}")
+
+    A_log = dt_bias = None
+    if use_gate_in_kernel:
+        A_log, dt_bias = kwargs.get("A_log"), kwargs.get("dt_bias")
+        if A_log is None and lower_bound is None:
+            raise ValueError(
+                "chunk_kda: `A_log` must be provided when `use_gate_in_kernel=True` "
+                "(it may only be omitted together with a `lower_bound`)")
+
+    chunk_size = kwargs.get("chunk_size", 64)
+    if isinstance(chunk_size, bool) or chunk_size not in (32, 64):
+        raise ValueError(f"chunk_kda: `chunk_size` must be either 32 or 64 for KDA, got {chunk_size!r}")
+
+    if safe_gate and use_gate_in_kernel:
+        if lower_bound is None:
+            raise ValueError(
+                "chunk_kda: `lower_bound` must be given when `safe_gate=True` and "
+                "`use_gate_in_kernel=True` (e.g. lower_bound=-5.0)")
+        if not (-5 <= lower_bound < 0):
+            raise ValueError(
+                "chunk_kda: `lower_bound` must be in the safe range [-5, 0) with `safe_gate`, "
+                f"got {lower_bound}")
+
+    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
+        raise ValueError(
+            "chunk_kda: `allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True` "
+            "(beta = 2 * sigmoid(beta) is computed in the kernel)")
+
+    if k.shape != q.shape:
+        raise ValueError(
+            f"chunk_kda: `k` must have the shape of `q` {tuple(q.shape)}, got {tuple(k.shape)}")
+    if not 0 < K <= 256:
+        raise ValueError(
+            f"chunk_kda: currently only key head dims K <= 256 are supported for KDA, got K={K}")
+    if v.dim() != 4 or v.shape[0] != B or v.shape[1] != T:
+        raise ValueError(
+            f"chunk_kda: `v` must be [B={B}, T={T}, HV, V], got shape {tuple(v.shape)}")
+    HV, V = v.shape[2], v.shape[3]
+    if H == 0 or HV == 0 or HV % H != 0:
+        raise ValueError(
+            f"chunk_kda: the value heads HV={HV} (v.shape[2]) must be a positive multiple of the "
+            f"q/k heads H={H} (q.shape[2])")
+    if tuple(g.shape) != (B, T, HV, K):
+        raise ValueError(f"chunk_kda: `g` must be [{B}, {T}, {HV}, {K}], got {tuple(g.shape)}")
+    if tuple(beta.shape) != (B, T, HV):
+        raise ValueError(f"chunk_kda: `beta` must be [{B}, {T}, {HV}], got {tuple(beta.shape)}")
+
+    if return_intermediate_states:
+        if not torch.is_inference_mode_enabled():
+            raise ValueError(
+                "chunk_kda: `return_intermediate_states=True` is for inference only; "
+                "call it under torch.inference_mode()")
+        if disable_recompute:
+            raise ValueError(
+                "chunk_kda: `return_intermediate_states=True` requires `disable_recompute=False`")
+
+    # --- what a kernel needs on top -----------------------------------------------------------
+    if not 0 < V <= 256:
+        raise ValueError(
+            f"chunk_kda: currently only value head dims V <= 256 are supported, got V={V}")
+    if q.dtype not in _QKV_DTYPES:
+        raise TypeError(
+            f"chunk_kda: `q` must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"chunk_kda: `q`, `k` and `v` must share one dtype, got {q.dtype}, {k.dtype}, "
+            f"{v.dtype}")
+    for x, name in ((g, "g"), (beta, "beta")):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"chunk_kda: `{name}` must be a float16, bfloat16, float32 or float64 tensor, "
+                f"got {x.dtype}")
+    device = q.device
+    for x, name in ((k, "k"), (v, "v"), (g, "g"), (beta, "beta")):
+        _check_device(x, name, device)
+    for x, name in ((q, "q"), (g, "g"), (beta, "beta")):
+        _check_no_fp64_on_gpu(x, name)
+
+    if initial_state is not None:
+        _check_device(initial_state, "initial_state", device)
+        r, c = (V, K) if state_v_first else (K, V)
+        expected = (N, HV, r, c)
+        if tuple(initial_state.shape) != expected:
+            raise ValueError(
+                f"chunk_kda: `initial_state` must be [N, HV, {'V, K' if state_v_first else 'K, V'}]"
+                f" = {list(expected)}, got {list(initial_state.shape)}")
+
+    param_dtypes = (torch.float32,) if state_dtype == torch.float32 else (torch.float32, torch.float64)
+    for x, name, numel, what in ((A_log, "A_log", HV, "HV"), (dt_bias, "dt_bias", HV * K, "HV*K")):
+        if x is None:
+            continue
+        _require_tensor(x, name)
+        if x.numel() != numel:
+            raise ValueError(
+                f"chunk_kda: `{name}` must have {what}={numel} elements, got {x.numel()} "
+                f"(shape {tuple(x.shape)})")
+        if x.dtype not in param_dtypes:
+            raise TypeError(
+                f"chunk_kda: `{name}` must be {' or '.join(map(str, param_dtypes))}, "
+                f"got {x.dtype}")
+        _check_device(x, name, device)
+
+    if lower_bound is not None:
+        lower_bound = float(lower_bound)
+    if scale is None:
+        scale = K ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"chunk_kda: `scale` must be a float or None, got {scale!r}")
+    scale = float(scale)
+
+    bounds = None
+    if cu_seqlens is not None:
+        if cu_seqlens.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"chunk_kda: `cu_seqlens` must be int32 or int64, got {cu_seqlens.dtype}")
+        _check_device(cu_seqlens, "cu_seqlens", device)
+        if cu_seqlens_cpu is not None:
+            _require_tensor(cu_seqlens_cpu, "cu_seqlens_cpu")
+            if cu_seqlens_cpu.device.type != "cpu":
+                raise ValueError(
+                    f"chunk_kda: `cu_seqlens_cpu` must be on the CPU, got {cu_seqlens_cpu.device}")
+            if cu_seqlens_cpu.dtype not in _INDEX_DTYPES:
+                raise TypeError(
+                    f"chunk_kda: `cu_seqlens_cpu` must be int32 or int64, got {cu_seqlens_cpu.dtype}")
+            if tuple(cu_seqlens_cpu.shape) != tuple(cu_seqlens.shape):
+                raise ValueError(
+                    "chunk_kda: `cu_seqlens_cpu` must have the shape of `cu_seqlens` "
+                    f"{tuple(cu_seqlens.shape)}, got {tuple(cu_seqlens_cpu.shape)}")
+        # Offsets are read only where no device sync is needed (and not while tracing).
+        if not _is_compiling():
+            host = cu_seqlens_cpu if cu_seqlens_cpu is not None else (
+                cu_seqlens if cu_seqlens.device.type == "cpu" else None)
+            if host is not None:
+                bounds = [int(x) for x in host.tolist()]
+                _check_offsets(bounds, T, "cu_seqlens_cpu" if cu_seqlens_cpu is not None
+                               else "cu_seqlens")
+                if cu_seqlens_cpu is not None and cu_seqlens.device.type == "cpu":
+                    if not torch.equal(cu_seqlens.to(torch.int64), cu_seqlens_cpu.to(torch.int64)):
+                        raise ValueError(
+                            "chunk_kda: `cu_seqlens_cpu` must hold the values of `cu_seqlens`, "
+                            f"got {cu_seqlens_cpu.tolist()} and {cu_seqlens.tolist()}")
+    elif cu_seqlens_cpu is not None:
+        raise ValueError("chunk_kda: `cu_seqlens_cpu` was given without `cu_seqlens`")
+
+    out = ops.chunk_kda_fwd(
+        q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
+        bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),
+        bool(allow_neg_eigval), bool(safe_gate), lower_bound, bool(state_v_first), int(chunk_size),
+        bool(output_final_state), bool(disable_recompute), bool(return_intermediate_states))
+    final_state = out.final_state if output_final_state else None
+    if not return_intermediate_states:
+        return out.o, final_state
+    h = out.h
+    if cu_seqlens is not None:
+        if bounds is None:
+            # Documented sync: the exact chunk count depends on the offsets' values.
+            bounds = [int(x) for x in cu_seqlens.tolist()]
+        h = h[:, :_exact_num_chunks(bounds, int(chunk_size))]
+    return out.o, final_state, h
