@@ -1,0 +1,364 @@
+// kda_ext CUDA: kernel 2 "chunk_state_output" of the forward: the sequential state pass over a
+// sequence's chunks fused with the output (h, v_new, o, final state).
+//
+// Design: one CTA of 256 threads per (V slice of 32, sequence, value head), grid
+// (ceil(V/32), N*HV); it walks the sequence's chunks in order with the state slice S [K, 32] in
+// fp32 shared memory. Per chunk (FLA's chunk_gated_delta_rule_fwd_h + chunk_gla_fwd_o_gk fused):
+//   h[slot] = S (k dtype), v_new = u - w Sh, o = scale qg Sh + Aqk v_new,
+//   S <- exp(G_last) (.) rows S + kg^T v_new,
+// where Sh is S rounded to k's dtype (what h stores, and what FLA feeds its dots) and v_new is
+// rounded to v's dtype before it is used as an operand. Tiles arrive by cp.async into three
+// [BT, K] buffers (w, qg, kg), each refilled for the next chunk as soon as it is consumed, so
+// the global latency of chunk c+1 hides behind chunk c's MMAs (H100, bf16 B4 T4096 H16 K128:
+// 1.01 ms with plain loads, 0.71 ms now; the loop is now bound by its own MMA/sync chain).
+// Where three buffers don't fit in 227 KB (fp32 inputs, BT = 64, K > 160) a single buffer is
+// reused for w, qg and kg in turn, still cp.async, without the prefetch.
+// Fusing o here (instead of a separate grid over chunks) saves re-reading h and qg from memory;
+// it costs parallelism when N*HV is small, which is the same trade FLA's h kernel already makes.
+#pragma once
+
+#include "cuda/chunk_prepare.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/params.h"
+
+namespace kda_ext {
+namespace cuda {
+
+constexpr int kStateThreads = 256;
+constexpr int kBV = 32;
+constexpr int kLds = kBV + 4;  // fp32 [*, 32] tiles
+constexpr int kLdh = kBV + 8;  // T [*, 32] tiles
+// Opt-in shared memory per block on H100/H200; the triple-buffered layout is used when it fits
+// (the host re-checks the chosen layout against the device's real limit).
+constexpr int64_t kSmemBudget = 232448;
+
+struct StateLayout {
+  int64_t S, Sh, bw, bq, bk, abuf, ubuf, graw, pb, vn, dec;
+  int64_t total;
+  int KP, ldw;
+  bool triple;  // separate w/qg/kg buffers, prefetched one chunk ahead
+};
+
+template <typename T, int BT>
+__host__ __device__ inline StateLayout state_layout_for(int64_t K, bool triple) {
+  StateLayout l{};
+  l.KP = static_cast<int>(align_up(K, 16));
+  l.ldw = l.KP + 8;
+  l.triple = triple;
+  SmemCarver c;
+  l.S = c.take<float>(static_cast<int64_t>(l.KP) * kLds);
+  l.Sh = c.take<T>(static_cast<int64_t>(l.KP) * kLdh);
+  l.bw = c.take<T>(static_cast<int64_t>(BT) * l.ldw);
+  l.bq = triple ? c.take<T>(static_cast<int64_t>(BT) * l.ldw) : l.bw;
+  l.bk = triple ? c.take<T>(static_cast<int64_t>(BT) * l.ldw) : l.bw;
+  l.abuf = c.take<T>(BT * (BT + 8));
+  l.ubuf = c.take<T>(BT * kLdh);
+  l.graw = c.take<float>(l.KP);
+  l.pb = c.take<float>(BT * kLds);
+  l.vn = c.take<T>(BT * kLdh);
+  l.dec = c.take<float>(l.KP);
+  l.total = align_up(c.offset, 128);
+  return l;
+}
+
+template <typename T, int BT>
+__host__ __device__ inline StateLayout state_layout(int64_t K) {
+  const StateLayout t = state_layout_for<T, BT>(K, true);
+  return t.total <= kSmemBudget ? t : state_layout_for<T, BT>(K, false);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gmem_ptr, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
+  const int n = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem_ptr), "r"(n)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// dst[i][c] = src[i * stride + c] for i < rows_valid and c < cols_valid, zero elsewhere in
+// [rows_total, cols_total). With vec (the caller checked 16-byte alignment of every row and
+// that cols_valid is a multiple of the vector width) the copies are cp.async and complete at a
+// later cp_async_wait; otherwise they are plain loads/stores, complete at return. Either way a
+// __syncthreads is needed before other threads read dst. Never forms an address outside the
+// valid rectangle.
+template <typename U, int kThreads>
+__device__ __forceinline__ void issue_tile(U* dst, int ld, const U* src, int64_t stride,
+                                           int rows_valid, int rows_total, int64_t cols_valid,
+                                           int cols_total, bool vec) {
+  constexpr int kVec = 16 / sizeof(U);
+  if (vec) {
+    const int cv = cols_total / kVec;
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < rows_total * cv; idx += kThreads) {
+      const int i = idx / cv, c = (idx % cv) * kVec;
+      const bool ok = i < rows_valid && c < cols_valid;
+      cp_async16(dst + i * ld + c, ok ? src + i * stride + c : src, ok);
+    }
+  } else {
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < rows_total * cols_total; idx += kThreads) {
+      const int i = idx / cols_total, c = idx % cols_total;
+      dst[i * ld + c] = (i < rows_valid && c < cols_valid) ? src[i * stride + c] : U(0.f);
+    }
+  }
+}
+
+template <typename T, int BT>
+__global__ void __launch_bounds__(kStateThreads, 2)
+    chunk_state_output_kernel(const ChunkKdaFwdParams p) {
+  constexpr int NC = BT / 16;
+  constexpr int LDA = BT + 8;
+  constexpr int kWarps = kStateThreads / 32;
+  constexpr int kVec = 16 / sizeof(T);
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t HV = p.HV, K = p.K, V = p.V;
+  const StateLayout lay = state_layout<T, BT>(K);
+  float* S = reinterpret_cast<float*>(smem + lay.S);
+  T* Sh = reinterpret_cast<T*>(smem + lay.Sh);
+  T* bw = reinterpret_cast<T*>(smem + lay.bw);
+  T* bq = reinterpret_cast<T*>(smem + lay.bq);
+  T* bk = reinterpret_cast<T*>(smem + lay.bk);
+  T* abuf = reinterpret_cast<T*>(smem + lay.abuf);
+  T* ubuf = reinterpret_cast<T*>(smem + lay.ubuf);
+  float* graw = reinterpret_cast<float*>(smem + lay.graw);
+  float* pb = reinterpret_cast<float*>(smem + lay.pb);
+  T* vn = reinterpret_cast<T*>(smem + lay.vn);
+  float* dec = reinterpret_cast<float*>(smem + lay.dec);
+  const int KP = lay.KP, ldw = lay.ldw;
+  const bool triple = lay.triple;
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int64_t n = blockIdx.y / HV;
+  const int64_t hv = blockIdx.y % HV;
+  const int64_t v0 = static_cast<int64_t>(blockIdx.x) * kBV;
+  if (n >= p.N || v0 >= V) return;
+  const int vcols = static_cast<int>(V - v0 < kBV ? V - v0 : kBV);
+  const int64_t b = p.varlen ? 0 : n;
+  const SeqRange r = seq_range(p, n);
+  const int64_t slot_base = p.varlen ? p.chunk_offsets[n] : b * p.NT;
+  const int64_t slot_limit = p.B * p.NT;
+  const int64_t nchunks = (r.eos - r.bos + BT - 1) / BT;
+
+  const T* w = static_cast<const T*>(p.w);
+  const T* u = static_cast<const T*>(p.u);
+  const T* qg = static_cast<const T*>(p.qg);
+  const T* kg = static_cast<const T*>(p.kg);
+  const T* Aqk = static_cast<const T*>(p.Aqk);
+  const float* g_cum = p.g_cum;
+  T* o = static_cast<T*>(p.o);
+  T* v_new = static_cast<T*>(p.v_new);
+  T* h = static_cast<T*>(p.h);
+  // Workspaces come from the allocator (base aligned), so rows are 16-byte aligned exactly when
+  // the row length is a multiple of the vector width.
+  const bool vec_k = (K % kVec) == 0;
+  const bool vec_v = (V % kVec) == 0;
+  const bool vec_g = (K % 4) == 0;
+
+  auto chunk_rows = [&](int64_t ci, int64_t& row0, int& L) {
+    const int64_t start = r.bos + ci * BT;
+    L = static_cast<int>(r.eos - start < BT ? r.eos - start : BT);
+    row0 = b * p.T + start;
+  };
+  // w and the g_cum row of the chunk's last token (needed first: steps 1-2).
+  auto issue_wg = [&](int64_t ci) {
+    int64_t row0;
+    int L;
+    chunk_rows(ci, row0, L);
+    issue_tile<T, kStateThreads>(bw, ldw, w + (row0 * HV + hv) * K, HV * K, L, BT, K, KP, vec_k);
+    issue_tile<float, kStateThreads>(graw, 0, g_cum + ((row0 + L - 1) * HV + hv) * K, 0, 1, 1, K,
+                                     KP, vec_g);
+  };
+  // Aqk and the u slice (steps 3-4).
+  auto issue_au = [&](int64_t ci) {
+    int64_t row0;
+    int L;
+    chunk_rows(ci, row0, L);
+    issue_tile<T, kStateThreads>(abuf, LDA, Aqk + (row0 * HV + hv) * BT, HV * BT, L, BT, BT, BT,
+                                 true);
+    issue_tile<T, kStateThreads>(ubuf, kLdh, u + (row0 * HV + hv) * V + v0, HV * V, L, BT, vcols,
+                                 kBV, vec_v);
+  };
+  auto issue_q = [&](int64_t ci) {
+    int64_t row0;
+    int L;
+    chunk_rows(ci, row0, L);
+    issue_tile<T, kStateThreads>(bq, ldw, qg + (row0 * HV + hv) * K, HV * K, L, BT, K, KP, vec_k);
+  };
+  auto issue_k = [&](int64_t ci) {
+    int64_t row0;
+    int L;
+    chunk_rows(ci, row0, L);
+    issue_tile<T, kStateThreads>(bk, ldw, kg + (row0 * HV + hv) * K, HV * K, L, BT, K, KP, vec_k);
+  };
+
+  // S entering the first chunk: h0 (either layout) or zero. Rows >= K and columns >= V stay 0.
+  const int64_t state_base = (n * HV + hv) * K * V;
+  for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
+    const int kr = idx / kBV, c = idx % kBV;
+    float x = 0.f;
+    if (p.h0 != nullptr && kr < K && c < vcols)
+      x = p.state_v_first ? p.h0[state_base + (v0 + c) * K + kr]
+                          : p.h0[state_base + kr * V + v0 + c];
+    S[kr * kLds + c] = x;
+  }
+  // Triple buffering keeps three commit groups in flight, in this order: WG = {w, g row},
+  // AQ = {Aqk, u, qg}, KG = {kg}. Each is refilled for chunk c+1 as soon as chunk c has consumed
+  // it (WG after step 2, AQ after step 4, KG after step 6), and every wait is wait_group<2>
+  // (the oldest group done). Empty groups are committed past the last chunk so the count holds.
+  if (triple && nchunks > 0) {
+    issue_wg(0);
+    cp_async_commit();
+    issue_au(0);
+    issue_q(0);
+    cp_async_commit();
+    issue_k(0);
+    cp_async_commit();
+  }
+
+  for (int64_t ci = 0; ci < nchunks; ++ci) {
+    int64_t row0;
+    int L;
+    chunk_rows(ci, row0, L);
+    const int64_t slot = slot_base + ci;
+    const bool has_next = ci + 1 < nchunks;
+
+    if (triple) {
+      cp_async_wait<2>();  // WG(c)
+    } else {
+      issue_wg(ci);
+      issue_au(ci);
+      cp_async_commit();
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // 1. decay factors; Sh = S rounded; h[slot] = Sh.
+    for (int kr = tid; kr < KP; kr += kStateThreads) dec[kr] = kr < K ? __expf(graw[kr]) : 0.f;
+    const bool store_h = h != nullptr && slot < slot_limit;
+    const int64_t h_base = slot * HV * K * V + hv * K * V;
+    if (p.state_v_first) {
+      for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
+        const int c = idx / KP, kr = idx % KP;
+        const T x = from_float<T>(S[kr * kLds + c]);
+        Sh[kr * kLdh + c] = x;
+        if (store_h && kr < K && c < vcols) h[h_base + (v0 + c) * K + kr] = x;
+      }
+    } else {
+      for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
+        const int kr = idx / kBV, c = idx % kBV;
+        const T x = from_float<T>(S[kr * kLds + c]);
+        Sh[kr * kLdh + c] = x;
+        if (store_h && kr < K && c < vcols) h[h_base + kr * V + v0 + c] = x;
+      }
+    }
+    __syncthreads();
+
+    // 2. pb = w Sh
+    for (int job = warp; job < NC * (kBV / 16); job += kWarps) {
+      const int mi = job / (kBV / 16), ni = job % (kBV / 16);
+      AccFrag<T> acc;
+      wmma::fill_fragment(acc, 0.f);
+      mma_16x16<T, wmma::row_major, wmma::row_major>(acc, bw + 16 * mi * ldw, ldw, Sh + 16 * ni,
+                                                     kLdh, KP);
+      wmma::store_matrix_sync(pb + 16 * mi * kLds + 16 * ni, acc, kLds, wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    // 3. v_new = u - w Sh (rounded to v's dtype); decay S; qg ready.
+    if (triple) {
+      if (has_next) issue_wg(ci + 1);
+      cp_async_commit();
+      cp_async_wait<2>();  // AQ(c)
+      __syncthreads();
+    } else {
+      issue_q(ci);
+      cp_async_commit();
+    }
+    for (int idx = tid; idx < BT * kBV; idx += kStateThreads) {
+      const int i = idx / kBV, c = idx % kBV;
+      const T x = from_float<T>(to_float<T>(ubuf[i * kLdh + c]) - pb[i * kLds + c]);
+      vn[i * kLdh + c] = x;
+      if (v_new != nullptr && i < L && c < vcols) v_new[((row0 + i) * HV + hv) * V + v0 + c] = x;
+    }
+    for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
+      const int kr = idx / kBV, c = idx % kBV;
+      S[kr * kLds + c] *= dec[kr];
+    }
+    if (!triple) cp_async_wait<0>();
+    __syncthreads();
+
+    // 4. pb = scale qg Sh + Aqk v_new
+    for (int job = warp; job < NC * (kBV / 16); job += kWarps) {
+      const int mi = job / (kBV / 16), ni = job % (kBV / 16);
+      AccFrag<T> acc;
+      wmma::fill_fragment(acc, 0.f);
+      mma_16x16<T, wmma::row_major, wmma::row_major>(acc, bq + 16 * mi * ldw, ldw, Sh + 16 * ni,
+                                                     kLdh, KP);
+#pragma unroll
+      for (int t = 0; t < acc.num_elements; ++t) acc.x[t] *= p.scale;
+      mma_16x16<T, wmma::row_major, wmma::row_major>(acc, abuf + 16 * mi * LDA, LDA,
+                                                     vn + 16 * ni, kLdh, BT);
+      wmma::store_matrix_sync(pb + 16 * mi * kLds + 16 * ni, acc, kLds, wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    // 5. o; prefetch the next chunk's Aqk/u/qg (their buffers are free now); kg ready.
+    if (triple) {
+      if (has_next) {
+        issue_au(ci + 1);
+        issue_q(ci + 1);
+      }
+      cp_async_commit();
+    } else {
+      issue_k(ci);
+      cp_async_commit();
+    }
+    for (int idx = tid; idx < BT * kBV; idx += kStateThreads) {
+      const int i = idx / kBV, c = idx % kBV;
+      if (i < L && c < vcols)
+        o[((row0 + i) * HV + hv) * V + v0 + c] = from_float<T>(pb[i * kLds + c]);
+    }
+    if (triple) cp_async_wait<2>(); else cp_async_wait<0>();  // KG(c)
+    __syncthreads();
+
+    // 6. S += kg^T v_new (kg^T read column-major out of the row-major kg tile).
+    for (int job = warp; job < (KP / 16) * (kBV / 16); job += kWarps) {
+      const int mi = job / (kBV / 16), ni = job % (kBV / 16);
+      AccFrag<T> acc;
+      float* sp = S + 16 * mi * kLds + 16 * ni;
+      wmma::load_matrix_sync(acc, sp, kLds, wmma::mem_row_major);
+      mma_16x16<T, wmma::col_major, wmma::row_major>(acc, bk + 16 * mi, ldw, vn + 16 * ni, kLdh,
+                                                     BT);
+      wmma::store_matrix_sync(sp, acc, kLds, wmma::mem_row_major);
+    }
+    __syncthreads();
+    if (triple) {
+      if (has_next) issue_k(ci + 1);
+      cp_async_commit();
+    }
+  }
+  cp_async_wait<0>();
+
+  if (p.final_state != nullptr) {
+    if (p.state_v_first) {
+      for (int idx = tid; idx < K * kBV; idx += kStateThreads) {
+        const int c = static_cast<int>(idx / K), kr = static_cast<int>(idx % K);
+        if (c < vcols) p.final_state[state_base + (v0 + c) * K + kr] = S[kr * kLds + c];
+      }
+    } else {
+      for (int idx = tid; idx < K * kBV; idx += kStateThreads) {
+        const int kr = idx / kBV, c = idx % kBV;
+        if (c < vcols) p.final_state[state_base + kr * V + v0 + c] = S[kr * kLds + c];
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace kda_ext

@@ -1,0 +1,84 @@
+// kda_ext CUDA: launch layer of the chunk_kda forward (params + stream in, kernels out).
+//
+// Grids depend on shapes only and nothing here synchronises or allocates, so the sequence is
+// CUDA-graph safe. Every launch is followed by C10_CUDA_KERNEL_LAUNCH_CHECK, and the dynamic
+// shared-memory limit is raised (and checked against the device's opt-in maximum) per kernel.
+#include <cuda_runtime.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include "cuda/chunk_prepare.cuh"
+#include "cuda/chunk_state_output.cuh"
+#include "cuda/launch_fwd.h"
+#include "cuda/params.h"
+#include "cuda/static_switch.h"
+
+namespace kda_ext {
+namespace cuda {
+
+namespace {
+
+int max_optin_smem() {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return v;
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, int64_t bytes, int limit, const char* name) {
+  TORCH_CHECK(bytes <= limit, "kda_ext: ", name, " needs ", bytes,
+              " bytes of shared memory, the device allows ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+template <typename T, int BT>
+void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
+  const int limit = max_optin_smem();
+  const int64_t BHV = p.B * p.HV;
+  const int64_t NHV = p.N * p.HV;
+  TORCH_CHECK(BHV <= 65535 && NHV <= 65535,
+              "kda_ext: B*HV and N*HV must be <= 65535 for the CUDA kernels, got ", BHV, ", ",
+              NHV);
+  TORCH_CHECK(p.NT <= 0x7fffffffLL, "kda_ext: too many chunks for the CUDA kernels: ", p.NT);
+
+  if (p.varlen) {
+    chunk_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  if (p.NT > 0 && BHV > 0) {
+    const int64_t smem = prep_layout<T, BT>().total;
+    auto kernel = chunk_prepare_kernel<T, BT>;
+    set_smem(kernel, smem, limit, "chunk_prepare");
+    const dim3 grid(static_cast<unsigned>(p.NT), static_cast<unsigned>(BHV));
+    kernel<<<grid, kPrepThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  if (NHV > 0 && p.V > 0) {
+    const int64_t smem = state_layout<T, BT>(p.K).total;
+    auto kernel = chunk_state_output_kernel<T, BT>;
+    set_smem(kernel, smem, limit, "chunk_state_output");
+    const dim3 grid(static_cast<unsigned>((p.V + kBV - 1) / kBV), static_cast<unsigned>(NHV));
+    kernel<<<grid, kStateThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+void launch_chunk_kda_fwd(const ChunkKdaFwdParams& p, cudaStream_t stream) {
+  TORCH_CHECK(p.K >= 1 && p.K <= 256 && p.V >= 1 && p.V <= 256,
+              "kda_ext: the CUDA kernels need 1 <= K, V <= 256, got K=", p.K, ", V=", p.V);
+  TORCH_CHECK(p.H > 0 && p.HV % p.H == 0, "kda_ext: HV must be a multiple of H");
+  KDA_DTYPE_SWITCH(p.dtype, T, [&] {
+    KDA_CHUNK_SWITCH(p.BT, BT, [&] { launch_typed<T, BT>(p, stream); });
+  });
+}
+
+}  // namespace cuda
+}  // namespace kda_ext

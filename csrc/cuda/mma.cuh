@@ -1,0 +1,160 @@
+// kda_ext CUDA: tensor-core helpers (nvcuda::wmma) and element conversions shared by the kernels.
+//
+// wmma is used instead of hand-written mma.sync/wgmma because its fragment layouts are opaque
+// and therefore cannot be gotten wrong: every operand lives in shared memory with an explicit
+// leading dimension, and every accumulator goes back to shared memory for the element-wise work.
+// fp16/bf16 operands use m16n16k16; fp32 operands use tf32 m16n16k8 (each element is rounded
+// to tf32 after the load). Accumulators are always fp32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/params.h"
+
+namespace kda_ext {
+namespace cuda {
+
+namespace wmma = nvcuda::wmma;
+
+// ---- element conversions -------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// x rounded to T's precision, as a float: where the reference stores a value in the input dtype
+// and reads it back, the kernels round at the same point.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float<T>(from_float<T>(x));
+}
+
+// g and beta are read through a run-time dtype tag (see params.h).
+__device__ __forceinline__ float load_any(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kFloat16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::kFloat64:
+      return static_cast<float>(static_cast<const double*>(p)[i]);
+    case DType::kFloat32:
+    default:  // the host validated the tag; float32 is the only other value it passes
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+// ---- wmma wrappers -------------------------------------------------------------------------
+
+template <typename T>
+struct MmaTraits;
+template <>
+struct MmaTraits<__half> {
+  using Frag = __half;
+  static constexpr int kK = 16;
+};
+template <>
+struct MmaTraits<__nv_bfloat16> {
+  using Frag = __nv_bfloat16;
+  static constexpr int kK = 16;
+};
+template <>
+struct MmaTraits<float> {
+  using Frag = wmma::precision::tf32;
+  static constexpr int kK = 8;
+};
+
+template <typename T>
+using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, MmaTraits<T>::kK, float>;
+
+template <typename Frag>
+__device__ __forceinline__ void to_tf32_inplace(Frag& f) {
+#pragma unroll
+  for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+}
+
+// acc += A[16 x kdim] * B[kdim x 16], operands in shared memory.
+// LayoutA row_major: A(m, kk) = a[m * lda + kk]; col_major: a[m + kk * lda].
+// LayoutB row_major: B(kk, n) = b[kk * ldb + n]; col_major: b[kk + n * ldb].
+// kdim must be a multiple of MmaTraits<T>::kK; pointers 32-byte aligned, ld a multiple of
+// 16 bytes (wmma's requirements).
+template <typename T, typename LayoutA, typename LayoutB>
+__device__ __forceinline__ void mma_16x16(AccFrag<T>& acc, const T* a, int lda, const T* b,
+                                          int ldb, int kdim) {
+  using Tr = MmaTraits<T>;
+  wmma::fragment<wmma::matrix_a, 16, 16, Tr::kK, typename Tr::Frag, LayoutA> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, Tr::kK, typename Tr::Frag, LayoutB> fb;
+  constexpr bool a_row = std::is_same<LayoutA, wmma::row_major>::value;
+  constexpr bool b_row = std::is_same<LayoutB, wmma::row_major>::value;
+  for (int kk = 0; kk < kdim; kk += Tr::kK) {
+    wmma::load_matrix_sync(fa, a + (a_row ? kk : kk * lda), lda);
+    wmma::load_matrix_sync(fb, b + (b_row ? kk * ldb : kk), ldb);
+    if constexpr (std::is_same<T, float>::value) {
+      to_tf32_inplace(fa);
+      to_tf32_inplace(fb);
+    }
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
+// ---- shared-memory carving -----------------------------------------------------------------
+
+__host__ __device__ constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+// Sub-buffers start on 128-byte boundaries (wmma needs 32).
+struct SmemCarver {
+  int64_t offset = 0;
+  template <typename U>
+  __host__ __device__ int64_t take(int64_t count) {
+    const int64_t at = align_up(offset, 128);
+    offset = at + count * static_cast<int64_t>(sizeof(U));
+    return at;
+  }
+};
+
+// ---- chunk geometry ------------------------------------------------------------------------
+
+// Sequence n's token range [bos, eos) relative to its batch row, clamped into [0, T] so that a
+// garbage cu_seqlens can never move a load or store out of bounds.
+struct SeqRange {
+  int64_t bos, eos;
+};
+
+__device__ __forceinline__ int64_t load_cu(const ChunkKdaFwdParams& p, int64_t i) {
+  return p.cu_seqlens_int64 ? static_cast<const int64_t*>(p.cu_seqlens)[i]
+                            : static_cast<int64_t>(static_cast<const int32_t*>(p.cu_seqlens)[i]);
+}
+
+__device__ __forceinline__ SeqRange seq_range(const ChunkKdaFwdParams& p, int64_t n) {
+  if (!p.varlen) return {0, p.T};
+  int64_t bos = load_cu(p, n), eos = load_cu(p, n + 1);
+  bos = bos < 0 ? 0 : (bos > p.T ? p.T : bos);
+  eos = eos < bos ? bos : (eos > p.T ? p.T : eos);
+  return {bos, eos};
+}
+
+}  // namespace cuda
+}  // namespace kda_ext
