@@ -1,0 +1,570 @@
+// kda_ext CUDA backward: per-chunk gradient kernels (A: state/WY terms per K slice; B: dAkk->dL, dAqk, dv; C: intra-chunk terms, reverse cumsum and gate backward per K slice).
+#pragma once
+
+#include "cuda/bwd_common.cuh"
+
+namespace kda_ext {
+namespace cuda {
+namespace bwd {
+
+// ---------------------------------------------------------------------------------------------
+// Kernel A, grid (B*NT slots, HV, NKS). For the K slice [k0, k0+64) of one chunk, with S = h[c]
+// (state entering), dSn = dh[c] (gradient of the state leaving), dvn = dLoss/dv_new:
+//   dqg = scale do S^T, dkg = v_new dSn^T, dw = -dvn S^T, dkb = Akk^T dw (kb = beta k e^G),
+//   dq_hat = dqg e^G, dk_hat = dkg e^{Gl-G} + beta e^G dkb,
+//   dG = dqg qg - dkg kg + dkb kb, and at the last row dGl = sum_i dkg kg + e^{Gl} sum_v S dSn,
+//   dbeta partial = sum_k dkb k e^G, dAkk partial = dw kb^T (summed over slices in kernel B).
+// ---------------------------------------------------------------------------------------------
+struct BwdChunkASmem {
+  int64_t S, dSn, dout, dvn, vn, aq, ak, aw, akk, dakk, vec, total;
+  __host__ __device__ explicit BwdChunkASmem(int BT) {
+    SmemCarver c;
+    const int64_t tile = 64 * kTileLd, sq = BT * (BT + 4);
+    S = c.take<float>(tile);
+    dSn = c.take<float>(tile);
+    dout = c.take<float>(tile);
+    dvn = c.take<float>(tile);
+    vn = c.take<float>(tile);
+    aq = c.take<float>(tile);
+    ak = c.take<float>(tile);
+    aw = c.take<float>(tile);
+    akk = c.take<float>(sq);
+    dakk = c.take<float>(sq);
+    vec = c.take<float>(4 * 64);
+    total = c.offset;
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads)
+bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int BT = p.BT;
+  const BwdChunkASmem Lay(BT);
+  float* S = reinterpret_cast<float*>(smem_raw + Lay.S);
+  float* dSn = reinterpret_cast<float*>(smem_raw + Lay.dSn);
+  float* dout = reinterpret_cast<float*>(smem_raw + Lay.dout);
+  float* dvn = reinterpret_cast<float*>(smem_raw + Lay.dvn);
+  float* vn = reinterpret_cast<float*>(smem_raw + Lay.vn);
+  float* aq = reinterpret_cast<float*>(smem_raw + Lay.aq);
+  float* ak = reinterpret_cast<float*>(smem_raw + Lay.ak);
+  float* aw = reinterpret_cast<float*>(smem_raw + Lay.aw);
+  float* akk = reinterpret_cast<float*>(smem_raw + Lay.akk);
+  float* dakk = reinterpret_cast<float*>(smem_raw + Lay.dakk);
+  float* vbeta = reinterpret_cast<float*>(smem_raw + Lay.vec);  // [64]
+  float* vrq = vbeta + 64;                                       // [64] rstd of q rows
+  float* vrk = vrq + 64;                                         // [64] rstd of k rows
+  float* vgl = vrk + 64;                                         // [64] dLoss/dG_last
+  constexpr int ld = kTileLd;
+  const int ldA = BT + 4;
+
+  const int64_t HV = p.HV, H = p.H, K = p.K, V = p.V;
+  const int64_t hv = blockIdx.y, ks = blockIdx.z;
+  const int64_t k0 = ks * kBwdKSlice;
+  if (hv >= HV || k0 >= K) return;
+  BwdChunk ch;
+  if (!bwd_chunk_of_slot(p, blockIdx.x, ch)) return;
+  const int len = ch.len;
+  const int64_t tok0 = ch.tok0, slot = ch.slot;
+  const int64_t hq = hv / (HV / H);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* h = static_cast<const T*>(p.h);
+  const T* dO = static_cast<const T*>(p.dout);
+  const T* vnew = static_cast<const T*>(p.v_new);
+
+  for (int idx = threadIdx.x; idx < 64 * ld; idx += blockDim.x) aq[idx] = ak[idx] = aw[idx] = 0.f;
+  float sds = 0.f;  // thread kk < 64: sum_v S[kk, v] dSn[kk, v]
+  for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
+    __syncthreads();  // previous tiles fully consumed
+    for (int idx = threadIdx.x; idx < 64 * 64; idx += blockDim.x) {
+      const int kk = idx / 64, vv = idx % 64;
+      float s = 0.f, d = 0.f;
+      if (k0 + kk < K && v0 + vv < V) {
+        s = to_float<T>(h[state_off(p, slot * HV + hv, static_cast<int>(k0 + kk),
+                                    static_cast<int>(v0 + vv))]);
+        d = p.dh[((slot * HV + hv) * K + k0 + kk) * V + v0 + vv];
+      }
+      S[kk * ld + vv] = s;
+      dSn[kk * ld + vv] = d;
+    }
+    load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
+    load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
+    load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
+    __syncthreads();
+    if (threadIdx.x < 64)
+      for (int vv = 0; vv < 64; ++vv) sds += S[threadIdx.x * ld + vv] * dSn[threadIdx.x * ld + vv];
+    smem_gemm<false, true>(aq, ld, dout, ld, S, ld, BT, 64, 64, true);
+    smem_gemm<false, true>(ak, ld, vn, ld, dSn, ld, BT, 64, 64, true);
+    smem_gemm<false, true>(aw, ld, dvn, ld, S, ld, BT, 64, 64, true);
+  }
+  __syncthreads();
+
+  // Operands of the slice: k_hat -> S, G -> dSn, kb -> vn, q_hat -> dvn, dkb -> dout.
+  float* kh = S;
+  float* G = dSn;
+  float* kb = vn;
+  float* qh = dvn;
+  float* dkb = dout;
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int r = warp; r < BT; r += nwarps) {
+    float rq = 1.f, rk = 1.f;
+    if (r < len && p.use_qk_l2norm) {
+      rq = row_rstd_warp<T>(q, (tok0 + r) * H + hq, K);
+      rk = row_rstd_warp<T>(k, (tok0 + r) * H + hq, K);
+    }
+    if ((threadIdx.x & 31) == 0) {
+      vrq[r] = rq;
+      vrk[r] = rk;
+      vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
+    }
+  }
+  load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < BT * 64; idx += blockDim.x) {
+    const int r = idx / 64, kk = idx % 64;
+    float qv = 0.f, kv = 0.f, gv = 0.f;
+    const int rr = r < len ? r : len - 1;  // rows past the chunk repeat its last G (finite)
+    if (k0 + kk < K) {
+      gv = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
+      if (r < len) {
+        const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;
+        qv = to_float<T>(q[off]);
+        kv = to_float<T>(k[off]);
+        if (p.use_qk_l2norm) {
+          qv = round_to<T>(qv * vrq[r]);
+          kv = round_to<T>(kv * vrk[r]);
+        }
+      }
+    }
+    qh[r * ld + kk] = qv;
+    kh[r * ld + kk] = kv;
+    G[r * ld + kk] = gv;
+    kb[r * ld + kk] = vbeta[r] * kv * expf(gv);
+    aw[r * ld + kk] = -aw[r * ld + kk];
+  }
+  __syncthreads();
+  smem_gemm<true, false>(dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
+  smem_gemm<false, true>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
+  __syncthreads();
+
+  {
+    float* part = p.dAkk_part + ks * (p.B * p.T * HV * BT);
+    for (int idx = threadIdx.x; idx < len * BT; idx += blockDim.x) {
+      const int r = idx / BT, j = idx % BT;
+      part[((tok0 + r) * HV + hv) * BT + j] = j < len ? dakk[r * ldA + j] : 0.f;
+    }
+  }
+  // Column sums over rows (dG_last) and row sums over the slice (dbeta), each in a fixed order.
+  const int kw = static_cast<int>(K - k0 < 64 ? K - k0 : 64);
+  if (threadIdx.x < 64) {
+    const int kk = threadIdx.x;
+    float acc = 0.f;
+    if (kk < kw) {
+      const float gl = G[(len - 1) * ld + kk];
+      acc = expf(gl) * sds;
+      for (int r = 0; r < len; ++r)
+        acc += ak[r * ld + kk] * kh[r * ld + kk] * expf(gl - G[r * ld + kk]);
+    }
+    vgl[kk] = acc;
+  } else if (threadIdx.x < 64 + BT) {
+    const int r = threadIdx.x - 64;
+    if (r < len) {
+      float acc = 0.f;
+      for (int kk = 0; kk < kw; ++kk) acc += dkb[r * ld + kk] * kh[r * ld + kk] * expf(G[r * ld + kk]);
+      p.dbeta_part[(ks * p.B * p.T + tok0 + r) * HV + hv] = acc;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < len * 64; idx += blockDim.x) {
+    const int r = idx / 64, kk = idx % 64;
+    if (kk >= kw) continue;
+    const float gv = G[r * ld + kk], gl = G[(len - 1) * ld + kk];
+    const float eg = expf(gv), egl = expf(gl - gv);
+    const float dqg = p.scale * aq[r * ld + kk];
+    const float dkg = ak[r * ld + kk];
+    const float dkbv = dkb[r * ld + kk];
+    const float qv = qh[r * ld + kk], kv = kh[r * ld + kk], bb = vbeta[r];
+    float dg = dqg * qv * eg - dkg * kv * egl + dkbv * kb[r * ld + kk];
+    if (r == len - 1) dg += vgl[kk];
+    const int64_t off = ((tok0 + r) * HV + hv) * K + k0 + kk;
+    p.dq_hv[off] = dqg * eg;
+    p.dk_hv[off] = dkg * egl + bb * eg * dkbv;
+    p.dG[off] = dg;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel B, grid (B*NT slots, HV). dAkk = sum of the slice partials + dvn (beta v)^T,
+// dL = -Akk^T dAkk Akk^T (strict lower), dAqk = scale * tril(do v_new^T),
+// dv = beta (Akk^T dvn), dbeta partial = sum_v (Akk^T dvn) v.
+// ---------------------------------------------------------------------------------------------
+struct BwdChunkBSmem {
+  int64_t akk, dakk, daqk, tmp, dvn, vb, vr, dout, vn, dvo, vec, total;
+  __host__ __device__ explicit BwdChunkBSmem(int BT) {
+    SmemCarver c;
+    const int64_t tile = 64 * kTileLd, sq = BT * (BT + 4);
+    akk = c.take<float>(sq);
+    dakk = c.take<float>(sq);
+    daqk = c.take<float>(sq);
+    tmp = c.take<float>(sq);
+    dvn = c.take<float>(tile);
+    vb = c.take<float>(tile);
+    vr = c.take<float>(tile);
+    dout = c.take<float>(tile);
+    vn = c.take<float>(tile);
+    dvo = c.take<float>(tile);
+    vec = c.take<float>(64);
+    total = c.offset;
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads)
+bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int BT = p.BT;
+  const BwdChunkBSmem Lay(BT);
+  float* akk = reinterpret_cast<float*>(smem_raw + Lay.akk);
+  float* dakk = reinterpret_cast<float*>(smem_raw + Lay.dakk);
+  float* daqk = reinterpret_cast<float*>(smem_raw + Lay.daqk);
+  float* tmp = reinterpret_cast<float*>(smem_raw + Lay.tmp);
+  float* dvn = reinterpret_cast<float*>(smem_raw + Lay.dvn);
+  float* vb = reinterpret_cast<float*>(smem_raw + Lay.vb);
+  float* vr = reinterpret_cast<float*>(smem_raw + Lay.vr);
+  float* dout = reinterpret_cast<float*>(smem_raw + Lay.dout);
+  float* vn = reinterpret_cast<float*>(smem_raw + Lay.vn);
+  float* dvo = reinterpret_cast<float*>(smem_raw + Lay.dvo);
+  float* vbeta = reinterpret_cast<float*>(smem_raw + Lay.vec);
+  constexpr int ld = kTileLd;
+  const int ldA = BT + 4;
+
+  const int64_t HV = p.HV, V = p.V;
+  const int64_t hv = blockIdx.y;
+  if (hv >= HV) return;
+  BwdChunk ch;
+  if (!bwd_chunk_of_slot(p, blockIdx.x, ch)) return;
+  const int len = ch.len;
+  const int64_t tok0 = ch.tok0;
+  const int64_t ntok = p.B * p.T;
+  const T* v = static_cast<const T*>(p.v);
+  const T* dO = static_cast<const T*>(p.dout);
+  const T* vnew = static_cast<const T*>(p.v_new);
+  T* dv = static_cast<T*>(p.dv);
+
+  for (int r = threadIdx.x; r < BT; r += blockDim.x)
+    vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
+  load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
+  for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
+    const int r = idx / BT, j = idx % BT;
+    float acc = 0.f;
+    if (r < len && j < len)
+      for (int s = 0; s < p.NKS; ++s) acc += p.dAkk_part[((s * ntok + tok0 + r) * HV + hv) * BT + j];
+    dakk[r * ldA + j] = acc;
+    daqk[r * ldA + j] = 0.f;
+  }
+  float dbv = 0.f;  // thread r < BT: sum_v (Akk^T dvn)[r, v] v[r, v]
+  for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
+    __syncthreads();
+    load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
+    load_tile<T>(vr, ld, BT, 64, v, tok0, len, HV, hv, V, v0);
+    load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
+    load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BT * 64; idx += blockDim.x) {
+      const int r = idx / 64, c = idx % 64;
+      vb[r * ld + c] = vbeta[r] * vr[r * ld + c];
+    }
+    __syncthreads();
+    smem_gemm<false, true>(dakk, ldA, dvn, ld, vb, ld, BT, BT, 64, true);
+    smem_gemm<false, true>(daqk, ldA, dout, ld, vn, ld, BT, BT, 64, true);
+    smem_gemm<true, false>(dvo, ld, akk, ldA, dvn, ld, BT, 64, BT, false);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < len * 64; idx += blockDim.x) {
+      const int r = idx / 64, c = idx % 64;
+      if (v0 + c < V)
+        dv[((tok0 + r) * HV + hv) * V + v0 + c] = from_float<T>(vbeta[r] * dvo[r * ld + c]);
+    }
+    if (threadIdx.x < BT)
+      for (int c = 0; c < 64; ++c) dbv += dvo[threadIdx.x * ld + c] * vr[threadIdx.x * ld + c];
+  }
+  __syncthreads();
+  if (threadIdx.x < len) p.dbeta_part[(p.NKS * ntok + tok0 + threadIdx.x) * HV + hv] = dbv;
+
+  // Only the strict lower part of dAkk reaches Lkk; dAqk keeps the diagonal.
+  for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
+    const int r = idx / BT, j = idx % BT;
+    const bool in = r < len && j < len;
+    if (!(in && j < r)) dakk[r * ldA + j] = 0.f;
+    const float a = (in && j <= r) ? p.scale * daqk[r * ldA + j] : 0.f;
+    if (r < len) p.dAqk[((tok0 + r) * HV + hv) * BT + j] = a;
+  }
+  __syncthreads();
+  smem_gemm<false, true>(tmp, ldA, dakk, ldA, akk, ldA, BT, BT, BT, false);
+  __syncthreads();
+  smem_gemm<true, false>(dakk, ldA, akk, ldA, tmp, ldA, BT, BT, BT, false);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < len * BT; idx += blockDim.x) {
+    const int r = idx / BT, j = idx % BT;
+    p.dL[((tok0 + r) * HV + hv) * BT + j] = (j < r && j < len) ? -dakk[r * ldA + j] : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel C, grid (B*NT slots, HV, NKS). Intra-chunk terms of Aqk and Lkk for one K slice:
+//   RQ_i = sum_{j<=i} sAqk'_ij k_j e^{G_i-G_j}, RL_i = sum_{j<i} dL_ij k_j e^{G_i-G_j},
+//   CC_j = sum_{i>=j} (sAqk'_ij q_i + dL_ij beta_i k_i) e^{G_i-G_j};
+//   dq += RQ, dk += beta RL + CC, dG += q RQ + k (beta RL - CC), dbeta += sum_k k RL.
+// Off-diagonal 16x16 blocks go through a reference row between i and j (both factors <= 1) and
+// tensor cores; diagonal blocks are element-wise. Then the reverse within-chunk cumsum of dG and
+// the in-kernel gate backward, with per-chunk partials of dA_log / ddt_bias.
+// ---------------------------------------------------------------------------------------------
+struct BwdChunkCSmem {
+  int64_t qh, kh, G, daqk, dl, xm, ym, rq, rl, cc, vec, total;
+  __host__ __device__ explicit BwdChunkCSmem(int BT) {
+    SmemCarver c;
+    const int64_t tile = 64 * kTileLd, sq = BT * (BT + 4);
+    qh = c.take<float>(tile);
+    kh = c.take<float>(tile);
+    G = c.take<float>(tile);
+    daqk = c.take<float>(sq);
+    dl = c.take<float>(sq);
+    xm = c.take<float>(tile);
+    ym = c.take<float>(tile);
+    rq = c.take<float>(tile);
+    rl = c.take<float>(tile);
+    cc = c.take<float>(tile);
+    vec = c.take<float>(4 * 64);
+    total = c.offset;
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads)
+bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int BT = p.BT;
+  const BwdChunkCSmem Lay(BT);
+  float* qh = reinterpret_cast<float*>(smem_raw + Lay.qh);
+  float* kh = reinterpret_cast<float*>(smem_raw + Lay.kh);
+  float* G = reinterpret_cast<float*>(smem_raw + Lay.G);
+  float* daqk = reinterpret_cast<float*>(smem_raw + Lay.daqk);
+  float* dl = reinterpret_cast<float*>(smem_raw + Lay.dl);
+  float* xm = reinterpret_cast<float*>(smem_raw + Lay.xm);
+  float* ym = reinterpret_cast<float*>(smem_raw + Lay.ym);
+  float* rq = reinterpret_cast<float*>(smem_raw + Lay.rq);
+  float* rl = reinterpret_cast<float*>(smem_raw + Lay.rl);
+  float* cc = reinterpret_cast<float*>(smem_raw + Lay.cc);
+  float* vbeta = reinterpret_cast<float*>(smem_raw + Lay.vec);
+  float* vrq = vbeta + 64;
+  float* vrk = vrq + 64;
+  float* vred = vrk + 64;
+  constexpr int ld = kTileLd;
+  const int ldA = BT + 4;
+
+  const int64_t HV = p.HV, H = p.H, K = p.K;
+  const int64_t hv = blockIdx.y, ks = blockIdx.z;
+  const int64_t k0 = ks * kBwdKSlice;
+  if (hv >= HV || k0 >= K) return;
+  const int kw = static_cast<int>(K - k0 < 64 ? K - k0 : 64);
+  const bool gate_partials = p.use_gate_in_kernel && p.ddt_part != nullptr;
+  BwdChunk ch;
+  if (!bwd_chunk_of_slot(p, blockIdx.x, ch)) {
+    // Unused varlen slots still own their partial entries: zero them for the final reduction.
+    if (gate_partials && blockIdx.x < p.B * p.NT) {
+      for (int kk = threadIdx.x; kk < kw; kk += blockDim.x)
+        p.ddt_part[(static_cast<int64_t>(blockIdx.x) * HV + hv) * K + k0 + kk] = 0.f;
+      if (threadIdx.x == 0) p.dA_part[(static_cast<int64_t>(blockIdx.x) * HV + hv) * p.NKS + ks] = 0.f;
+    }
+    return;
+  }
+  const int len = ch.len;
+  const int64_t tok0 = ch.tok0, slot = ch.slot;
+  const int64_t hq = hv / (HV / H);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int r = warp; r < BT; r += nwarps) {
+    float a = 1.f, b = 1.f;
+    if (r < len && p.use_qk_l2norm) {
+      a = row_rstd_warp<T>(q, (tok0 + r) * H + hq, K);
+      b = row_rstd_warp<T>(k, (tok0 + r) * H + hq, K);
+    }
+    if ((threadIdx.x & 31) == 0) {
+      vrq[r] = a;
+      vrk[r] = b;
+      vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
+    }
+  }
+  for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
+    const int r = idx / BT, j = idx % BT;
+    float a = 0.f, l = 0.f;
+    if (r < len && j < len) {
+      const int64_t off = ((tok0 + r) * HV + hv) * BT + j;
+      if (j <= r) a = p.dAqk[off];
+      if (j < r) l = p.dL[off];
+    }
+    daqk[r * ldA + j] = a;
+    dl[r * ldA + j] = l;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < BT * 64; idx += blockDim.x) {
+    const int r = idx / 64, kk = idx % 64;
+    float qv = 0.f, kv = 0.f, gv = 0.f;
+    const int rr = r < len ? r : len - 1;
+    if (kk < kw) {
+      gv = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
+      if (r < len) {
+        const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;
+        qv = to_float<T>(q[off]);
+        kv = to_float<T>(k[off]);
+        if (p.use_qk_l2norm) {
+          qv = round_to<T>(qv * vrq[r]);
+          kv = round_to<T>(kv * vrk[r]);
+        }
+      }
+    }
+    qh[r * ld + kk] = qv;
+    kh[r * ld + kk] = kv;
+    G[r * ld + kk] = gv;
+    rq[r * ld + kk] = rl[r * ld + kk] = cc[r * ld + kk] = 0.f;
+  }
+  __syncthreads();
+
+  const int nsub = (len + 15) / 16;
+  // Row side: sub-chunk I against all earlier rows through its first row.
+  for (int I = 1; I < nsub; ++I) {
+    const int i0 = 16 * I;
+    for (int idx = threadIdx.x; idx < i0 * 64; idx += blockDim.x) {
+      const int j = idx / 64, kk = idx % 64;
+      xm[j * ld + kk] = kh[j * ld + kk] * expf(G[i0 * ld + kk] - G[j * ld + kk]);
+    }
+    __syncthreads();
+    smem_gemm<false, false>(rq + i0 * ld, ld, daqk + i0 * ldA, ldA, xm, ld, 16, 64, i0, false);
+    smem_gemm<false, false>(rl + i0 * ld, ld, dl + i0 * ldA, ldA, xm, ld, 16, 64, i0, false);
+    __syncthreads();
+  }
+  // Column side: sub-chunk J against all later rows through J's last row.
+  for (int J = 0; J + 1 < nsub; ++J) {
+    const int j1 = 16 * (J + 1), r = j1 - 1;
+    for (int idx = threadIdx.x; idx < (BT - j1) * 64; idx += blockDim.x) {
+      const int i = j1 + idx / 64, kk = idx % 64;
+      float e = 0.f;
+      if (i < len) e = expf(G[i * ld + kk] - G[r * ld + kk]);
+      xm[i * ld + kk] = qh[i * ld + kk] * e;
+      ym[i * ld + kk] = vbeta[i] * kh[i * ld + kk] * e;
+    }
+    __syncthreads();
+    float* out = cc + (j1 - 16) * ld;
+    smem_gemm<true, false>(out, ld, daqk + j1 * ldA + (j1 - 16), ldA, xm + j1 * ld, ld, 16, 64,
+                           BT - j1, false);
+    smem_gemm<true, false>(out, ld, dl + j1 * ldA + (j1 - 16), ldA, ym + j1 * ld, ld, 16, 64,
+                           BT - j1, true);
+    __syncthreads();
+  }
+
+  // Reference-row factors, diagonal blocks, and the combination. xm <- k RL (dbeta row sums),
+  // ym <- complete dG of the slice.
+  for (int idx = threadIdx.x; idx < BT * 64; idx += blockDim.x) {
+    const int i = idx / 64, kk = idx % 64;
+    float dgv = 0.f, kr = 0.f;
+    if (i < len && kk < kw) {
+      const int s = i >> 4, b0 = s << 4;
+      const int b1 = b0 + 16 < len ? b0 + 16 : len;
+      const float gi = G[i * ld + kk];
+      float vq = 0.f, vl = 0.f, vc = 0.f;
+      if (s > 0) {
+        const float f = expf(gi - G[b0 * ld + kk]);
+        vq = rq[i * ld + kk] * f;
+        vl = rl[i * ld + kk] * f;
+      }
+      if (b0 + 16 < len) vc = cc[i * ld + kk] * expf(G[(b0 + 15) * ld + kk] - gi);
+      // Every exponent here is <= 0, where the fast exp's error stays at a few ulp.
+      for (int j = b0; j <= i; ++j) {
+        const float e = __expf(gi - G[j * ld + kk]) * kh[j * ld + kk];
+        vq += daqk[i * ldA + j] * e;
+        vl += dl[i * ldA + j] * e;  // dl[i][i] == 0
+      }
+      for (int i2 = i; i2 < b1; ++i2) {
+        const float e = __expf(G[i2 * ld + kk] - gi);
+        vc += (daqk[i2 * ldA + i] * qh[i2 * ld + kk] + dl[i2 * ldA + i] * vbeta[i2] * kh[i2 * ld + kk]) * e;
+      }
+      const float qv = qh[i * ld + kk], kv = kh[i * ld + kk], bb = vbeta[i];
+      const int64_t off = ((tok0 + i) * HV + hv) * K + k0 + kk;
+      p.dq_hv[off] += vq;
+      p.dk_hv[off] += bb * vl + vc;
+      dgv = p.dG[off] + qv * vq + kv * (bb * vl - vc);
+      kr = kv * vl;
+    }
+    xm[i * ld + kk] = kr;
+    ym[i * ld + kk] = dgv;
+  }
+  __syncthreads();
+  if (threadIdx.x < len) {
+    const int r = threadIdx.x;
+    float acc = 0.f;
+    for (int kk = 0; kk < kw; ++kk) acc += xm[r * ld + kk];
+    p.dbeta_part[(ks * p.B * p.T + tok0 + r) * HV + hv] += acc;
+  } else if (threadIdx.x >= 64 && threadIdx.x < 64 + kw) {
+    // Reverse cumsum: dgate_s = sum_{i >= s} dG_i within the chunk.
+    const int kk = threadIdx.x - 64;
+    float acc = 0.f;
+    for (int r = len - 1; r >= 0; --r) {
+      acc += ym[r * ld + kk];
+      ym[r * ld + kk] = acc;
+    }
+  }
+  __syncthreads();
+
+  // Gate backward. xm <- dx (ddt_bias sums), rq <- dA_log contribution.
+  for (int idx = threadIdx.x; idx < len * 64; idx += blockDim.x) {
+    const int r = idx / 64, kk = idx % 64;
+    if (kk >= kw) continue;
+    const float dgate = ym[r * ld + kk];
+    const int64_t off = ((tok0 + r) * HV + hv) * K + k0 + kk;
+    float out = dgate, dA = 0.f;
+    if (p.use_gate_in_kernel) {
+      float x = load_any(p.g, p.g_dtype, off);
+      if (p.dt_bias != nullptr) x += load_any(p.dt_bias, p.dt_bias_dtype, hv * K + k0 + kk);
+      const bool has_a = p.A_log != nullptr;
+      const float a = has_a ? expf(load_any(p.A_log, p.a_log_dtype, hv)) : 1.f;
+      if (p.use_lower_bound_gate) {
+        const float sg = sigmoidf_(a * x);
+        out = dgate * p.lower_bound * sg * (1.f - sg) * a;
+        dA = has_a ? out * x : 0.f;
+      } else {
+        const float sp = x > 20.f ? x : log1pf(expf(x));
+        const float dsp = x > 20.f ? 1.f : sigmoidf_(x);
+        out = -dgate * a * dsp;
+        dA = dgate * (-a * sp);
+      }
+    }
+    store_any(p.dg, p.g_dtype, off, out);
+    xm[r * ld + kk] = out;
+    rq[r * ld + kk] = dA;
+  }
+  if (!gate_partials) return;
+  __syncthreads();
+  if (threadIdx.x < 64) {
+    const int kk = threadIdx.x;
+    float sx = 0.f, sa = 0.f;
+    if (kk < kw)
+      for (int r = 0; r < len; ++r) {
+        sx += xm[r * ld + kk];
+        sa += rq[r * ld + kk];
+      }
+    if (kk < kw) p.ddt_part[(slot * HV + hv) * K + k0 + kk] = sx;
+    vred[kk] = sa;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (int kk = 0; kk < kw; ++kk) s += vred[kk];
+    p.dA_part[(slot * HV + hv) * p.NKS + ks] = s;
+  }
+}
+
+}  // namespace bwd
+}  // namespace cuda
+}  // namespace kda_ext

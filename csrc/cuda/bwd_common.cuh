@@ -1,0 +1,161 @@
+// kda_ext CUDA backward: shared device helpers (chunk lookup, loads/stores, shared-memory GEMM).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/bwd_params.cuh"
+#include "cuda/mma.cuh"
+
+namespace kda_ext {
+namespace cuda {
+// Backward-only helpers live in their own namespace so that names the forward's headers may
+// add later never collide with them.
+namespace bwd {
+
+// Shared-memory tiles are fp32 with a 4-float pad per row: wmma wants ld % 4 == 0 and 32-byte
+// aligned tile origins (every origin used here is a multiple of 8 floats), the pad breaks the
+// worst bank conflicts of column-major fragment loads.
+constexpr int kTileLd = kBwdVTile + 4;  // 64-column tiles
+
+__device__ __forceinline__ void store_any(void* p, DType dt, int64_t i, float x) {
+  switch (dt) {
+    case DType::kFloat16:
+      static_cast<__half*>(p)[i] = __float2half_rn(x);
+      break;
+    case DType::kBFloat16:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
+      break;
+    case DType::kFloat64:
+      static_cast<double*>(p)[i] = static_cast<double>(x);
+      break;
+    case DType::kFloat32:
+    default:
+      static_cast<float*>(p)[i] = x;
+      break;
+  }
+}
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
+
+// One chunk of one sequence: tokens [tok0, tok0 + len) (global token index b*T + t), h slot.
+struct BwdChunk {
+  int64_t tok0;
+  int64_t slot;
+  int len;
+};
+
+// Maps an h slot to its chunk through the prefix sums written by bwd_prep_kernel. Slots past the
+// last real chunk (the varlen upper bound) and empty chunks return false.
+__device__ __forceinline__ bool bwd_chunk_of_slot(const ChunkKdaBwdParams& p, int64_t slot,
+                                                  BwdChunk& c) {
+  const int64_t total = p.chunk_offsets[p.N];
+  if (slot < 0 || slot >= total || slot >= p.B * p.NT) return false;
+  // Largest n with chunk_offsets[n] <= slot; empty sequences share an offset with the next one
+  // and are skipped because the search keeps the last of equal offsets.
+  int64_t lo = 0, hi = p.N;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (p.chunk_offsets[mid] <= slot) lo = mid; else hi = mid;
+  }
+  const int64_t i = slot - p.chunk_offsets[lo];
+  const int64_t bos = p.seq_bounds[lo], eos = p.seq_bounds[lo + 1];
+  c.tok0 = bos + i * p.BT;
+  const int64_t len = eos - c.tok0;
+  if (len <= 0) return false;
+  c.len = static_cast<int>(len < p.BT ? len : p.BT);
+  c.slot = slot;
+  return true;
+}
+
+// Offset of state element (k, v) of a [K,V] / [V,K] state block.
+__device__ __forceinline__ int64_t state_off(const ChunkKdaBwdParams& p, int64_t base, int k,
+                                             int v) {
+  return p.state_v_first ? (base * p.V + v) * p.K + k : (base * p.K + k) * p.V + v;
+}
+
+// C[M x N] (+)= op(A)[M x kd] * op(B)[kd x N], fp32 shared-memory operands through tf32 wmma.
+// TA: A(m, kk) = A[kk*lda + m] (else A[m*lda + kk]); TB: B(kk, n) = B[n*ldb + kk] (else
+// B[kk*ldb + n]). M, N multiples of 16, kd a multiple of 8. Output tiles go round-robin over the
+// warps; a warp that accumulates re-reads only tiles it wrote itself (callers keep M, N fixed
+// between such calls) or tiles published by a __syncthreads.
+template <bool TA, bool TB>
+__device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int lda,
+                                          const float* B, int ldb, int M, int N, int kd,
+                                          bool accumulate) {
+  using LA = typename std::conditional<TA, wmma::col_major, wmma::row_major>::type;
+  using LB = typename std::conditional<TB, wmma::col_major, wmma::row_major>::type;
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int tn = N >> 4, tiles = (M >> 4) * tn;
+  for (int t = warp; t < tiles; t += nwarps) {
+    const int i = t / tn, j = t % tn;
+    float* c = C + i * 16 * ldc + j * 16;
+    AccFrag<float> acc;
+    __syncwarp();
+    if (accumulate) wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major);
+    else wmma::fill_fragment(acc, 0.f);
+    const float* a = TA ? A + i * 16 : A + i * 16 * lda;
+    const float* b = TB ? B + j * 16 * ldb : B + j * 16;
+    if (kd > 0) mma_16x16<float, LA, LB>(acc, a, lda, b, ldb, kd);
+    wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
+  }
+  __syncwarp();
+}
+
+// Fills a [rows x cols] fp32 tile (leading dim ld) from a token-major tensor: element (r, c) is
+// src[((tok0 + r) * heads + head) * width + col0 + c] for r < nr and col0 + c < width, else 0.
+template <typename T>
+__device__ __forceinline__ void load_tile(float* dst, int ld, int rows, int cols, const T* src,
+                                          int64_t tok0, int nr, int64_t heads, int64_t head,
+                                          int64_t width, int64_t col0) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
+    const int r = idx / cols, c = idx % cols;
+    float x = 0.f;
+    if (r < nr && col0 + c < width)
+      x = to_float<T>(src[((tok0 + r) * heads + head) * width + col0 + c]);
+    dst[r * ld + c] = x;
+  }
+}
+
+// Loads the saved [BT x BT] chunk matrix (Aqk or Akk rows of this chunk), keeping only the valid
+// square and the lower triangle (strict when `strict`); everything else is zero.
+template <typename T>
+__device__ __forceinline__ void load_chunk_matrix(float* dst, int ld, const T* src, int64_t tok0,
+                                                  int len, int64_t HV, int64_t hv, int BT,
+                                                  bool strict) {
+  for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
+    const int i = idx / BT, j = idx % BT;
+    float x = 0.f;
+    if (i < len && j < len && (strict ? j < i : j <= i))
+      x = to_float<T>(src[((tok0 + i) * HV + hv) * BT + j]);
+    dst[i * ld + j] = x;
+  }
+}
+
+// beta as the forward uses it: raw, or s * sigmoid(raw).
+__device__ __forceinline__ float beta_value(const ChunkKdaBwdParams& p, int64_t i) {
+  const float b = load_any(p.beta, p.beta_dtype, i);
+  if (!p.use_beta_sigmoid) return b;
+  return (p.allow_neg_eigval ? 2.f : 1.f) * sigmoidf_(b);
+}
+
+// rstd of row `row` of a [*, H, K] tensor (1 when l2norm is off): a warp-cooperative sum in a
+// fixed order, result broadcast to every lane.
+template <typename T>
+__device__ __forceinline__ float row_rstd_warp(const T* x, int64_t row, int64_t K) {
+  const int lane = threadIdx.x & 31;
+  float s = 0.f;
+  for (int64_t c = lane; c < K; c += 32) {
+    const float v = to_float<T>(x[row * K + c]);
+    s += v * v;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return rsqrtf(s + 1e-6f);
+}
+
+}  // namespace bwd
+}  // namespace cuda
+}  // namespace kda_ext

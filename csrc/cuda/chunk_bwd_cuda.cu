@@ -1,0 +1,297 @@
+// kda_ext CUDA: ATen binding of kda_ext::chunk_kda_bwd (validation, recompute, allocation, dispatch).
+//
+// Only c10/core device APIs are used for the guard and the current stream (c10::DeviceGuard and
+// the CUDA DeviceGuardImpl's current stream), which is what CUDAGuard/getCurrentCUDAStream
+// wrap; this keeps the file compilable against a CPU build of torch.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "cuda/bwd_launch.cuh"
+#include "cuda/bwd_params.cuh"
+
+namespace kda_ext {
+
+namespace {
+
+using Tensors8 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor, at::Tensor, at::Tensor>;
+using Tensors11 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor>;
+using OptT = std::optional<at::Tensor>;
+
+cuda::DType dtype_tag(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    case at::kDouble:
+      return cuda::DType::kFloat64;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "kda_ext: ", name, " must be float16, bfloat16, float32 or float64, got ",
+              t.scalar_type());
+}
+
+void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                  at::ScalarType dtype, const at::Tensor& q) {
+  TORCH_CHECK(t.sizes() == shape, "kda_ext: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "kda_ext: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  check_same_device(q, t, name);
+}
+
+// The forward intermediates through the forward op itself (save_intermediates=True), so the
+// recomputation is bit-identical to what a disable_recompute forward would have saved. Called
+// below autograd: this is already the backward.
+Tensors11 recompute_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& g, const at::Tensor& beta, double scale,
+                            const OptT& initial_state, const OptT& A_log, const OptT& dt_bias,
+                            const OptT& cu_seqlens, bool use_qk_l2norm, bool use_gate_in_kernel,
+                            bool use_beta_sigmoid, bool allow_neg_eigval, bool safe_gate,
+                            std::optional<double> lower_bound, bool state_v_first,
+                            int64_t chunk_size) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("kda_ext::chunk_kda_fwd", "")
+          .typed<Tensors11(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, double, const OptT&, const OptT&,
+                           const OptT&, const OptT&, bool, bool, bool, bool, bool,
+                           std::optional<double>, bool, int64_t, bool, bool, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
+                 use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval,
+                 safe_gate, lower_bound, state_v_first, chunk_size,
+                 /*output_final_state=*/false, /*save_intermediates=*/true,
+                 /*return_states=*/false);
+}
+
+}  // namespace
+
+Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const at::Tensor& g_in, const at::Tensor& beta_in, double scale,
+                            const OptT& initial_state, const OptT& A_log, const OptT& dt_bias,
+                            const OptT& cu_seqlens, const at::Tensor& Aqk_in,
+                            const at::Tensor& Akk_in, const OptT& g_cum_in, const OptT& w_in,
+                            const OptT& u_in, const OptT& qg_in, const OptT& kg_in,
+                            const OptT& v_new_in, const OptT& h_in, const at::Tensor& do_in,
+                            const OptT& dht_in, bool use_qk_l2norm, bool use_gate_in_kernel,
+                            bool use_beta_sigmoid, bool allow_neg_eigval, bool safe_gate,
+                            std::optional<double> lower_bound, bool state_v_first,
+                            int64_t chunk_size) {
+  const KdaDims d = check_chunk_kda_args(q_in, k_in, v_in, g_in, beta_in, initial_state, A_log,
+                                         dt_bias, cu_seqlens, use_gate_in_kernel, lower_bound,
+                                         state_v_first, chunk_size);
+  TORCH_CHECK(q_in.is_cuda(), "kda_ext: chunk_kda_bwd (CUDA) needs CUDA tensors, got q on ",
+              q_in.device());
+  TORCH_CHECK(q_in.scalar_type() != at::kDouble,
+              "kda_ext: the CUDA backend does not support float64 q/k/v (use the CPU backend "
+              "for float64, e.g. for gradcheck), got ", q_in.scalar_type());
+  const c10::Device device = q_in.device();
+  c10::DeviceGuard guard(device);
+  const cudaStream_t stream = static_cast<cudaStream_t>(
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle());
+
+  const int64_t B = d.B, T = d.T, H = d.H, HV = d.HV, K = d.K, V = d.V, N = d.N, BT = d.BT,
+                NT = d.NT;
+  const at::ScalarType io = q_in.scalar_type();
+  const int64_t sr = state_v_first ? V : K, sc = state_v_first ? K : V;
+
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k = k_in.contiguous();
+  const at::Tensor v = v_in.contiguous();
+  const at::Tensor g = g_in.contiguous();
+  const at::Tensor beta = beta_in.contiguous();
+  check_tensor(Aqk_in, "Aqk", {B, T, HV, BT}, io, q);
+  check_tensor(Akk_in, "Akk", {B, T, HV, BT}, io, q);
+  const at::Tensor Aqk = Aqk_in.contiguous();
+  const at::Tensor Akk = Akk_in.contiguous();
+  TORCH_CHECK(do_in.sizes() == at::IntArrayRef({B, T, HV, V}), "kda_ext: do must have shape [",
+              B, ", ", T, ", ", HV, ", ", V, "], got ", do_in.sizes());
+  check_same_device(q, do_in, "do");
+  const at::Tensor dout = do_in.to(io).contiguous();
+  at::Tensor dht;
+  if (dht_in.has_value()) {
+    TORCH_CHECK(dht_in->sizes() == at::IntArrayRef({N, HV, sr, sc}),
+                "kda_ext: dht must have the final state's shape [", N, ", ", HV, ", ", sr, ", ",
+                sc, "], got ", dht_in->sizes());
+    check_same_device(q, *dht_in, "dht");
+    dht = dht_in->to(at::kFloat).contiguous();
+  }
+  at::Tensor alog, bias, cu;
+  if (use_gate_in_kernel && A_log.has_value()) alog = A_log->contiguous();
+  if (use_gate_in_kernel && dt_bias.has_value()) bias = dt_bias->contiguous();
+  if (d.varlen) cu = cu_seqlens->contiguous();
+
+  // Forward intermediates: all saved, or none (recomputed here).
+  const int given = g_cum_in.has_value() + w_in.has_value() + u_in.has_value() +
+                    qg_in.has_value() + kg_in.has_value() + v_new_in.has_value() +
+                    h_in.has_value();
+  TORCH_CHECK(given == 0 || given == 7,
+              "kda_ext: g_cum, w, u, qg, kg, v_new and h must be given together or not at all, "
+              "got ", given, " of 7");
+  at::Tensor g_cum, w, qg, kg, v_new, h;
+  if (given == 7) {
+    check_tensor(*g_cum_in, "g_cum", {B, T, HV, K}, at::kFloat, q);
+    check_tensor(*w_in, "w", {B, T, HV, K}, io, q);
+    check_tensor(*u_in, "u", {B, T, HV, V}, io, q);
+    check_tensor(*qg_in, "qg", {B, T, HV, K}, io, q);
+    check_tensor(*kg_in, "kg", {B, T, HV, K}, io, q);
+    check_tensor(*v_new_in, "v_new", {B, T, HV, V}, io, q);
+    check_tensor(*h_in, "h", {B, NT, HV, sr, sc}, io, q);
+    g_cum = g_cum_in->contiguous();
+    w = w_in->contiguous();
+    qg = qg_in->contiguous();
+    kg = kg_in->contiguous();
+    v_new = v_new_in->contiguous();
+    h = h_in->contiguous();
+  } else {
+    auto r = recompute_forward(q, k, v, g, beta, scale, initial_state, A_log, dt_bias,
+                               cu_seqlens, use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid,
+                               allow_neg_eigval, safe_gate, lower_bound, state_v_first,
+                               chunk_size);
+    g_cum = std::get<4>(r).contiguous();
+    w = std::get<5>(r).contiguous();
+    qg = std::get<7>(r).contiguous();
+    kg = std::get<8>(r).contiguous();
+    v_new = std::get<9>(r).contiguous();
+    h = std::get<10>(r).contiguous();
+    TORCH_CHECK(g_cum.sizes() == at::IntArrayRef({B, T, HV, K}) &&
+                    g_cum.scalar_type() == at::kFloat && w.numel() == B * T * HV * K &&
+                    qg.numel() == B * T * HV * K && kg.numel() == B * T * HV * K &&
+                    v_new.numel() == B * T * HV * V && h.numel() == B * NT * HV * K * V &&
+                    w.scalar_type() == io && qg.scalar_type() == io && kg.scalar_type() == io &&
+                    v_new.scalar_type() == io && h.scalar_type() == io,
+                "kda_ext: the forward's recomputed intermediates do not match the backward's "
+                "expectations (shapes/dtypes)");
+  }
+
+  // Outputs. dv/dg are zero-filled: tokens outside cu_seqlens[-1] belong to no chunk.
+  at::Tensor dq = at::empty({B, T, H, K}, q.options());
+  at::Tensor dk = at::empty({B, T, H, K}, k.options());
+  at::Tensor dv = at::zeros({B, T, HV, V}, v.options());
+  at::Tensor dg = at::zeros({B, T, HV, K}, g.options());
+  at::Tensor dbeta = at::empty({B, T, HV}, beta.options());
+  // Empty gradients keep the dtype of the argument when it was given (matching the fake).
+  const auto f32opt = q.options().dtype(at::kFloat);
+  at::Tensor dA_log = alog.defined()    ? at::empty(alog.sizes(), alog.options())
+                      : A_log.has_value() ? at::empty({0}, f32opt.dtype(A_log->scalar_type()))
+                                          : at::empty({0}, f32opt);
+  at::Tensor ddt_bias = bias.defined()      ? at::empty(bias.sizes(), bias.options())
+                        : dt_bias.has_value() ? at::empty({0}, f32opt.dtype(dt_bias->scalar_type()))
+                                              : at::empty({0}, f32opt);
+  at::Tensor dh0 = initial_state.has_value()
+                       ? at::empty(initial_state->sizes(), initial_state->options())
+                       : at::empty({0}, q.options().dtype(at::kFloat));
+
+  cuda::ChunkKdaBwdParams p;
+  p.B = B;
+  p.T = T;
+  p.H = H;
+  p.HV = HV;
+  p.K = K;
+  p.V = V;
+  p.N = N;
+  p.NT = NT;
+  p.BT = static_cast<int>(BT);
+  p.NKS = static_cast<int>((K + cuda::kBwdKSlice - 1) / cuda::kBwdKSlice);
+  p.scale = static_cast<float>(scale);
+  p.varlen = d.varlen;
+  p.use_qk_l2norm = use_qk_l2norm;
+  p.use_gate_in_kernel = use_gate_in_kernel;
+  p.use_lower_bound_gate = lower_bound.has_value();
+  p.lower_bound = lower_bound.has_value() ? static_cast<float>(*lower_bound) : 0.f;
+  p.use_beta_sigmoid = use_beta_sigmoid;
+  p.allow_neg_eigval = allow_neg_eigval;
+  p.state_v_first = state_v_first;
+  p.dtype = dtype_tag(q, "q");
+  p.g_dtype = dtype_tag(g, "g");
+  p.beta_dtype = dtype_tag(beta, "beta");
+
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.g = g.data_ptr();
+  p.beta = beta.data_ptr();
+  if (alog.defined()) {
+    p.A_log = alog.data_ptr();
+    p.a_log_dtype = dtype_tag(alog, "A_log");
+    p.dA_log = dA_log.data_ptr();
+  }
+  if (bias.defined()) {
+    p.dt_bias = bias.data_ptr();
+    p.dt_bias_dtype = dtype_tag(bias, "dt_bias");
+    p.ddt_bias = ddt_bias.data_ptr();
+  }
+  if (d.varlen) {
+    p.cu_seqlens = cu.data_ptr();
+    p.cu_seqlens_int64 = cu.scalar_type() == at::kLong;
+  }
+  p.Aqk = Aqk.data_ptr();
+  p.Akk = Akk.data_ptr();
+  p.g_cum = g_cum.data_ptr<float>();
+  p.w = w.data_ptr();
+  p.qg = qg.data_ptr();
+  p.kg = kg.data_ptr();
+  p.v_new = v_new.data_ptr();
+  p.h = h.data_ptr();
+  p.dout = dout.data_ptr();
+  p.dht = dht.defined() ? dht.data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dg = dg.data_ptr();
+  p.dbeta = dbeta.data_ptr();
+  p.dh0 = initial_state.has_value() ? dh0.data_ptr<float>() : nullptr;
+
+  // Workspaces (float32; the caching allocator keeps this graph-capturable).
+  const cuda::BwdWorkspaceSizes ws = cuda::bwd_workspace_sizes(p);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor bounds = at::empty({2 * ws.bounds}, q.options().dtype(at::kLong));
+  at::Tensor w_dh = at::empty({ws.dh}, f32);
+  at::Tensor w_dvn = at::empty({ws.dvn}, f32);
+  at::Tensor w_dakk = at::empty({ws.dAkk_part}, f32);
+  at::Tensor w_daqk = at::empty({ws.dA}, f32);
+  at::Tensor w_dl = at::empty({ws.dA}, f32);
+  at::Tensor w_dq = at::zeros({ws.dq_hv}, f32);
+  at::Tensor w_dk = at::zeros({ws.dq_hv}, f32);
+  at::Tensor w_dG = at::empty({ws.dq_hv}, f32);
+  at::Tensor w_db = at::zeros({ws.dbeta_part}, f32);
+  at::Tensor w_ddt, w_dA;
+  if (use_gate_in_kernel) {
+    w_ddt = at::empty({ws.ddt_part}, f32);
+    w_dA = at::empty({ws.dA_part}, f32);
+    p.ddt_part = w_ddt.data_ptr<float>();
+    p.dA_part = w_dA.data_ptr<float>();
+  }
+  p.seq_bounds = bounds.data_ptr<int64_t>();
+  p.chunk_offsets = p.seq_bounds + ws.bounds;
+  p.dh = w_dh.data_ptr<float>();
+  p.dvn = w_dvn.data_ptr<float>();
+  p.dAkk_part = w_dakk.data_ptr<float>();
+  p.dAqk = w_daqk.data_ptr<float>();
+  p.dL = w_dl.data_ptr<float>();
+  p.dq_hv = w_dq.data_ptr<float>();
+  p.dk_hv = w_dk.data_ptr<float>();
+  p.dG = w_dG.data_ptr<float>();
+  p.dbeta_part = w_db.data_ptr<float>();
+
+  if (HV > 0) cuda::launch_chunk_kda_bwd(p, stream);
+  return {dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0};
+}
+
+TORCH_LIBRARY_IMPL(kda_ext, CUDA, m) { m.impl("chunk_kda_bwd", &chunk_kda_bwd_cuda); }
+
+}  // namespace kda_ext

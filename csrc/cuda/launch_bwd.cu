@@ -1,0 +1,132 @@
+// kda_ext CUDA backward: launch layer (grids, shared-memory opt-in, launch checks) of chunk_kda_bwd.
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include "cuda/bwd_chunk.cuh"
+#include "cuda/bwd_finalize.cuh"
+#include "cuda/bwd_launch.cuh"
+#include "cuda/bwd_state.cuh"
+
+// c10/cuda's KDA_BWD_CUDA_CHECK equivalents, spelled out so that this file needs only c10/util
+// (a CPU build of torch ships c10/cuda headers that cannot be compiled).
+#define KDA_BWD_CUDA_CHECK(expr)                                                             \
+  do {                                                                                       \
+    const cudaError_t kda_err_ = (expr);                                                     \
+    TORCH_CHECK(kda_err_ == cudaSuccess, "kda_ext: CUDA error in " #expr ": ",               \
+                cudaGetErrorString(kda_err_));                                               \
+  } while (0)
+#define KDA_BWD_LAUNCH_CHECK() KDA_BWD_CUDA_CHECK(cudaGetLastError())
+
+namespace kda_ext {
+namespace cuda {
+
+BwdWorkspaceSizes bwd_workspace_sizes(const ChunkKdaBwdParams& p) {
+  BwdWorkspaceSizes s{};
+  const int64_t ntok = p.B * p.T, slots = p.B * p.NT;
+  s.bounds = p.N + 1;
+  s.dh = slots * p.HV * p.K * p.V;
+  s.dvn = ntok * p.HV * p.V;
+  s.dAkk_part = static_cast<int64_t>(p.NKS) * ntok * p.HV * p.BT;
+  s.dA = ntok * p.HV * p.BT;
+  s.dq_hv = ntok * p.HV * p.K;
+  s.dbeta_part = static_cast<int64_t>(p.NKS + 1) * ntok * p.HV;
+  s.ddt_part = slots * p.HV * p.K;
+  s.dA_part = slots * p.HV * p.NKS;
+  return s;
+}
+
+namespace {
+
+using namespace bwd;
+
+int max_optin_smem() {
+  int dev = 0;
+  KDA_BWD_CUDA_CHECK(cudaGetDevice(&dev));
+  int v = 0;
+  KDA_BWD_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return v;
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, int64_t bytes, const char* name) {
+  const int limit = max_optin_smem();
+  TORCH_CHECK(bytes <= limit, "kda_ext: backward kernel ", name, " needs ", bytes,
+              " bytes of shared memory, the device allows ", limit);
+  KDA_BWD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+void launch_typed(const ChunkKdaBwdParams& p, cudaStream_t stream) {
+  const int64_t slots = p.B * p.NT;
+  const unsigned hv = static_cast<unsigned>(p.HV), nks = static_cast<unsigned>(p.NKS);
+
+  bwd_prep_kernel<<<1, 1, 0, stream>>>(p);
+  KDA_BWD_LAUNCH_CHECK();
+
+  if (p.N > 0) {
+    const int64_t Kp = align_up(p.K, 16);
+    const int64_t bytes = BwdStateSmem(p.BT, Kp).total;
+    set_smem(bwd_state_kernel<T>, bytes, "bwd_state_kernel");
+    const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
+    bwd_state_kernel<T><<<grid, kBwdThreads, bytes, stream>>>(p);
+    KDA_BWD_LAUNCH_CHECK();
+  }
+  if (slots > 0) {
+    const int64_t a = BwdChunkASmem(p.BT).total;
+    set_smem(bwd_chunk_a_kernel<T>, a, "bwd_chunk_a_kernel");
+    bwd_chunk_a_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, a, stream>>>(p);
+    KDA_BWD_LAUNCH_CHECK();
+
+    const int64_t b = BwdChunkBSmem(p.BT).total;
+    set_smem(bwd_chunk_b_kernel<T>, b, "bwd_chunk_b_kernel");
+    bwd_chunk_b_kernel<T><<<dim3(static_cast<unsigned>(slots), hv), kBwdThreads, b, stream>>>(p);
+    KDA_BWD_LAUNCH_CHECK();
+
+    const int64_t c = BwdChunkCSmem(p.BT).total;
+    set_smem(bwd_chunk_c_kernel<T>, c, "bwd_chunk_c_kernel");
+    bwd_chunk_c_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, c, stream>>>(p);
+    KDA_BWD_LAUNCH_CHECK();
+  }
+  const int64_t ntok = p.B * p.T;
+  if (ntok > 0) {
+    const int64_t warps = 2 * ntok * p.H;
+    bwd_dqk_kernel<T><<<static_cast<unsigned>(cdiv(warps * 32, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
+    KDA_BWD_LAUNCH_CHECK();
+    bwd_dbeta_kernel<<<static_cast<unsigned>(cdiv(ntok * p.HV, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
+    KDA_BWD_LAUNCH_CHECK();
+  }
+  if (p.use_gate_in_kernel && (p.dA_log != nullptr || p.ddt_bias != nullptr)) {
+    bwd_gate_reduce_kernel<<<hv, kBwdThreads, kBwdThreads * sizeof(float), stream>>>(p);
+    KDA_BWD_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+void launch_chunk_kda_bwd(const ChunkKdaBwdParams& p, cudaStream_t stream) {
+  TORCH_CHECK(p.K >= 1 && p.K <= 256 && p.V >= 1 && p.V <= 256,
+              "kda_ext: CUDA backward supports K, V in [1, 256], got K=", p.K, ", V=", p.V);
+  TORCH_CHECK(p.BT == 32 || p.BT == 64, "kda_ext: chunk_size must be 32 or 64, got ", p.BT);
+  TORCH_CHECK(p.HV >= 1 && p.HV <= 65535, "kda_ext: CUDA backward supports up to 65535 value heads, got ", p.HV);
+  TORCH_CHECK(p.B * p.NT < (int64_t(1) << 31) && p.N < (int64_t(1) << 31),
+              "kda_ext: too many chunks for one CUDA launch");
+  switch (p.dtype) {
+    case DType::kFloat32:
+      launch_typed<float>(p, stream);
+      break;
+    case DType::kFloat16:
+      launch_typed<__half>(p, stream);
+      break;
+    case DType::kBFloat16:
+      launch_typed<__nv_bfloat16>(p, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "kda_ext: the CUDA backward supports float32, float16 and bfloat16 inputs");
+  }
+}
+
+}  // namespace cuda
+}  // namespace kda_ext
