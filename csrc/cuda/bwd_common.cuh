@@ -76,7 +76,8 @@ __device__ __forceinline__ int64_t state_off(const ChunkKdaBwdParams& p, int64_t
   return p.state_v_first ? (base * p.V + v) * p.K + k : (base * p.K + k) * p.V + v;
 }
 
-// C[M x N] (+)= op(A)[M x kd] * op(B)[kd x N], fp32 shared-memory operands through tf32 wmma.
+// C[M x N] (+)= op(A)[M x kd] * op(B)[kd x N], fp32 shared-memory operands through 3xTF32 wmma
+// (mma_16x16_split_tf32: fp32-level accuracy, which the gate gradients need).
 // TA: A(m, kk) = A[kk*lda + m] (else A[m*lda + kk]); TB: B(kk, n) = B[n*ldb + kk] (else
 // B[kk*ldb + n]). M, N multiples of 16, kd a multiple of 8. Output tiles go round-robin over the
 // warps; a warp that accumulates re-reads only tiles it wrote itself (callers keep M, N fixed
@@ -98,7 +99,7 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int
     else wmma::fill_fragment(acc, 0.f);
     const float* a = TA ? A + i * 16 : A + i * 16 * lda;
     const float* b = TB ? B + j * 16 * ldb : B + j * 16;
-    if (kd > 0) mma_16x16<float, LA, LB>(acc, a, lda, b, ldb, kd);
+    if (kd > 0) mma_16x16_split_tf32<LA, LB>(acc, a, lda, b, ldb, kd);
     wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
   }
   __syncwarp();
