@@ -208,13 +208,17 @@ def main():
         lines.append("| " + " | ".join(cells) + " |")
     table = head + "Times in ms (median, triton do_bench), peak extra memory of forward+backward in MiB, first call in s.\n\n" + "\n".join(lines) + "\n"
     print(table)
+    failed = [f"{r['shape']}/{r['mode']}/{i}" for r in rows for i in impls if "error" in r.get(i, {})]
+    if failed:
+        print("benchmark configurations that failed: " + ", ".join(failed), file=sys.stderr)
     if args.out:
         with open(args.out, "w") as f:
             f.write(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev, "rows": rows}, f, indent=1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

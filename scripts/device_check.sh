@@ -2,7 +2,7 @@
 # kda_ext on a GPU machine in one go: build against the machine's torch, run the CUDA tests,
 # compute-sanitizer on small shapes, and the benchmark against FLA; results under $OUT.
 #
-#   bash scripts/device_check.sh [steps]     steps: any of build,test,sanitize,bench (default all)
+#   bash scripts/device_check.sh [steps]     steps: any of build,test,margins,sanitize,bench,profile (default all)
 # Environment: OUT (results folder, default /tmp/kda_out), PYTEST_ARGS (extra pytest args,
 # default "-k cuda"), BENCH_ARGS (benchmark args), FLA wheels in .whl/ are installed if present.
 # The build is skipped when kda_ext/_C*.so exists and was built from the same sources (a hash of
@@ -14,8 +14,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-/tmp/kda_out}"
 mkdir -p "$OUT"
-STEPS="${1:-build,test,sanitize,bench}"
+STEPS="${1:-build,test,margins,sanitize,bench,profile}"
 export PYTHONUNBUFFERED=1
+# The scripts below import kda_ext from this checkout (built in place), wherever they live.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 summary=()
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -41,7 +43,6 @@ if has build; then
       tail -n 60 "$OUT/build.log"; summary+=("build: FAILED"); printf '%s\n' "${summary[@]}"; exit 1
     fi
   fi
-  cp kda_ext/_C*.so kda_ext/_C.srchash "$OUT/" 2>/dev/null
   grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | sort -rn | head -n 5
 fi
 
@@ -50,6 +51,13 @@ if has test; then
   rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
   summary+=("tests (${PYTEST_ARGS:--k cuda}): $(tail -n 1 "$OUT/tests.log") [rc=$rc]")
+fi
+
+if has margins; then
+  # Error ratio / tolerance of every tensor over FLA's chunk and varlen matrices (the tests' margins).
+  timeout "${MARGINS_TIMEOUT:-120}" "$PY" scripts/error_margins.py --device cuda ${MARGINS_ARGS:-} > "$OUT/margins.log" 2>&1
+  summary+=("margins: rc=$? $(tail -n 1 "$OUT/margins.log")")
+  grep FAIL "$OUT/margins.log" | head -n 10
 fi
 
 if has sanitize; then
@@ -64,6 +72,11 @@ if has bench; then
       --out "$OUT/bench.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   summary+=("bench: rc=$?")
   cat "$OUT/bench.md" 2>/dev/null || tail -n 30 "$OUT/bench.log"
+fi
+
+if has profile; then
+  timeout "${PROFILE_TIMEOUT:-60}" "$PY" benchmarks/profile_kernels.py > "$OUT/profile.log" 2>&1
+  summary+=("profile: rc=$?")
 fi
 
 echo "==== summary ($(head -n1 "$OUT/gpu.txt"))"
