@@ -23,6 +23,9 @@ import time
 
 import torch
 
+# Run from a checkout: the in-place build of kda_ext lives in the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 SHAPES = {
     "2x8192x32x128": (2, 8192, 32, 128),
     "1x8192x96x128": (1, 8192, 96, 128),

@@ -4,10 +4,15 @@ Usage: python benchmarks/bench_cpu.py [--B 1 --T 4096 --H 4 --D 128 --dtype floa
 Prints the median wall time of each over --reps runs after one warm-up, and the thread count.
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
+
+# Run from a checkout: the in-place build of kda_ext lives in the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kda_ext
 
