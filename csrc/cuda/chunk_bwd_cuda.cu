@@ -1,8 +1,8 @@
 // kda_ext CUDA: ATen binding of kda_ext::chunk_kda_bwd (validation, recompute, allocation, dispatch).
 //
-// Only c10/core device APIs are used for the guard and the current stream (c10::DeviceGuard and
-// the CUDA DeviceGuardImpl's current stream), which is what CUDAGuard/getCurrentCUDAStream
-// wrap; this keeps the file compilable against a CPU build of torch.
+// The device guard and the current stream come from c10/core's device-generic API
+// (c10::DeviceGuard and the CUDA DeviceGuardImpl's current stream), which is what
+// CUDAGuard/getCurrentCUDAStream wrap.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda/binding_common.h"
 #include "cuda/bwd_launch.cuh"
 #include "cuda/bwd_params.cuh"
 
@@ -27,22 +28,7 @@ using Tensors11 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
                              at::Tensor>;
 using OptT = std::optional<at::Tensor>;
 
-cuda::DType dtype_tag(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "kda_ext: ", name, " must be float16, bfloat16, float32 or float64, got ",
-              t.scalar_type());
-}
+using cuda::dtype_tag;
 
 void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape,
                   at::ScalarType dtype, const at::Tensor& q) {

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda/binding_common.h"
 #include "cuda/launch_fwd.h"
 #include "cuda/params.h"
 
@@ -15,22 +16,7 @@ namespace kda_ext {
 
 namespace {
 
-cuda::DType dtype_tag(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "kda_ext: ", name, " must be float16, bfloat16, float32 or float64, got ",
-              t.scalar_type());
-}
+using cuda::dtype_tag;
 
 }  // namespace
 

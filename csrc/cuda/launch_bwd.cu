@@ -6,16 +6,8 @@
 #include "cuda/bwd_finalize.cuh"
 #include "cuda/bwd_launch.cuh"
 #include "cuda/bwd_state.cuh"
+#include "cuda/launch_common.h"
 
-// c10/cuda's KDA_BWD_CUDA_CHECK equivalents, spelled out so that this file needs only c10/util
-// (a CPU build of torch ships c10/cuda headers that cannot be compiled).
-#define KDA_BWD_CUDA_CHECK(expr)                                                             \
-  do {                                                                                       \
-    const cudaError_t kda_err_ = (expr);                                                     \
-    TORCH_CHECK(kda_err_ == cudaSuccess, "kda_ext: CUDA error in " #expr ": ",               \
-                cudaGetErrorString(kda_err_));                                               \
-  } while (0)
-#define KDA_BWD_LAUNCH_CHECK() KDA_BWD_CUDA_CHECK(cudaGetLastError())
 
 namespace kda_ext {
 namespace cuda {
@@ -39,68 +31,51 @@ namespace {
 
 using namespace bwd;
 
-int max_optin_smem() {
-  int dev = 0;
-  KDA_BWD_CUDA_CHECK(cudaGetDevice(&dev));
-  int v = 0;
-  KDA_BWD_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return v;
-}
-
-template <typename Kernel>
-void set_smem(Kernel kernel, int64_t bytes, const char* name) {
-  const int limit = max_optin_smem();
-  TORCH_CHECK(bytes <= limit, "kda_ext: backward kernel ", name, " needs ", bytes,
-              " bytes of shared memory, the device allows ", limit);
-  KDA_BWD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
-}
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 void launch_typed(const ChunkKdaBwdParams& p, cudaStream_t stream) {
+  const int limit = max_optin_smem();
   const int64_t slots = p.B * p.NT;
   const unsigned hv = static_cast<unsigned>(p.HV), nks = static_cast<unsigned>(p.NKS);
 
   bwd_prep_kernel<<<1, 1, 0, stream>>>(p);
-  KDA_BWD_LAUNCH_CHECK();
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (p.N > 0) {
     const int64_t Kp = align_up(p.K, 16);
     const int64_t bytes = BwdStateSmem(p.BT, Kp).total;
-    set_smem(bwd_state_kernel<T>, bytes, "bwd_state_kernel");
+    set_dynamic_smem(bwd_state_kernel<T>, bytes, limit, "bwd_state_kernel");
     const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
     bwd_state_kernel<T><<<grid, kBwdThreads, bytes, stream>>>(p);
-    KDA_BWD_LAUNCH_CHECK();
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (slots > 0) {
     const int64_t a = BwdChunkASmem(p.BT).total;
-    set_smem(bwd_chunk_a_kernel<T>, a, "bwd_chunk_a_kernel");
+    set_dynamic_smem(bwd_chunk_a_kernel<T>, a, limit, "bwd_chunk_a_kernel");
     bwd_chunk_a_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, a, stream>>>(p);
-    KDA_BWD_LAUNCH_CHECK();
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const int64_t b = BwdChunkBSmem(p.BT).total;
-    set_smem(bwd_chunk_b_kernel<T>, b, "bwd_chunk_b_kernel");
+    set_dynamic_smem(bwd_chunk_b_kernel<T>, b, limit, "bwd_chunk_b_kernel");
     bwd_chunk_b_kernel<T><<<dim3(static_cast<unsigned>(slots), hv), kBwdThreads, b, stream>>>(p);
-    KDA_BWD_LAUNCH_CHECK();
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const int64_t c = BwdChunkCSmem(p.BT).total;
-    set_smem(bwd_chunk_c_kernel<T>, c, "bwd_chunk_c_kernel");
+    set_dynamic_smem(bwd_chunk_c_kernel<T>, c, limit, "bwd_chunk_c_kernel");
     bwd_chunk_c_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, c, stream>>>(p);
-    KDA_BWD_LAUNCH_CHECK();
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int64_t ntok = p.B * p.T;
   if (ntok > 0) {
     const int64_t warps = 2 * ntok * p.H;
     bwd_dqk_kernel<T><<<static_cast<unsigned>(cdiv(warps * 32, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
-    KDA_BWD_LAUNCH_CHECK();
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     bwd_dbeta_kernel<<<static_cast<unsigned>(cdiv(ntok * p.HV, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
-    KDA_BWD_LAUNCH_CHECK();
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (p.use_gate_in_kernel && (p.dA_log != nullptr || p.ddt_bias != nullptr)) {
     bwd_gate_reduce_kernel<<<hv, kBwdThreads, kBwdThreads * sizeof(float), stream>>>(p);
-    KDA_BWD_LAUNCH_CHECK();
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 

@@ -10,6 +10,7 @@
 
 #include "cuda/chunk_prepare.cuh"
 #include "cuda/chunk_state_output.cuh"
+#include "cuda/launch_common.h"
 #include "cuda/launch_fwd.h"
 #include "cuda/params.h"
 #include "cuda/static_switch.h"
@@ -18,22 +19,6 @@ namespace kda_ext {
 namespace cuda {
 
 namespace {
-
-int max_optin_smem() {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return v;
-}
-
-template <typename Kernel>
-void set_smem(Kernel kernel, int64_t bytes, int limit, const char* name) {
-  TORCH_CHECK(bytes <= limit, "kda_ext: ", name, " needs ", bytes,
-              " bytes of shared memory, the device allows ", limit);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
-}
 
 template <typename T, int BT>
 void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
@@ -53,7 +38,7 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
   if (p.NT > 0 && BHV > 0) {
     const int64_t smem = prep_layout<T, BT>().total;
     auto kernel = chunk_prepare_kernel<T, BT>;
-    set_smem(kernel, smem, limit, "chunk_prepare");
+    set_dynamic_smem(kernel, smem, limit, "chunk_prepare");
     const dim3 grid(static_cast<unsigned>(p.NT), static_cast<unsigned>(BHV));
     kernel<<<grid, kPrepThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -62,7 +47,7 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
   if (NHV > 0 && p.V > 0) {
     const int64_t smem = state_layout<T, BT>(p.K).total;
     auto kernel = chunk_state_output_kernel<T, BT>;
-    set_smem(kernel, smem, limit, "chunk_state_output");
+    set_dynamic_smem(kernel, smem, limit, "chunk_state_output");
     const dim3 grid(static_cast<unsigned>((p.V + kBV - 1) / kBV), static_cast<unsigned>(NHV));
     kernel<<<grid, kStateThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

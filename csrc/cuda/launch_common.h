@@ -1,0 +1,36 @@
+// kda_ext CUDA: helpers shared by the forward and backward launch layers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace kda_ext {
+namespace cuda {
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The most dynamic shared memory one block may opt into on the current device.
+inline int max_optin_smem() {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return v;
+}
+
+// Raises `kernel`'s dynamic shared-memory limit to `bytes`, or fails with a message naming the
+// kernel when the device (opt-in maximum `limit`) cannot provide that much.
+template <typename Kernel>
+void set_dynamic_smem(Kernel kernel, int64_t bytes, int limit, const char* name) {
+  TORCH_CHECK(bytes <= limit, "kda_ext: CUDA kernel ", name, " needs ", bytes,
+              " bytes of shared memory, the device allows ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+}  // namespace cuda
+}  // namespace kda_ext
