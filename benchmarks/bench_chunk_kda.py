@@ -157,6 +157,43 @@ def first_call(impl, shape_name, mode, timeout=900):
     return float("nan")
 
 
+def write_chart(rows, path, title):
+    """Bar chart of FLA time / our time per (shape, mode) for fwd, bwd and fwd+bwd; 1.0 marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--png needs matplotlib (pip install matplotlib): no chart written", file=sys.stderr)
+        return False
+    metrics = [m for m in ("fwd", "bwd", "fwdbwd")
+               if any(m in r.get("ours", {}) and m in r.get("fla", {}) for r in rows)]
+    labels = [f"{r['shape']}\n{r['mode']}" for r in rows]
+    if not metrics:
+        print("--png: no configuration has both our and FLA's times: no chart written", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows)), 4.0))
+    width = 0.8 / len(metrics)
+    for i, m in enumerate(metrics):
+        ratios = []
+        for r in rows:
+            a, b = r.get("ours", {}).get(m), r.get("fla", {}).get(m)
+            ratios.append(b / a if a and b else 0.0)
+        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, ratios, width, label={"fwdbwd": "fwd+bwd"}.get(m, m))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("FLA time / kda_ext time (> 1: kda_ext faster)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -166,6 +203,7 @@ def main():
     ap.add_argument("--first-call", action="store_true")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json", default=None, help="write raw results here")
+    ap.add_argument("--png", default=None, help="write a bar chart of the FLA/ours ratios here (needs matplotlib)")
     args = ap.parse_args()
     impls = args.impls.split(",")
     if "fla" in impls:
@@ -220,6 +258,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev, "rows": rows}, f, indent=1)
+    if args.png:
+        write_chart(rows, args.png, f"chunk_kda, {dev}, {time.strftime('%Y-%m-%d')}")
     return 1 if failed else 0
 
 
