@@ -6,6 +6,7 @@ registered in :mod:`kda_ext.ops`. No arithmetic happens here.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Any, Optional, Tuple, Union
@@ -258,6 +259,13 @@ def chunk_kda(
             raise ValueError(
                 "chunk_kda: `lower_bound` must be in the safe range [-5, 0) with `safe_gate`, "
                 f"got {lower_bound}")
+    if use_gate_in_kernel and lower_bound is not None and not (-math.inf < lower_bound <= 0):
+        # FLA does not check this. The gate lower_bound * sigmoid(.) is a per-step log-decay and
+        # must be <= 0: a positive (or non-finite) bound makes the state grow without limit, and the
+        # result is inf/NaN rather than an error. We refuse it instead.
+        raise ValueError(
+            "chunk_kda: `lower_bound` must be a finite value <= 0 (the in-kernel gate "
+            f"lower_bound * sigmoid(...) is a log-decay), got {lower_bound}")
 
     if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
         raise ValueError(
@@ -269,7 +277,7 @@ def chunk_kda(
             f"chunk_kda: `k` must have the shape of `q` {tuple(q.shape)}, got {tuple(k.shape)}")
     if not 0 < K <= 256:
         raise ValueError(
-            f"chunk_kda: currently only key head dims K <= 256 are supported for KDA, got K={K}")
+            f"chunk_kda: currently only key head dims 1 <= K <= 256 are supported for KDA, got K={K}")
     if v.dim() != 4 or v.shape[0] != B or v.shape[1] != T:
         raise ValueError(
             f"chunk_kda: `v` must be [B={B}, T={T}, HV, V], got shape {tuple(v.shape)}")
@@ -295,7 +303,7 @@ def chunk_kda(
     # --- what a kernel needs on top -----------------------------------------------------------
     if not 0 < V <= 256:
         raise ValueError(
-            f"chunk_kda: currently only value head dims V <= 256 are supported, got V={V}")
+            f"chunk_kda: currently only value head dims 1 <= V <= 256 are supported, got V={V}")
     if q.dtype not in _QKV_DTYPES:
         raise TypeError(
             f"chunk_kda: `q` must be float16, bfloat16, float32 or float64, got {q.dtype}")

@@ -243,6 +243,19 @@ def test_scale_type():
     _raises(TypeError, "`scale` must be a float", **_args(), scale=torch.tensor(0.1))
 
 
+@pytest.mark.parametrize("lb", [0.5, float("inf"), float("nan"), float("-inf")])
+def test_in_kernel_lower_bound_must_be_finite_and_non_positive(lb):
+    # Without safe_gate FLA accepts any bound; a positive one makes the state grow without limit.
+    _raises(ValueError, "`lower_bound` must be a finite value <= 0", **_args(), use_gate_in_kernel=True,
+            lower_bound=lb)
+
+
+def test_zero_lower_bound_is_allowed_without_safe_gate():
+    # lower_bound=0 is a constant zero log-decay (no forgetting): legal, and the output is finite.
+    o, _ = kda_ext.chunk_kda(**_args(), use_gate_in_kernel=True, lower_bound=0.0)
+    assert torch.isfinite(o).all()
+
+
 def test_lower_bound_type():
     _raises(TypeError, "`lower_bound` must be a float", **_args(), lower_bound="-5")
 
