@@ -38,6 +38,32 @@ def _check_device(x: torch.Tensor, name: str, device: torch.device) -> None:
             f"chunk_kda: `{name}` must be on {device} (the device of `q`), got {x.device}")
 
 
+def _check_backend(device: torch.device) -> None:
+    """A clear error, instead of the dispatcher's, when this build has no kernel for the device."""
+    if device.type not in ("cuda", "cpu", "meta"):
+        raise NotImplementedError(
+            f"chunk_kda: kda_ext has CPU and CUDA kernels only, got tensors on {device}")
+    if device.type == "cuda" and not _HAS_CUDA_KERNELS:
+        raise RuntimeError(
+            "chunk_kda: got CUDA tensors, but this build of kda_ext has no CUDA kernels "
+            "(built with KDA_EXT_CUDA=0, or without nvcc or a CUDA build of torch); rebuild with "
+            "KDA_EXT_CUDA=1, e.g. `KDA_EXT_CUDA=1 pip install --no-build-isolation -e .`")
+
+
+def _probe_cuda_kernels() -> bool:
+    try:
+        from ._build_config import WITH_CUDA  # written by setup.py
+    except ImportError:
+        WITH_CUDA = False
+    # The build's own record wins; the dispatcher is asked only when the build says "no CUDA".
+    return bool(WITH_CUDA) or torch._C._dispatch_has_kernel_for_dispatch_key(
+        "kda_ext::chunk_kda_fwd", "CUDA")
+
+
+# Read once at import (kda_ext._C is loaded by then), so torch.compile sees a constant.
+_HAS_CUDA_KERNELS = _probe_cuda_kernels()
+
+
 def _check_no_fp64_on_gpu(x: torch.Tensor, name: str) -> None:
     if x.dtype == torch.float64 and x.device.type != "cpu":
         raise TypeError(
@@ -317,6 +343,7 @@ def chunk_kda(
                 f"chunk_kda: `{name}` must be a float16, bfloat16, float32 or float64 tensor, "
                 f"got {x.dtype}")
     device = q.device
+    _check_backend(device)
     for x, name in ((k, "k"), (v, "v"), (g, "g"), (beta, "beta")):
         _check_device(x, name, device)
     for x, name in ((q, "q"), (g, "g"), (beta, "beta")):

@@ -256,6 +256,14 @@ def test_zero_lower_bound_is_allowed_without_safe_gate():
     assert torch.isfinite(o).all()
 
 
+def test_cuda_tensors_without_cuda_kernels(monkeypatch):
+    # A CPU-only build handed CUDA tensors says how to rebuild instead of a dispatcher error.
+    monkeypatch.setattr(kda_ext.chunk, "_HAS_CUDA_KERNELS", False)
+    with pytest.raises(RuntimeError, match="no CUDA kernels.*KDA_EXT_CUDA=1"):
+        kda_ext.chunk._check_backend(torch.device("cuda"))
+    kda_ext.chunk._check_backend(torch.device("cpu"))
+
+
 def test_lower_bound_type():
     _raises(TypeError, "`lower_bound` must be a float", **_args(), lower_bound="-5")
 
