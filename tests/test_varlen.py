@@ -12,6 +12,7 @@ from conftest import (
     compare,
     make_inputs,
     run_kernel,
+    requires_cuda,
     run_reference,
 )
 
@@ -78,13 +79,32 @@ def test_varlen_edges_fp16(case, device):
     compare(run_reference(case, x), run_kernel(case, x), FLA_VARLEN_TOL)
 
 
-def test_varlen_empty_sequence(device):
+@pytest.mark.parametrize("state_v_first", [False, True])
+@pytest.mark.parametrize("bounds", [[0, 40, 40, 100], [0, 0, 0, 70]])
+def test_varlen_empty_sequence(device, bounds, state_v_first):
     # A zero-length sequence is valid (offsets are non-decreasing): its final state is its h0.
-    case = Case(cu_seqlens=[0, 40, 40, 100], H=1, HV=2, K=16, V=16, dtype=torch.float32, recipe="varlen")
+    # (With state_v_first the CUDA kernel once read that h0 back across warps without a barrier.)
+    case = Case(cu_seqlens=bounds, H=1, HV=2, K=64, V=48, dtype=torch.float32, recipe="varlen",
+                state_v_first=state_v_first)
     x = make_inputs(case, device)
     out = run_kernel(case, x, grads=False)
-    assert torch.equal(out["ht"][1], x["h0"][1].detach())
+    for n in range(len(bounds) - 1):
+        if bounds[n + 1] == bounds[n]:
+            assert torch.equal(out["ht"][n], x["h0"][n].detach()), f"sequence {n}"
     compare(run_reference(case, x, grads=False), out, 2e-5 if device == "cpu" else 1e-3)
+
+
+@requires_cuda
+def test_uncovered_tokens_are_zero_with_unchecked_device_offsets():
+    # Device offsets without a host copy are not validated (no sync); tokens past cu_seqlens[-1]
+    # must come out as zeros, not uninitialised memory.
+    case = Case(cu_seqlens=[0, 5, 40], H=1, HV=2, K=32, V=32, dtype=torch.bfloat16, recipe="varlen")
+    x = make_inputs(case, "cuda")
+    q, k, v, g, beta = (torch.cat([x[n].detach(), torch.randn_like(x[n][:, :10])], dim=1)
+                        for n in ("q", "k", "v", "g", "beta"))
+    o, _ = kda_ext.chunk_kda(q, k, v, g.clamp(max=0), beta.sigmoid(), cu_seqlens=x["cu_seqlens"],
+                             initial_state=x["h0"].detach())
+    assert torch.equal(o[:, 40:], torch.zeros_like(o[:, 40:]))
 
 
 def test_varlen_equals_separate_calls(device):

@@ -58,10 +58,16 @@ chunk_kda_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   const auto vdt = v.options();
   const int64_t B = d.B, T = d.T, HV = d.HV, K = d.K, V = d.V, N = d.N, BT = d.BT, NT = d.NT;
 
-  // Always written by the kernels (every row of every real chunk, upper triangles included).
-  at::Tensor o = at::empty({B, T, HV, V}, q.options());
-  at::Tensor Aqk = at::empty({B, T, HV, BT}, kdt);
-  at::Tensor Akk = at::empty({B, T, HV, BT}, kdt);
+  // Written by the kernels for every row of every real chunk, upper triangles included. With
+  // cu_seqlens on the device and no host copy, the offsets are not validated (that would need a
+  // sync): tokens no sequence covers then read as zeros rather than uninitialised memory, as the
+  // backward's zero-filled dv/dg do.
+  const auto alloc = [&](at::IntArrayRef shape, const at::TensorOptions& opt) {
+    return d.varlen ? at::zeros(shape, opt) : at::empty(shape, opt);
+  };
+  at::Tensor o = alloc({B, T, HV, V}, q.options());
+  at::Tensor Aqk = alloc({B, T, HV, BT}, kdt);
+  at::Tensor Akk = alloc({B, T, HV, BT}, kdt);
   // Workspaces the state pass needs; returned only with save_intermediates.
   at::Tensor g_cum = at::empty({B, T, HV, K}, f32);
   at::Tensor w = at::empty({B, T, HV, K}, kdt);

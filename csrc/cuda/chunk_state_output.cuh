@@ -344,6 +344,9 @@ __global__ void __launch_bounds__(kStateThreads, 2)
     }
   }
   cp_async_wait<0>();
+  // A sequence without chunks skips the loop and its barriers: the state_v_first store below reads
+  // S entries other warps initialised, so publish them first.
+  __syncthreads();
 
   if (p.final_state != nullptr) {
     if (p.state_v_first) {
