@@ -7,7 +7,8 @@
 # default "-k cuda"), BENCH_ARGS (benchmark args), FLA wheels in .whl/ are installed if present.
 # The build is skipped when kda_ext/_C*.so exists and was built from the same sources (a hash of
 # csrc/ and setup.py is kept beside it), so a carried .so saves the compile.
-# Every step has a time limit (TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT seconds) so one slow step
+# Every step has a time limit (TEST_TIMEOUT, MARGINS_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
+# PROFILE_TIMEOUT seconds) so one slow step
 # cannot eat a whole device lease; a step that hits its limit reports rc=124 in the summary.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
