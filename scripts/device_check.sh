@@ -8,8 +8,8 @@
 # The build is skipped when kda_ext/_C*.so exists and was built from the same sources (a hash of
 # csrc/ and setup.py is kept beside it), so a carried .so saves the compile.
 # Every step has a time limit (TEST_TIMEOUT, MARGINS_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
-# PROFILE_TIMEOUT seconds) so one slow step
-# cannot eat a whole device lease; a step that hits its limit reports rc=124 in the summary.
+# PROFILE_TIMEOUT seconds) so one slow step cannot eat a whole device lease; a step that hits its
+# limit reports rc=124 in the summary.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
