@@ -94,6 +94,15 @@ def test_varlen_empty_sequence(device, bounds, state_v_first):
     compare(run_reference(case, x, grads=False), out, 2e-5 if device == "cpu" else 1e-3)
 
 
+def test_more_sequences_times_heads_than_a_grid_row(device):
+    # N * HV = 257 * 256 > 65535: sequences must not share a 65535-limited grid dimension with heads.
+    bounds = list(range(257)) + [256 + 100]  # 256 single tokens, then one 100-token sequence
+    case = Case(cu_seqlens=bounds, H=2, HV=256, K=16, V=16, dtype=torch.float16, recipe="varlen",
+                gate_in_kernel=True)
+    x = make_inputs(case, device)
+    compare(run_reference(case, x), run_kernel(case, x), FLA_VARLEN_TOL)
+
+
 @requires_cuda
 def test_uncovered_tokens_are_zero_with_unchecked_device_offsets():
     # Device offsets without a host copy are not validated (no sync); tokens past cu_seqlens[-1]

@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   static_assert(kSlice == 32, "slice loops map one column per lane");
   const int64_t HV = p.HV, K = p.K, V = p.V, H = p.H;
-  const int64_t hv = blockIdx.y % HV;
-  const int64_t b = blockIdx.y / HV;
+  const int64_t hv = blockIdx.y;  // grid (NT, HV, B)
+  const int64_t b = blockIdx.z;
   const int64_t hq = hv / (HV / H);
   const ChunkLoc loc = locate_chunk(p, blockIdx.x, b);
   const int L = loc.L;

@@ -134,9 +134,13 @@ __global__ void __launch_bounds__(kStateThreads, 2)
   const bool triple = lay.triple;
 
   const int tid = threadIdx.x, warp = tid / 32;
-  const int64_t n = blockIdx.y / HV;
-  const int64_t hv = blockIdx.y % HV;
-  const int64_t v0 = static_cast<int64_t>(blockIdx.x) * kBV;
+  // grid (N * V tiles, HV): sequences on x, which has no 65535 limit (thousands of short
+  // sequences times the heads would overflow gridDim.y); a sequence's V tiles stay adjacent in
+  // launch order so they share its k/w/qg reads in L2.
+  const int64_t v_tiles = (V + kBV - 1) / kBV;
+  const int64_t n = blockIdx.x / v_tiles;
+  const int64_t hv = blockIdx.y;
+  const int64_t v0 = (blockIdx.x % v_tiles) * kBV;
   if (n >= p.N || v0 >= V) return;
   const int vcols = static_cast<int>(V - v0 < kBV ? V - v0 : kBV);
   const int64_t b = p.varlen ? 0 : n;

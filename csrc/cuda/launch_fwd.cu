@@ -23,32 +23,32 @@ namespace {
 template <typename T, int BT>
 void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
   const int limit = max_optin_smem();
-  const int64_t BHV = p.B * p.HV;
-  const int64_t NHV = p.N * p.HV;
-  TORCH_CHECK(BHV <= 65535 && NHV <= 65535,
-              "kda_ext: B*HV and N*HV must be <= 65535 for the CUDA kernels, got ", BHV, ", ",
-              NHV);
-  TORCH_CHECK(p.NT <= 0x7fffffffLL, "kda_ext: too many chunks for the CUDA kernels: ", p.NT);
+  // Grid limits: x < 2^31, y and z <= 65535.
+  TORCH_CHECK(p.HV <= 65535, "kda_ext: the CUDA kernels support up to 65535 value heads, got ", p.HV);
+  TORCH_CHECK(p.B <= 65535, "kda_ext: the CUDA kernels support batch sizes up to 65535, got ", p.B);
+  TORCH_CHECK(p.NT <= 0x7fffffffLL && p.N * cdiv(p.V, kBV) <= 0x7fffffffLL,
+              "kda_ext: too many chunks or sequences for the CUDA kernels: NT=", p.NT, ", N=", p.N);
 
   if (p.varlen) {
     chunk_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  if (p.NT > 0 && BHV > 0) {
+  if (p.NT > 0 && p.B > 0 && p.HV > 0) {
     const int64_t smem = prep_layout<T, BT>().total;
     auto kernel = chunk_prepare_kernel<T, BT>;
     set_dynamic_smem(kernel, smem, limit, "chunk_prepare");
-    const dim3 grid(static_cast<unsigned>(p.NT), static_cast<unsigned>(BHV));
+    const dim3 grid(static_cast<unsigned>(p.NT), static_cast<unsigned>(p.HV),
+                    static_cast<unsigned>(p.B));
     kernel<<<grid, kPrepThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  if (NHV > 0 && p.V > 0) {
+  if (p.N > 0 && p.HV > 0 && p.V > 0) {
     const int64_t smem = state_layout<T, BT>(p.K).total;
     auto kernel = chunk_state_output_kernel<T, BT>;
     set_dynamic_smem(kernel, smem, limit, "chunk_state_output");
-    const dim3 grid(static_cast<unsigned>((p.V + kBV - 1) / kBV), static_cast<unsigned>(NHV));
+    const dim3 grid(static_cast<unsigned>(p.N * cdiv(p.V, kBV)), static_cast<unsigned>(p.HV));
     kernel<<<grid, kStateThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
