@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -136,7 +137,7 @@ def measure(impl, shape_name, mode, what):
     return res
 
 
-def first_call(impl, shape_name, mode, timeout=900):
+def first_call(impl, shape_name, mode, timeout):
     """Seconds of the first forward+backward in a fresh process (import excluded)."""
     code = (
         "import sys, time, torch; sys.path.insert(0, %r);"
@@ -145,9 +146,12 @@ def first_call(impl, shape_name, mode, timeout=900):
         "o, ht = b.run(fn, x, kw); (o.float().sum() + ht.sum()).backward(); torch.cuda.synchronize();"
         "print('FIRST_CALL_S', time.perf_counter() - t0)"
     ) % (os.path.dirname(os.path.abspath(__file__)), impl, shape_name, mode)
+    # A cold start: an empty Triton cache, so FLA pays its JIT and autotune as a new user would
+    # (FLA stores autotune results in the Triton cache; a warm cache would hide that cost).
+    env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="kda_bench_cold_triton_"))
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=timeout)
+                             timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return float("inf")
     for line in out.stdout.splitlines():
@@ -201,6 +205,8 @@ def main():
     ap.add_argument("--what", default="fwd,bwd,fwdbwd")
     ap.add_argument("--impls", default="ours,fla")
     ap.add_argument("--first-call", action="store_true")
+    ap.add_argument("--first-call-timeout", type=float, default=900.0,
+                    help="seconds before a cold first call counts as 'inf' (FLA's autotune takes minutes)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json", default=None, help="write raw results here")
     ap.add_argument("--png", default=None, help="write a bar chart of the FLA/ours ratios here (needs matplotlib)")
@@ -221,7 +227,7 @@ def main():
                 try:
                     r[impl] = measure(impl, shape_name, mode, what)
                     if args.first_call:
-                        r[impl]["first_call_s"] = first_call(impl, shape_name, mode)
+                        r[impl]["first_call_s"] = first_call(impl, shape_name, mode, args.first_call_timeout)
                 except Exception as e:  # a failing configuration is reported, not hidden
                     r[impl] = {"error": f"{type(e).__name__}: {e}"[:200]}
                 torch.cuda.empty_cache()

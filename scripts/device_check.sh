@@ -25,6 +25,11 @@ has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+# FLA keeps its autotune results in the Triton cache. Keeping that cache in the checkout lets a
+# later run carry it back (device tool: carry .triton_cache, after unpacking $OUT/triton_cache.tgz
+# here), so FLA's minutes of autotuning are paid once, not in every lease. First-call timings in
+# the benchmark always use an empty cache.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$ROOT/.triton_cache}"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -72,6 +77,9 @@ if has bench; then
   timeout "${BENCH_TIMEOUT:-300}" "$PY" benchmarks/bench_chunk_kda.py ${BENCH_ARGS:---shapes 2x8192x32x128,1x1024x16x128 --what fwd} \
       --out "$OUT/bench.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   summary+=("bench: rc=$?")
+  if [ -d "$TRITON_CACHE_DIR" ]; then
+    tar czf "$OUT/triton_cache.tgz" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")"
+  fi
   cat "$OUT/bench.md" 2>/dev/null || tail -n 30 "$OUT/bench.log"
 fi
 
