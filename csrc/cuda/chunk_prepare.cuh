@@ -2,7 +2,7 @@
 // (preprocessing, gate cumsum, Aqk, Lkk, Akk = (I + Lkk)^-1, w, u, qg, kg) for one chunk.
 //
 // Design (and why it departs from the suggested one where it does):
-// - One CTA of 256 threads per (chunk slot, value head), grid (NT, B*HV).
+// - One CTA of 256 threads per (chunk slot, value head), grid (NT, HV, B).
 // - K is processed in slices of 32 columns. The gate cumsum runs along time and is independent
 //   per column, so gate, cumsum, qg, kg, g_cum and the Aqk/Lkk contributions of a slice need only
 //   that slice; K therefore is a run-time size (no head-dim template), K = 60/100 are masked

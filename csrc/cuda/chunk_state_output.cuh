@@ -2,7 +2,7 @@
 // sequence's chunks fused with the output (h, v_new, o, final state).
 //
 // Design: one CTA of 256 threads per (V slice of 32, sequence, value head), grid
-// (ceil(V/32), N*HV); it walks the sequence's chunks in order with the state slice S [K, 32] in
+// (N*ceil(V/32), HV); it walks the sequence's chunks in order with the state slice S [K, 32] in
 // fp32 shared memory. Per chunk (FLA's chunk_gated_delta_rule_fwd_h + chunk_gla_fwd_o_gk fused):
 //   h[slot] = S (k dtype), v_new = u - w Sh, o = scale qg Sh + Aqk v_new,
 //   S <- exp(G_last) (.) rows S + kg^T v_new,
