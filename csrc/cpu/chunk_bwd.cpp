@@ -253,17 +253,6 @@ void run_backward(BwdParams<T>& bp, const std::vector<ChunkJob>& jobs) {
   });
 }
 
-Dt bwd_dt(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return Dt::Half;
-    case at::kBFloat16: return Dt::BFloat16;
-    case at::kFloat: return Dt::Float;
-    case at::kDouble: return Dt::Double;
-    default: TORCH_CHECK(false, "kda_ext: unsupported dtype ", t);
-  }
-  return Dt::Float;
-}
-
 void check_like(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype,
                 const char* name) {
   TORCH_CHECK(t.sizes() == shape, "kda_ext: ", name, " must have shape ", shape, ", got ",
@@ -311,13 +300,15 @@ BwdOut chunk_kda_bwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const bool gate_in = use_gate_in_kernel;
   const OptT A_log = gate_in ? A_log_in : std::nullopt;
   const OptT dt_bias = gate_in ? dt_bias_in : std::nullopt;
-  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  auto g = g_in.contiguous(), beta = beta_in.contiguous();
+  // The forward's binding: contiguous inputs, validated offsets, and the Params pointing into them.
+  const BoundInputs bound = bind_inputs(d, q_in, k_in, v_in, g_in, beta_in, scale, initial_state,
+                                        A_log_in, dt_bias_in, cu_seqlens, use_qk_l2norm,
+                                        use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval,
+                                        safe_gate, lower_bound, state_v_first);
+  const Params& p = bound.p;
+  const at::Tensor &q = bound.q, &k = bound.k, &v = bound.v, &g = bound.g, &beta = bound.beta;
   auto Aqk = Aqk_in.contiguous(), Akk = Akk_in.contiguous(), dout = do_in.contiguous();
-  at::Tensor A_log_c = A_log ? A_log->contiguous() : at::Tensor();
-  at::Tensor dt_bias_c = dt_bias ? dt_bias->contiguous() : at::Tensor();
   at::Tensor dht = dht_in ? dht_in->contiguous() : at::Tensor();
-  at::Tensor cu = cu_seqlens ? cu_seqlens->to(at::kLong).contiguous() : at::Tensor();
 
   at::Tensor g_cum, w, qg, kg, v_new, h;
   if (given == 7) {
@@ -344,42 +335,6 @@ BwdOut chunk_kda_bwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     v_new = at::empty({d.B, d.T, d.HV, d.V}, qo);
     h = at::zeros({d.B, d.NT, d.HV, sr, sc}, qo);
   }
-  at::Tensor h0 = initial_state ? initial_state->contiguous() : at::Tensor();
-
-  Params p{};
-  p.B = d.B;
-  p.T = d.T;
-  p.H = d.H;
-  p.HV = d.HV;
-  p.K = d.K;
-  p.V = d.V;
-  p.N = d.N;
-  p.BT = d.BT;
-  p.NT = d.NT;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.qkv_dt = bwd_dt(qdt);
-  p.g = g.data_ptr();
-  p.g_dt = bwd_dt(g.scalar_type());
-  p.beta = beta.data_ptr();
-  p.beta_dt = bwd_dt(beta.scalar_type());
-  p.A_log = A_log ? A_log_c.data_ptr() : nullptr;
-  p.A_log_dt = A_log ? bwd_dt(A_log_c.scalar_type()) : Dt::Float;
-  p.dt_bias = dt_bias ? dt_bias_c.data_ptr() : nullptr;
-  p.dt_bias_dt = dt_bias ? bwd_dt(dt_bias_c.scalar_type()) : Dt::Float;
-  p.h0 = h0.defined() ? h0.data_ptr() : nullptr;
-  p.scale = scale;
-  p.use_qk_l2norm = use_qk_l2norm;
-  p.use_gate_in_kernel = use_gate_in_kernel;
-  p.use_beta_sigmoid = use_beta_sigmoid;
-  p.allow_neg_eigval = allow_neg_eigval;
-  p.safe_gate = safe_gate;
-  p.has_lower_bound = lower_bound.has_value();
-  p.lower_bound = lower_bound.value_or(0.0);
-  p.state_v_first = state_v_first;
-  p.layout = make_seq_layout(d.B, d.T, d.BT, d.NT, d.varlen ? cu.data_ptr<int64_t>() : nullptr,
-                             d.N);
 
   std::vector<ChunkJob> jobs;
   for (int64_t n = 0; n < p.N; ++n)
@@ -411,7 +366,7 @@ BwdOut chunk_kda_bwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     bp.v_new = v_new.data_ptr();
     bp.h = h.data_ptr();
     bp.dout = dout.data_ptr();
-    bp.dout_dt = bwd_dt(dout.scalar_type());
+    bp.dout_dt = to_dt(dout.scalar_type());
     bp.dht = dht.defined() ? dht.data_ptr<T>() : nullptr;
     bp.dh = dh_ws.data_ptr<T>();
     bp.dvn = dvn_ws.data_ptr<T>();
@@ -454,12 +409,12 @@ BwdOut chunk_kda_bwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     }
   }
   if (A_log) {
-    dA_log = dA_acc.to(A_log_c.scalar_type()).view(A_log_in->sizes());
+    dA_log = dA_acc.to(bound.A_log.scalar_type()).view(A_log_in->sizes());
   } else {
     dA_log = q.new_empty({0}, A_log_in ? A_log_in->scalar_type() : sdt);
   }
   if (dt_bias) {
-    ddt_bias = dbias_acc.to(dt_bias_c.scalar_type()).view(dt_bias_in->sizes());
+    ddt_bias = dbias_acc.to(bound.dt_bias.scalar_type()).view(dt_bias_in->sizes());
   } else {
     ddt_bias = q.new_empty({0}, dt_bias_in ? dt_bias_in->scalar_type() : sdt);
   }
