@@ -1,7 +1,12 @@
-"""kda_ext: per-kernel CUDA time of one chunk_kda forward+backward (torch.profiler), for perf notes.
+"""kda_ext: per-kernel CUDA time of one chunk_kda forward+backward, against the hardware floors.
 
   python benchmarks/profile_kernels.py [--shape 2x8192x32x128] [--mode kimi|softplus]
-Prints the kernels sorted by total CUDA time, with calls and the share of the step.
+
+Measures on the spot the card's device-to-device copy bandwidth (bytes read + written) and its bf16
+matmul rate, profiles one forward+backward with torch.profiler, and prints per kernel: time, share,
+and, for the forward kernels whose traffic is modelled below, the bytes they must move and the
+achieved bandwidth. Then the floors of the whole step: every input read once and every output
+written once at the copy bandwidth, and the forward's matmul FLOPs at the measured rate.
 """
 import argparse
 import os
@@ -14,13 +19,65 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_chunk_kda as bench  # noqa: E402
 
 
+def measure_copy_bandwidth():
+    from triton.testing import do_bench
+
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3)  # bytes/s, read + write
+
+
+def measure_matmul_rate(n=8192):
+    from triton.testing import do_bench
+
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3)  # FLOP/s
+
+
+def traffic_model(B, T, H, D, N, BT=64, elt=2):
+    """Bytes each forward kernel must move per call, from what it reads and writes (bench inputs:
+    bf16 q/k/v/g/beta, fp32 state, HV = H, K = V = D). The backward's recompute calls both kernels
+    again with the intermediates kept (it also writes v_new and h); it is counted as a second call
+    of the same size, so the figures are a lower bound for that call."""
+    tok = B * T * H
+    tk, tv, ta = tok * D * elt, tok * D * elt, tok * BT * elt
+    state = N * H * D * D * 4
+    prepare = (2 * tk + tk + tok * elt + tv          # reads q, k, g, beta, v
+               + 2 * ta + tok * D * 4 + 3 * tk + tv)  # writes Aqk, Akk, g_cum, w/qg/kg, u
+    state_output = (3 * tk + tv + ta + state       # reads w/qg/kg, u, Aqk, h0
+                    + tv + state)                  # writes o, final state
+    return {"chunk_prepare": prepare, "chunk_state_output": state_output}
+
+
+def floors(B, T, H, D, N, BT=64, elt=2):
+    tok = B * T * H
+    x = tok * D * elt                  # one [B, T, H, D] tensor in bf16
+    state = N * H * D * D * 4
+    a = tok * BT * elt
+    fwd_bytes = 4 * x + tok * elt + state + (x + state + 2 * a)  # q,k,v,g,beta,h0 -> o,ht,Aqk,Akk
+    bwd_bytes = (4 * x + tok * elt + state + 2 * a + x + state   # inputs, Aqk/Akk, do, dht
+                 + 4 * x + tok * elt + state)                    # dq,dk,dv,dg,dbeta,dh0
+    chunks = tok // BT  # (chunk, head) pairs
+    K = V = D
+    per_chunk = (2 * 2 * BT * BT * K       # Aqk and L
+                 + 2 * BT * BT * K + 2 * BT * BT * V  # w, u
+                 + 3 * 2 * BT * K * V      # v_new = w S, o's inter part, state update
+                 + 2 * BT * BT * V)        # o's intra part
+    return fwd_bytes, bwd_bytes, chunks * per_chunk
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="2x8192x32x128")
     ap.add_argument("--mode", default="kimi")
     args = ap.parse_args()
+    B, T, H, D = bench.SHAPES[args.shape]
     fn = bench.get_impl("ours")
     x, kw = bench.make_inputs(args.shape, args.mode)
+    N = x["initial_state"].shape[0]
     for n in bench.DIFF:
         x[n].requires_grad_(True)
 
@@ -34,8 +91,33 @@ def main():
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(f"{torch.cuda.get_device_name()} {args.shape} {args.mode}: one forward+backward")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+    copy_bw, mm_rate = measure_copy_bandwidth(), measure_matmul_rate()
+    model = traffic_model(B, T, H, D, N)
+
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total_us = sum(e.device_time_total for e in events)
+    print(f"{torch.cuda.get_device_name()}, {args.shape} {args.mode}: one forward+backward, "
+          f"{total_us / 1e3:.2f} ms of kernel time")
+    print(f"measured: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 matmul "
+          f"{mm_rate / 1e12:.0f} TFLOP/s\n")
+    print("| kernel | calls | ms | share | modelled MB / call | GB/s | of copy bw |")
+    print("|---|---|---|---|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:20]:
+        name = e.key.split("(")[0].replace("void ", "").strip()[:60]
+        ms = e.device_time_total / 1e3
+        cells = [name, str(e.count), f"{ms:.3f}", f"{100 * e.device_time_total / total_us:.1f}%"]
+        key = next((k for k in model if k in e.key), None)
+        if key is not None and e.count:
+            per_call_s = ms * 1e-3 / e.count
+            bw = model[key] / per_call_s
+            cells += [f"{model[key] / 1e6:.0f}", f"{bw / 1e9:.0f}", f"{100 * bw / copy_bw:.0f}%"]
+        else:
+            cells += ["-", "-", "-"]
+        print("| " + " | ".join(cells) + " |")
+    fwd_b, bwd_b, fwd_flops = floors(B, T, H, D, N)
+    print(f"\nfloors: forward {fwd_b / copy_bw * 1e3:.3f} ms of memory traffic ({fwd_b / 1e6:.0f} MB), "
+          f"{fwd_flops / mm_rate * 1e3:.3f} ms of matmul ({fwd_flops / 1e9:.0f} GFLOP); backward "
+          f"{bwd_b / copy_bw * 1e3:.3f} ms of memory traffic ({bwd_b / 1e6:.0f} MB)")
 
 
 if __name__ == "__main__":
