@@ -5,13 +5,18 @@ state_v_first, fp32 initial state), checks output and every gradient against the
 reference on a small problem, then times forward and forward+backward on a larger one.
 """
 import argparse
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-import kda_ext
-from kda_ext.reference import naive_kda_lowerbound_gate, naive_recurrent_kda
+# Run from a checkout: the in-place build of kda_ext lives in the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kda_ext  # noqa: E402
+from kda_ext.reference import naive_kda_lowerbound_gate, naive_recurrent_kda  # noqa: E402
 
 
 def make_inputs(B, T, H, K, V, dtype, device, seed=0):

@@ -1,9 +1,15 @@
 """kda_ext: small CUDA calls for compute-sanitizer (memcheck/racecheck): fixed and varlen shapes,
 odd head dims, both gate regimes, chunk 32/64, forward and (when a CUDA kernel is registered)
 backward. Exits non-zero if any result is not finite."""
+import os
+import sys
+
 import torch
 
-import kda_ext
+# Run from a checkout: the in-place build of kda_ext lives in the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kda_ext  # noqa: E402
 
 
 def has_cuda_kernel(op):
