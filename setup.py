@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sources(pattern):
-    return sorted(glob.glob(os.path.join(ROOT, pattern), recursive=True))
+    # Relative to setup.py: setuptools rejects absolute source paths (pip install -e . fails).
+    found = glob.glob(os.path.join(ROOT, pattern), recursive=True)
+    return sorted(os.path.relpath(path, ROOT) for path in found)
 
 
 def _want_cuda():
