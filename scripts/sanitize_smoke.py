@@ -16,7 +16,7 @@ def has_cuda_kernel(op):
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"kda_ext::{op}", "CUDA")
 
 
-def case(B, T, H, HV, K, V, cu=None, chunk_size=64, safe=False, dtype=torch.bfloat16):
+def case(B, T, H, HV, K, V, cu=None, chunk_size=64, safe=False, dtype=torch.bfloat16, state_v_first=False):
     dev = "cuda"
     N = len(cu) - 1 if cu is not None else B
     q = torch.randn(B, T, H, K, device=dev, dtype=dtype)
@@ -24,7 +24,7 @@ def case(B, T, H, HV, K, V, cu=None, chunk_size=64, safe=False, dtype=torch.bflo
     v = torch.randn(B, T, HV, V, device=dev, dtype=dtype)
     g = torch.randn(B, T, HV, K, device=dev, dtype=dtype)
     beta = torch.randn(B, T, HV, device=dev, dtype=dtype)
-    h0 = torch.randn(N, HV, K, V, device=dev)
+    h0 = torch.randn(N, HV, *((V, K) if state_v_first else (K, V)), device=dev)
     A_log = torch.randn(HV, device=dev)
     dt_bias = torch.randn(HV * K, device=dev)
     leaves = [q, k, v, g, beta, h0, A_log, dt_bias]
@@ -36,7 +36,7 @@ def case(B, T, H, HV, K, V, cu=None, chunk_size=64, safe=False, dtype=torch.bflo
         q, k, v, g, beta, initial_state=h0, output_final_state=True,
         use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
         safe_gate=safe, lower_bound=-5.0 if safe else None, A_log=A_log, dt_bias=dt_bias,
-        cu_seqlens=cu_t, chunk_size=chunk_size,
+        cu_seqlens=cu_t, chunk_size=chunk_size, state_v_first=state_v_first,
     )
     outs = [o, ht]
     if want_grad:
@@ -44,7 +44,7 @@ def case(B, T, H, HV, K, V, cu=None, chunk_size=64, safe=False, dtype=torch.bflo
         outs += list(grads)
     torch.cuda.synchronize()
     bad = [i for i, t in enumerate(outs) if not torch.isfinite(t.float()).all()]
-    assert not bad, f"non-finite outputs {bad} in case {(B, T, H, HV, K, V, cu, chunk_size, safe)}"
+    assert not bad, f"non-finite outputs {bad} in case {(B, T, H, HV, K, V, cu, chunk_size, safe, state_v_first)}"
 
 
 if __name__ == "__main__":
@@ -53,4 +53,6 @@ if __name__ == "__main__":
     case(1, 131, 2, 2, 128, 128, cu=[0, 1, 2, 67, 131], safe=True)
     case(1, 40, 1, 2, 256, 256, cu=[0, 17, 40], chunk_size=32, safe=True, dtype=torch.float16)
     case(1, 70, 1, 1, 32, 48, dtype=torch.float32)
+    # Zero-length sequences with the [V, K] state layout (the final-state store reads S across warps).
+    case(1, 70, 1, 2, 64, 48, cu=[0, 0, 5, 5, 70], state_v_first=True)
     print("sanitize smoke: ok")
