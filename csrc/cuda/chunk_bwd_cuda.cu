@@ -1,12 +1,8 @@
 // kda_ext CUDA: ATen binding of kda_ext::chunk_kda_bwd (validation, recompute, allocation, dispatch).
-//
-// The device guard and the current stream come from c10/core's device-generic API
-// (c10::DeviceGuard and the CUDA DeviceGuardImpl's current stream), which is what
-// CUDAGuard/getCurrentCUDAStream wrap.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -80,15 +76,9 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const KdaDims d = check_chunk_kda_args(q_in, k_in, v_in, g_in, beta_in, initial_state, A_log,
                                          dt_bias, cu_seqlens, use_gate_in_kernel, lower_bound,
                                          state_v_first, chunk_size);
-  TORCH_CHECK(q_in.is_cuda(), "kda_ext: chunk_kda_bwd (CUDA) needs CUDA tensors, got q on ",
-              q_in.device());
-  TORCH_CHECK(q_in.scalar_type() != at::kDouble,
-              "kda_ext: the CUDA backend does not support float64 q/k/v (use the CPU backend "
-              "for float64, e.g. for gradcheck), got ", q_in.scalar_type());
-  const c10::Device device = q_in.device();
-  c10::DeviceGuard guard(device);
-  const cudaStream_t stream = static_cast<cudaStream_t>(
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle());
+  cuda::check_cuda_inputs(q_in, "chunk_kda_bwd");
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   const int64_t B = d.B, T = d.T, H = d.H, HV = d.HV, K = d.K, V = d.V, N = d.N, BT = d.BT,
                 NT = d.NT;

@@ -35,11 +35,7 @@ chunk_kda_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   const KdaDims d = check_chunk_kda_args(q_in, k_in, v_in, g_in, beta_in, initial_state, A_log,
                                          dt_bias, cu_seqlens, use_gate_in_kernel, lower_bound,
                                          state_v_first, chunk_size);
-  TORCH_CHECK(q_in.is_cuda(), "kda_ext: chunk_kda_fwd (CUDA) needs CUDA tensors, got q on ",
-              q_in.device());
-  TORCH_CHECK(q_in.scalar_type() != at::kDouble,
-              "kda_ext: the CUDA backend does not support float64 q/k/v (use the CPU backend "
-              "for float64, e.g. for gradcheck), got ", q_in.scalar_type());
+  cuda::check_cuda_inputs(q_in, "chunk_kda_fwd");
   c10::cuda::CUDAGuard guard(q_in.device());
 
   const at::Tensor q = q_in.contiguous();
