@@ -73,6 +73,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="2x8192x32x128")
     ap.add_argument("--mode", default="kimi")
+    ap.add_argument("--once", action="store_true",
+                    help="run one warm-up and one forward+backward, nothing else (for ncu)")
     args = ap.parse_args()
     B, T, H, D = bench.SHAPES[args.shape]
     fn = bench.get_impl("ours")
@@ -85,6 +87,11 @@ def main():
         o, ht = bench.run(fn, x, kw)
         (o.float().sum() + ht.sum()).backward()
 
+    if args.once:
+        step()
+        step()
+        torch.cuda.synchronize()
+        return
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -2,7 +2,8 @@
 # kda_ext on a GPU machine in one go: build against the machine's torch, run the CUDA tests,
 # compute-sanitizer on small shapes, and the benchmark against FLA; results under $OUT.
 #
-#   bash scripts/device_check.sh [steps]     steps: any of build,test,margins,sanitize,bench,profile (default all)
+#   bash scripts/device_check.sh [steps]     steps: any of build,test,margins,sanitize,bench,profile,ncu
+#                                            (default all but ncu)
 # Environment: OUT (results folder, default /tmp/kda_out), PYTEST_ARGS (extra pytest args,
 # default "-k cuda"), BENCH_ARGS (benchmark args), FLA wheels in .whl/ are installed if present.
 # The build is skipped when kda_ext/_C*.so exists and was built from the same sources (a hash of
@@ -86,6 +87,17 @@ fi
 if has profile; then
   timeout "${PROFILE_TIMEOUT:-60}" "$PY" benchmarks/profile_kernels.py > "$OUT/profile.log" 2>&1
   summary+=("profile: rc=$?")
+fi
+
+if has ncu; then
+  # Nsight Compute on the second of two forward+backward steps (the first is warm-up): the
+  # sections that say where each kernel's time goes (stall reasons, occupancy, throughput).
+  # NCU_KERNELS: a regex of kernel names; NCU_SKIP: launches to skip (the warm-up step).
+  timeout "${NCU_TIMEOUT:-300}" ncu --clock-control none --launch-skip "${NCU_SKIP:-0}" --launch-count "${NCU_COUNT:-12}" \
+      -k "regex:${NCU_KERNELS:-chunk|bwd}" --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis \
+      "$PY" benchmarks/profile_kernels.py --once ${NCU_ARGS:-} > "$OUT/ncu.log" 2>&1
+  summary+=("ncu: rc=$?")
 fi
 
 echo "==== summary ($(head -n1 "$OUT/gpu.txt"))"
