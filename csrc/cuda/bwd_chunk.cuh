@@ -77,17 +77,29 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   float sds = 0.f;  // thread kk < 64: sum_v S[kk, v] dSn[kk, v]
   for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
     __syncthreads();  // previous tiles fully consumed
-    for (int idx = threadIdx.x; idx < 64 * 64; idx += blockDim.x) {
-      const int kk = idx / 64, vv = idx % 64;
-      float s = 0.f, d = 0.f;
-      if (k0 + kk < K && v0 + vv < V) {
-        s = to_float<T>(h[state_off(p, slot * HV + hv, static_cast<int>(k0 + kk),
-                                    static_cast<int>(v0 + vv))]);
-        d = p.dh[((slot * HV + hv) * K + k0 + kk) * V + v0 + vv];
-      }
-      S[kk * ld + vv] = s;
-      dSn[kk * ld + vv] = d;
-    }
+    // h follows the state layout: walk it along its contiguous axis so that loads coalesce.
+    const bool vf = p.state_v_first;
+    staged_for<8, float>(
+        64 * 64,
+        [&](int idx) {
+          const int kk = vf ? idx % 64 : idx / 64, vv = vf ? idx / 64 : idx % 64;
+          return (k0 + kk < K && v0 + vv < V)
+                     ? to_float<T>(h[state_off(p, slot * HV + hv, static_cast<int>(k0 + kk),
+                                               static_cast<int>(v0 + vv))])
+                     : 0.f;
+        },
+        [&](int idx, float x) {
+          const int kk = vf ? idx % 64 : idx / 64, vv = vf ? idx / 64 : idx % 64;
+          S[kk * ld + vv] = x;
+        });
+    staged_for<8, float>(
+        64 * 64,
+        [&](int idx) {
+          const int kk = idx / 64, vv = idx % 64;
+          return (k0 + kk < K && v0 + vv < V) ? p.dh[((slot * HV + hv) * K + k0 + kk) * V + v0 + vv]
+                                              : 0.f;
+        },
+        [&](int idx, float x) { dSn[(idx / 64) * ld + idx % 64] = x; });
     load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
     load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
     load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
@@ -121,28 +133,35 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   }
   load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
   __syncthreads();
-  for (int idx = threadIdx.x; idx < BT * 64; idx += blockDim.x) {
-    const int r = idx / 64, kk = idx % 64;
-    float qv = 0.f, kv = 0.f, gv = 0.f;
-    const int rr = r < len ? r : len - 1;  // rows past the chunk repeat its last G (finite)
-    if (k0 + kk < K) {
-      gv = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
-      if (r < len) {
-        const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;
-        qv = to_float<T>(q[off]);
-        kv = to_float<T>(k[off]);
-        if (p.use_qk_l2norm) {
+  staged_for<8, float3>(
+      BT * 64,
+      [&](int idx) {
+        const int r = idx / 64, kk = idx % 64;
+        float3 x = make_float3(0.f, 0.f, 0.f);  // q, k, G
+        const int rr = r < len ? r : len - 1;  // rows past the chunk repeat its last G (finite)
+        if (k0 + kk < K) {
+          x.z = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
+          if (r < len) {
+            const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;
+            x.x = to_float<T>(q[off]);
+            x.y = to_float<T>(k[off]);
+          }
+        }
+        return x;
+      },
+      [&](int idx, float3 x) {
+        const int r = idx / 64, kk = idx % 64;
+        float qv = x.x, kv = x.y;
+        if (p.use_qk_l2norm && r < len) {
           qv = round_to<T>(qv * vrq[r]);
           kv = round_to<T>(kv * vrk[r]);
         }
-      }
-    }
-    qh[r * ld + kk] = qv;
-    kh[r * ld + kk] = kv;
-    G[r * ld + kk] = gv;
-    kb[r * ld + kk] = vbeta[r] * kv * expf(gv);
-    aw[r * ld + kk] = -aw[r * ld + kk];
-  }
+        qh[r * ld + kk] = qv;
+        kh[r * ld + kk] = kv;
+        G[r * ld + kk] = x.z;
+        kb[r * ld + kk] = vbeta[r] * kv * expf(x.z);
+        aw[r * ld + kk] = -aw[r * ld + kk];
+      });
   __syncthreads();
   smem_gemm<true, false>(dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
   smem_gemm<false, true>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
@@ -255,14 +274,21 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   for (int r = threadIdx.x; r < BT; r += blockDim.x)
     vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
   load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
-  for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
-    const int r = idx / BT, j = idx % BT;
-    float acc = 0.f;
-    if (r < len && j < len)
-      for (int s = 0; s < p.NKS; ++s) acc += p.dAkk_part[((s * ntok + tok0 + r) * HV + hv) * BT + j];
-    dakk[r * ldA + j] = acc;
-    daqk[r * ldA + j] = 0.f;
-  }
+  staged_for<4, float>(
+      BT * BT,
+      [&](int idx) {
+        const int r = idx / BT, j = idx % BT;
+        float acc = 0.f;  // slices summed in a fixed order
+        if (r < len && j < len)
+          for (int s = 0; s < p.NKS; ++s)
+            acc += p.dAkk_part[((s * ntok + tok0 + r) * HV + hv) * BT + j];
+        return acc;
+      },
+      [&](int idx, float acc) {
+        const int r = idx / BT, j = idx % BT;
+        dakk[r * ldA + j] = acc;
+        daqk[r * ldA + j] = 0.f;
+      });
   float dbv = 0.f;  // thread r < BT: sum_v (Akk^T dvn)[r, v] v[r, v]
   for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
     __syncthreads();
@@ -397,39 +423,52 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
       vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
     }
   }
-  for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
-    const int r = idx / BT, j = idx % BT;
-    float a = 0.f, l = 0.f;
-    if (r < len && j < len) {
-      const int64_t off = ((tok0 + r) * HV + hv) * BT + j;
-      if (j <= r) a = p.dAqk[off];
-      if (j < r) l = p.dL[off];
-    }
-    daqk[r * ldA + j] = a;
-    dl[r * ldA + j] = l;
-  }
+  staged_for<8, float2>(
+      BT * BT,
+      [&](int idx) {
+        const int r = idx / BT, j = idx % BT;
+        float2 x = make_float2(0.f, 0.f);  // dAqk, dL
+        if (r < len && j < len) {
+          const int64_t off = ((tok0 + r) * HV + hv) * BT + j;
+          if (j <= r) x.x = p.dAqk[off];
+          if (j < r) x.y = p.dL[off];
+        }
+        return x;
+      },
+      [&](int idx, float2 x) {
+        const int r = idx / BT, j = idx % BT;
+        daqk[r * ldA + j] = x.x;
+        dl[r * ldA + j] = x.y;
+      });
   __syncthreads();
-  for (int idx = threadIdx.x; idx < BT * 64; idx += blockDim.x) {
-    const int r = idx / 64, kk = idx % 64;
-    float qv = 0.f, kv = 0.f, gv = 0.f;
-    const int rr = r < len ? r : len - 1;
-    if (kk < kw) {
-      gv = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
-      if (r < len) {
-        const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;
-        qv = to_float<T>(q[off]);
-        kv = to_float<T>(k[off]);
-        if (p.use_qk_l2norm) {
+  staged_for<8, float3>(
+      BT * 64,
+      [&](int idx) {
+        const int r = idx / 64, kk = idx % 64;
+        float3 x = make_float3(0.f, 0.f, 0.f);  // q, k, G
+        const int rr = r < len ? r : len - 1;
+        if (kk < kw) {
+          x.z = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
+          if (r < len) {
+            const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;
+            x.x = to_float<T>(q[off]);
+            x.y = to_float<T>(k[off]);
+          }
+        }
+        return x;
+      },
+      [&](int idx, float3 x) {
+        const int r = idx / 64, kk = idx % 64;
+        float qv = x.x, kv = x.y;
+        if (p.use_qk_l2norm && r < len) {
           qv = round_to<T>(qv * vrq[r]);
           kv = round_to<T>(kv * vrk[r]);
         }
-      }
-    }
-    qh[r * ld + kk] = qv;
-    kh[r * ld + kk] = kv;
-    G[r * ld + kk] = gv;
-    rq[r * ld + kk] = rl[r * ld + kk] = cc[r * ld + kk] = 0.f;
-  }
+        qh[r * ld + kk] = qv;
+        kh[r * ld + kk] = kv;
+        G[r * ld + kk] = x.z;
+        rq[r * ld + kk] = rl[r * ld + kk] = cc[r * ld + kk] = 0.f;
+      });
   __syncthreads();
 
   const int nsub = (len + 15) / 16;
@@ -466,40 +505,52 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
 
   // Reference-row factors, diagonal blocks, and the combination. xm <- k RL (dbeta row sums),
   // ym <- complete dG of the slice.
-  for (int idx = threadIdx.x; idx < BT * 64; idx += blockDim.x) {
-    const int i = idx / 64, kk = idx % 64;
-    float dgv = 0.f, kr = 0.f;
-    if (i < len && kk < kw) {
-      const int s = i >> 4, b0 = s << 4;
-      const int b1 = b0 + 16 < len ? b0 + 16 : len;
-      const float gi = G[i * ld + kk];
-      float vq = 0.f, vl = 0.f, vc = 0.f;
-      if (s > 0) {
-        const float f = expf(gi - G[b0 * ld + kk]);
-        vq = rq[i * ld + kk] * f;
-        vl = rl[i * ld + kk] * f;
-      }
-      if (b0 + 16 < len) vc = cc[i * ld + kk] * expf(G[(b0 + 15) * ld + kk] - gi);
-      // Every exponent here is <= 0, where the fast exp's error stays at a few ulp.
-      for (int j = b0; j <= i; ++j) {
-        const float e = __expf(gi - G[j * ld + kk]) * kh[j * ld + kk];
-        vq += daqk[i * ldA + j] * e;
-        vl += dl[i * ldA + j] * e;  // dl[i][i] == 0
-      }
-      for (int i2 = i; i2 < b1; ++i2) {
-        const float e = __expf(G[i2 * ld + kk] - gi);
-        vc += (daqk[i2 * ldA + i] * qh[i2 * ld + kk] + dl[i2 * ldA + i] * vbeta[i2] * kh[i2 * ld + kk]) * e;
-      }
-      const float qv = qh[i * ld + kk], kv = kh[i * ld + kk], bb = vbeta[i];
-      const int64_t off = ((tok0 + i) * HV + hv) * K + k0 + kk;
-      p.dq_hv[off] += vq;
-      p.dk_hv[off] += bb * vl + vc;
-      dgv = p.dG[off] + qv * vq + kv * (bb * vl - vc);
-      kr = kv * vl;
-    }
-    xm[i * ld + kk] = kr;
-    ym[i * ld + kk] = dgv;
-  }
+  // The partial dq/dk/dG written by kernel A are read-modify-written: their loads are staged.
+  staged_for<4, float3>(
+      BT * 64,
+      [&](int idx) {
+        const int i = idx / 64, kk = idx % 64;
+        float3 x = make_float3(0.f, 0.f, 0.f);  // dq, dk, dG of kernel A
+        if (i < len && kk < kw) {
+          const int64_t off = ((tok0 + i) * HV + hv) * K + k0 + kk;
+          x = make_float3(p.dq_hv[off], p.dk_hv[off], p.dG[off]);
+        }
+        return x;
+      },
+      [&](int idx, float3 prev) {
+        const int i = idx / 64, kk = idx % 64;
+        float dgv = 0.f, kr = 0.f;
+        if (i < len && kk < kw) {
+          const int s = i >> 4, b0 = s << 4;
+          const int b1 = b0 + 16 < len ? b0 + 16 : len;
+          const float gi = G[i * ld + kk];
+          float vq = 0.f, vl = 0.f, vc = 0.f;
+          if (s > 0) {
+            const float f = expf(gi - G[b0 * ld + kk]);
+            vq = rq[i * ld + kk] * f;
+            vl = rl[i * ld + kk] * f;
+          }
+          if (b0 + 16 < len) vc = cc[i * ld + kk] * expf(G[(b0 + 15) * ld + kk] - gi);
+          // Every exponent here is <= 0, where the fast exp's error stays at a few ulp.
+          for (int j = b0; j <= i; ++j) {
+            const float e = __expf(gi - G[j * ld + kk]) * kh[j * ld + kk];
+            vq += daqk[i * ldA + j] * e;
+            vl += dl[i * ldA + j] * e;  // dl[i][i] == 0
+          }
+          for (int i2 = i; i2 < b1; ++i2) {
+            const float e = __expf(G[i2 * ld + kk] - gi);
+            vc += (daqk[i2 * ldA + i] * qh[i2 * ld + kk] + dl[i2 * ldA + i] * vbeta[i2] * kh[i2 * ld + kk]) * e;
+          }
+          const float qv = qh[i * ld + kk], kv = kh[i * ld + kk], bb = vbeta[i];
+          const int64_t off = ((tok0 + i) * HV + hv) * K + k0 + kk;
+          p.dq_hv[off] = prev.x + vq;
+          p.dk_hv[off] = prev.y + (bb * vl + vc);
+          dgv = prev.z + qv * vq + kv * (bb * vl - vc);
+          kr = kv * vl;
+        }
+        xm[i * ld + kk] = kr;
+        ym[i * ld + kk] = dgv;
+      });
   __syncthreads();
   if (threadIdx.x < len) {
     const int r = threadIdx.x;

@@ -105,19 +105,45 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int
   __syncwarp();
 }
 
+// Runs body(idx, value) for every idx in [0, total), spread over the block's threads, where
+// value = load(idx) comes from global memory. The kUnroll loads of a round are all issued before
+// any body runs. Why: a plain loop with a global load and a shared-memory store per iteration
+// keeps one load in flight per thread (the compiler cannot move a load above a store it cannot
+// prove independent), and with one or two blocks per SM that left the backward kernels waiting on
+// memory latency more than half of the time (ncu: long-scoreboard stalls, H100).
+template <int kUnroll, typename Val, typename Load, typename Body>
+__device__ __forceinline__ void staged_for(int total, Load load, Body body) {
+  const int step = blockDim.x;
+  for (int base = threadIdx.x; base < total; base += kUnroll * step) {
+    Val vals[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * step;
+      if (idx < total) vals[u] = load(idx);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = base + u * step;
+      if (idx < total) body(idx, vals[u]);
+    }
+  }
+}
+
 // Fills a [rows x cols] fp32 tile (leading dim ld) from a token-major tensor: element (r, c) is
 // src[((tok0 + r) * heads + head) * width + col0 + c] for r < nr and col0 + c < width, else 0.
 template <typename T>
 __device__ __forceinline__ void load_tile(float* dst, int ld, int rows, int cols, const T* src,
                                           int64_t tok0, int nr, int64_t heads, int64_t head,
                                           int64_t width, int64_t col0) {
-  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
-    const int r = idx / cols, c = idx % cols;
-    float x = 0.f;
-    if (r < nr && col0 + c < width)
-      x = to_float<T>(src[((tok0 + r) * heads + head) * width + col0 + c]);
-    dst[r * ld + c] = x;
-  }
+  staged_for<8, float>(
+      rows * cols,
+      [&](int idx) {
+        const int r = idx / cols, c = idx % cols;
+        return (r < nr && col0 + c < width)
+                   ? to_float<T>(src[((tok0 + r) * heads + head) * width + col0 + c])
+                   : 0.f;
+      },
+      [&](int idx, float x) { dst[(idx / cols) * ld + idx % cols] = x; });
 }
 
 // Loads the saved [BT x BT] chunk matrix (Aqk or Akk rows of this chunk), keeping only the valid
@@ -126,13 +152,15 @@ template <typename T>
 __device__ __forceinline__ void load_chunk_matrix(float* dst, int ld, const T* src, int64_t tok0,
                                                   int len, int64_t HV, int64_t hv, int BT,
                                                   bool strict) {
-  for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
-    const int i = idx / BT, j = idx % BT;
-    float x = 0.f;
-    if (i < len && j < len && (strict ? j < i : j <= i))
-      x = to_float<T>(src[((tok0 + i) * HV + hv) * BT + j]);
-    dst[i * ld + j] = x;
-  }
+  staged_for<8, float>(
+      BT * BT,
+      [&](int idx) {
+        const int i = idx / BT, j = idx % BT;
+        return (i < len && j < len && (strict ? j < i : j <= i))
+                   ? to_float<T>(src[((tok0 + i) * HV + hv) * BT + j])
+                   : 0.f;
+      },
+      [&](int idx, float x) { dst[(idx / BT) * ld + idx % BT] = x; });
 }
 
 // beta as the forward uses it: raw, or s * sigmoid(raw).
@@ -147,11 +175,16 @@ __device__ __forceinline__ float beta_value(const ChunkKdaBwdParams& p, int64_t 
 template <typename T>
 __device__ __forceinline__ float row_rstd_warp(const T* x, int64_t row, int64_t K) {
   const int lane = threadIdx.x & 31;
-  float s = 0.f;
-  for (int64_t c = lane; c < K; c += 32) {
-    const float v = to_float<T>(x[row * K + c]);
-    s += v * v;
+  constexpr int kPer = 256 / 32;  // K <= 256: all of a lane's loads in flight at once
+  float vals[kPer];
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) {
+    const int64_t c = lane + 32 * e;
+    vals[e] = c < K ? to_float<T>(x[row * K + c]) : 0.f;
   }
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) s += vals[e] * vals[e];
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   return rsqrtf(s + 1e-6f);

@@ -14,7 +14,7 @@ namespace cuda {
 constexpr int kBwdKSlice = 64;
 constexpr int kBwdVTile = 64;
 constexpr int kBwdStateBV = 32;
-constexpr int kBwdThreads = 256;
+constexpr int kBwdThreads = 512;
 
 struct ChunkKdaBwdParams {
   // Inputs, all contiguous. q/k: [B,T,H,K]; v/do: [B,T,HV,V]; g: [B,T,HV,K]; beta: [B,T,HV].

@@ -57,13 +57,20 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
   const T* w = static_cast<const T*>(p.w);
   const T* dO = static_cast<const T*>(p.dout);
 
-  for (int idx = threadIdx.x; idx < Kp * BV; idx += blockDim.x) {
-    const int kk = idx / BV, vv = idx % BV;
-    float x = 0.f;
-    if (p.dht != nullptr && kk < K && v0 + vv < V)
-      x = p.dht[state_off(p, n * HV + hv, kk, static_cast<int>(v0 + vv))];
-    dS[kk * ldS + vv] = x;
-  }
+  // dht follows the state layout: walk it along its contiguous axis so that loads coalesce.
+  const bool vf = p.state_v_first;
+  staged_for<8, float>(
+      Kp * BV,
+      [&](int idx) {
+        const int kk = vf ? idx % Kp : idx / BV, vv = vf ? idx / Kp : idx % BV;
+        return (p.dht != nullptr && kk < K && v0 + vv < V)
+                   ? p.dht[state_off(p, n * HV + hv, kk, static_cast<int>(v0 + vv))]
+                   : 0.f;
+      },
+      [&](int idx, float x) {
+        const int kk = vf ? idx % Kp : idx / BV, vv = vf ? idx / Kp : idx % BV;
+        dS[kk * ldS + vv] = x;
+      });
   __syncthreads();
 
   for (int64_t c = nchunks - 1; c >= 0; --c) {
@@ -115,7 +122,7 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
 
   if (p.dh0 != nullptr) {
     for (int idx = threadIdx.x; idx < K * BV; idx += blockDim.x) {
-      const int kk = idx / BV, vv = idx % BV;
+      const int kk = vf ? idx % K : idx / BV, vv = vf ? idx / K : idx % BV;
       if (v0 + vv < V)
         p.dh0[state_off(p, n * HV + hv, kk, static_cast<int>(v0 + vv))] = dS[kk * ldS + vv];
     }
