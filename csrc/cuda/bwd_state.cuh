@@ -29,7 +29,7 @@ struct BwdStateSmem {
 // and finally dh0 = dS. The state slice [K x 32] lives in shared memory; qg, kg and w pass
 // through one [BT x K] operand buffer in turn.
 template <typename T>
-__global__ void __launch_bounds__(kBwdThreads)
+__global__ void __launch_bounds__(kBwdStateThreads)
 bwd_state_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int BT = p.BT;

@@ -46,7 +46,7 @@ void launch_typed(const ChunkKdaBwdParams& p, cudaStream_t stream) {
     const int64_t bytes = BwdStateSmem(p.BT, Kp).total;
     set_dynamic_smem(bwd_state_kernel<T>, bytes, limit, "bwd_state_kernel");
     const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
-    bwd_state_kernel<T><<<grid, kBwdThreads, bytes, stream>>>(p);
+    bwd_state_kernel<T><<<grid, kBwdStateThreads, bytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (slots > 0) {
