@@ -1,6 +1,6 @@
 """Where one kernel's warps stall, by source line (Nsight Compute's warp-state sampling).
 
-  python scripts/ncu_hotspots.py KERNEL_REGEX [--out DIR] [--top 30] [-- profile_kernels args]
+  python scripts/ncu_hotspots.py KERNEL_REGEX [--out DIR] [--top 30] [profile_kernels args, e.g. --mode softplus]
 
 Profiles the first launch of the matching kernel in one `benchmarks/profile_kernels.py --once`
 run (the build carries -lineinfo), exports the source page as CSV and prints the source lines
@@ -20,13 +20,12 @@ def main():
     ap.add_argument("kernel")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("rest", nargs=argparse.REMAINDER)
-    a = ap.parse_args()
+    a, rest = ap.parse_known_args()  # the rest goes to profile_kernels.py
     tag = "".join(ch if ch.isalnum() else "_" for ch in a.kernel)[:40]
     rep = os.path.join(a.out, f"hot_{tag}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     prof = [sys.executable, os.path.join(root, "benchmarks", "profile_kernels.py"), "--once"]
-    prof += [x for x in a.rest if x != "--"]
+    prof += [x for x in rest if x != "--"]
     subprocess.run(["ncu", "--clock-control", "none", "-k", f"regex:{a.kernel}", "--launch-count", "1",
                     "--section", "SourceCounters", "--section", "WarpStateStats", "--import-source", "yes",
                     "-f", "-o", rep] + prof, check=True, stdout=subprocess.DEVNULL)
