@@ -74,7 +74,8 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   const T* vnew = static_cast<const T*>(p.v_new);
 
   for (int idx = threadIdx.x; idx < 64 * ld; idx += blockDim.x) aq[idx] = ak[idx] = aw[idx] = 0.f;
-  float sds = 0.f;  // thread kk < 64: sum_v S[kk, v] dSn[kk, v]
+  static_assert(kBwdThreads == 512, "row_sum_8 maps 8 threads to each of 64 rows");
+  float sds = 0.f;  // sum_v S[kk, v] dSn[kk, v] for kk = threadIdx.x / 8
   for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
     __syncthreads();  // previous tiles fully consumed
     // h follows the state layout: walk it along its contiguous axis so that loads coalesce.
@@ -104,8 +105,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
     load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
     __syncthreads();
-    if (threadIdx.x < 64)
-      for (int vv = 0; vv < 64; ++vv) sds += S[threadIdx.x * ld + vv] * dSn[threadIdx.x * ld + vv];
+    sds += row_sum_8(64, [&](int kk, int vv) { return S[kk * ld + vv] * dSn[kk * ld + vv]; });
     smem_gemm<false, true>(aq, ld, dout, ld, S, ld, BT, 64, 64, true);
     smem_gemm<false, true>(ak, ld, vn, ld, dSn, ld, BT, 64, 64, true);
     smem_gemm<false, true>(aw, ld, dvn, ld, S, ld, BT, 64, 64, true);
@@ -176,23 +176,18 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   }
   // Column sums over rows (dG_last) and row sums over the slice (dbeta), each in a fixed order.
   const int kw = static_cast<int>(K - k0 < 64 ? K - k0 : 64);
-  if (threadIdx.x < 64) {
-    const int kk = threadIdx.x;
-    float acc = 0.f;
-    if (kk < kw) {
-      const float gl = G[(len - 1) * ld + kk];
-      acc = expf(gl) * sds;
-      for (int r = 0; r < len; ++r)
-        acc += ak[r * ld + kk] * kh[r * ld + kk] * expf(gl - G[r * ld + kk]);
-    }
-    vgl[kk] = acc;
-  } else if (threadIdx.x < 64 + BT) {
-    const int r = threadIdx.x - 64;
-    if (r < len) {
-      float acc = 0.f;
-      for (int kk = 0; kk < kw; ++kk) acc += dkb[r * ld + kk] * kh[r * ld + kk] * expf(G[r * ld + kk]);
-      p.dbeta_part[(ks * p.B * p.T + tok0 + r) * HV + hv] = acc;
-    }
+  {
+    const int row = threadIdx.x >> 3;  // column kk for dG_last, row r for dbeta
+    const bool leader = (threadIdx.x & 7) == 0;
+    const float gl = G[(len - 1) * ld + row];
+    const float col = row_sum_8(len, [&](int kk, int r) {
+      return ak[r * ld + kk] * kh[r * ld + kk] * expf(gl - G[r * ld + kk]);
+    });
+    if (leader) vgl[row] = row < kw ? expf(gl) * sds + col : 0.f;
+    const float db = row_sum_8(kw, [&](int r, int kk) {
+      return dkb[r * ld + kk] * kh[r * ld + kk] * expf(G[r * ld + kk]);
+    });
+    if (leader && row < len) p.dbeta_part[(ks * p.B * p.T + tok0 + row) * HV + hv] = db;
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < len * 64; idx += blockDim.x) {
@@ -289,7 +284,7 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
         dakk[r * ldA + j] = acc;
         daqk[r * ldA + j] = 0.f;
       });
-  float dbv = 0.f;  // thread r < BT: sum_v (Akk^T dvn)[r, v] v[r, v]
+  float dbv = 0.f;  // sum_v (Akk^T dvn)[r, v] v[r, v] for r = threadIdx.x / 8
   for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
     __syncthreads();
     load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
@@ -311,11 +306,12 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
       if (v0 + c < V)
         dv[((tok0 + r) * HV + hv) * V + v0 + c] = from_float<T>(vbeta[r] * dvo[r * ld + c]);
     }
-    if (threadIdx.x < BT)
-      for (int c = 0; c < 64; ++c) dbv += dvo[threadIdx.x * ld + c] * vr[threadIdx.x * ld + c];
+    // Rows >= BT of the 64-row tiles may hold stale values; their sums are never stored.
+    dbv += row_sum_8(64, [&](int r, int c) { return dvo[r * ld + c] * vr[r * ld + c]; });
   }
   __syncthreads();
-  if (threadIdx.x < len) p.dbeta_part[(p.NKS * ntok + tok0 + threadIdx.x) * HV + hv] = dbv;
+  if ((threadIdx.x & 7) == 0 && (threadIdx.x >> 3) < len)
+    p.dbeta_part[(p.NKS * ntok + tok0 + (threadIdx.x >> 3)) * HV + hv] = dbv;
 
   // Only the strict lower part of dAkk reaches Lkk; dAqk keeps the diagonal.
   for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
@@ -552,14 +548,14 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
         ym[i * ld + kk] = dgv;
       });
   __syncthreads();
-  if (threadIdx.x < len) {
-    const int r = threadIdx.x;
-    float acc = 0.f;
-    for (int kk = 0; kk < kw; ++kk) acc += xm[r * ld + kk];
-    p.dbeta_part[(ks * p.B * p.T + tok0 + r) * HV + hv] += acc;
-  } else if (threadIdx.x >= 64 && threadIdx.x < 64 + kw) {
+  {
+    const float acc = row_sum_8(kw, [&](int r, int kk) { return xm[r * ld + kk]; });
+    const int r = threadIdx.x >> 3;
+    if ((threadIdx.x & 7) == 0 && r < len) p.dbeta_part[(ks * p.B * p.T + tok0 + r) * HV + hv] += acc;
+  }
+  if (threadIdx.x < kw) {
     // Reverse cumsum: dgate_s = sum_{i >= s} dG_i within the chunk.
-    const int kk = threadIdx.x - 64;
+    const int kk = threadIdx.x;
     float acc = 0.f;
     for (int r = len - 1; r >= 0; --r) {
       acc += ym[r * ld + kk];
@@ -597,16 +593,14 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   }
   if (!gate_partials) return;
   __syncthreads();
-  if (threadIdx.x < 64) {
-    const int kk = threadIdx.x;
-    float sx = 0.f, sa = 0.f;
-    if (kk < kw)
-      for (int r = 0; r < len; ++r) {
-        sx += xm[r * ld + kk];
-        sa += rq[r * ld + kk];
-      }
-    if (kk < kw) p.ddt_part[(slot * HV + hv) * K + k0 + kk] = sx;
-    vred[kk] = sa;
+  {
+    const float sx = row_sum_8(len, [&](int kk, int r) { return xm[r * ld + kk]; });
+    const float sa = row_sum_8(len, [&](int kk, int r) { return rq[r * ld + kk]; });
+    const int kk = threadIdx.x >> 3;
+    if ((threadIdx.x & 7) == 0) {
+      if (kk < kw) p.ddt_part[(slot * HV + hv) * K + k0 + kk] = sx;
+      vred[kk] = kk < kw ? sa : 0.f;
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) {

@@ -131,10 +131,38 @@ __device__ __forceinline__ void staged_for(int total, Load load, Body body) {
 
 // Fills a [rows x cols] fp32 tile (leading dim ld) from a token-major tensor: element (r, c) is
 // src[((tok0 + r) * heads + head) * width + col0 + c] for r < nr and col0 + c < width, else 0.
+// Where the widths allow it (multiples of 16 bytes, the usual K/V of 64/128/256) every thread
+// moves 16-byte vectors: the kernels were issue-bound on the per-element index arithmetic of
+// scalar loads (ncu, H100: ~14K instructions per warp per step of the state pass).
 template <typename T>
 __device__ __forceinline__ void load_tile(float* dst, int ld, int rows, int cols, const T* src,
                                           int64_t tok0, int nr, int64_t heads, int64_t head,
                                           int64_t width, int64_t col0) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool vec_ok = width % kVec == 0 && col0 % kVec == 0 && cols % kVec == 0 && ld % 4 == 0 &&
+                      reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (vec_ok) {
+    const int nvec = cols / kVec;
+    staged_for<4, uint4>(
+        rows * nvec,
+        [&](int idx) {
+          const int r = idx / nvec, c = (idx - r * nvec) * kVec;
+          uint4 x = make_uint4(0u, 0u, 0u, 0u);
+          if (r < nr && col0 + c < width)  // the whole vector is inside: width % kVec == 0
+            x = *reinterpret_cast<const uint4*>(src + ((tok0 + r) * heads + head) * width + col0 + c);
+          return x;
+        },
+        [&](int idx, uint4 x) {
+          const int r = idx / nvec, c = (idx - r * nvec) * kVec;
+          const T* e = reinterpret_cast<const T*>(&x);
+          float* d = dst + r * ld + c;
+#pragma unroll
+          for (int j = 0; j < kVec; j += 4)
+            *reinterpret_cast<float4*>(d + j) = make_float4(to_float<T>(e[j]), to_float<T>(e[j + 1]),
+                                                            to_float<T>(e[j + 2]), to_float<T>(e[j + 3]));
+        });
+    return;
+  }
   staged_for<8, float>(
       rows * cols,
       [&](int idx) {
@@ -161,6 +189,22 @@ __device__ __forceinline__ void load_chunk_matrix(float* dst, int ld, const T* s
                    : 0.f;
       },
       [&](int idx, float x) { dst[(idx / BT) * ld + idx % BT] = x; });
+}
+
+// sum_{j < n} f(row, j) for the 64 rows of a tile, 8 threads per row (row = threadIdx.x / 8, so
+// blockDim.x must be 512): strided partials, then a fixed 3-step xor tree; every thread of the
+// row's group gets the total. The order is fixed, so results are bitwise reproducible. Why:
+// the per-row and per-column sums ran on 64 threads walking 64 entries each while the rest of
+// the block waited at the next barrier. Call it from every thread (it shuffles).
+template <typename F>
+__device__ __forceinline__ float row_sum_8(int n, F f) {
+  const int row = threadIdx.x >> 3, part = threadIdx.x & 7;
+  float s = 0.f;
+  for (int j = part; j < n; j += 8) s += f(row, j);
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
+  s += __shfl_xor_sync(0xffffffffu, s, 4);
+  return s;
 }
 
 // beta as the forward uses it: raw, or s * sigmoid(raw).

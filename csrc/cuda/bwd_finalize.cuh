@@ -7,29 +7,64 @@ namespace kda_ext {
 namespace cuda {
 namespace bwd {
 
-// One thread: clamped token offsets and chunk prefix sums of the N sequences (device-side, so the
-// host never syncs on cu_seqlens). Fixed length: sequence n is batch row n.
-__global__ void bwd_prep_kernel(const ChunkKdaBwdParams p) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  const int64_t BT = p.BT;
-  int64_t prev = 0;
-  p.chunk_offsets[0] = 0;
-  for (int64_t n = 0; n <= p.N; ++n) {
-    int64_t x;
-    if (p.varlen) {
-      x = p.cu_seqlens_int64 ? static_cast<const int64_t*>(p.cu_seqlens)[n]
-                             : static_cast<int64_t>(static_cast<const int32_t*>(p.cu_seqlens)[n]);
-      x = x < prev ? prev : (x > p.T ? p.T : x);  // monotone and inside [0, T]
-    } else {
-      x = n * p.T;
+constexpr int kBwdPrepThreads = 1024;
+
+// Exclusive block-wide scan of one int64 per thread (kBwdPrepThreads threads) with max (identity
+// `init`) or sum (identity 0): Hillis-Steele over shared memory, deterministic.
+template <bool kMax>
+__device__ __forceinline__ int64_t block_scan_exclusive(int64_t x, int64_t init, int64_t* buf) {
+  const int tid = threadIdx.x;
+  buf[tid] = x;
+  __syncthreads();
+  for (int off = 1; off < kBwdPrepThreads; off *= 2) {
+    const int64_t y = tid >= off ? buf[tid - off] : (kMax ? init : 0);
+    __syncthreads();
+    buf[tid] = kMax ? (buf[tid] > y ? buf[tid] : y) : buf[tid] + y;
+    __syncthreads();
+  }
+  const int64_t r = tid > 0 ? buf[tid - 1] : (kMax ? init : 0);
+  __syncthreads();  // buf is reused by the next scan
+  return r;
+}
+
+// One block: clamped token offsets and chunk prefix sums of the N sequences, on the device so the
+// host never syncs on cu_seqlens. Fixed length: sequence n is batch row n.
+//   seq_bounds[n]    = min(T, max(0, cu[0], ..., cu[n]))   (monotone and inside [0, T])
+//   chunk_offsets[n] = min(B*NT, sum_{m<n} ceil((seq_bounds[m+1] - seq_bounds[m]) / BT))
+// (the same values the earlier one-thread loop produced). Each thread owns a contiguous run of
+// the N+1 entries and two block scans join the runs, so thousands of sequences cost microseconds;
+// the one-thread loop paid a global-memory latency per sequence.
+__global__ void __launch_bounds__(kBwdPrepThreads) bwd_prep_kernel(const ChunkKdaBwdParams p) {
+  __shared__ int64_t buf[kBwdPrepThreads];
+  const int64_t count = p.N + 1, BT = p.BT, cap = p.B * p.NT;
+  const int64_t per = (count + kBwdPrepThreads - 1) / kBwdPrepThreads;
+  const int64_t i0 = threadIdx.x * per < count ? threadIdx.x * per : count;
+  const int64_t i1 = i0 + per < count ? i0 + per : count;
+  auto raw = [&](int64_t n) -> int64_t {
+    return p.cu_seqlens_int64 ? static_cast<const int64_t*>(p.cu_seqlens)[n]
+                              : static_cast<int64_t>(static_cast<const int32_t*>(p.cu_seqlens)[n]);
+  };
+  // Pass 1: token bounds (a running maximum clamped into [0, T] for varlen).
+  if (p.varlen) {
+    int64_t own = 0;
+    for (int64_t n = i0; n < i1; ++n) own = own > raw(n) ? own : raw(n);
+    int64_t run = block_scan_exclusive<true>(own, 0, buf);
+    for (int64_t n = i0; n < i1; ++n) {
+      run = run > raw(n) ? run : raw(n);
+      p.seq_bounds[n] = run < p.T ? run : p.T;
     }
-    p.seq_bounds[n] = x;
-    if (n > 0) {
-      int64_t off = p.chunk_offsets[n - 1] + (x - prev + BT - 1) / BT;
-      const int64_t cap = p.B * p.NT;
-      p.chunk_offsets[n] = off > cap ? cap : off;
-    }
-    prev = x;
+  } else {
+    for (int64_t n = i0; n < i1; ++n) p.seq_bounds[n] = n * p.T;
+  }
+  __syncthreads();  // every bound written before the chunk counts read their neighbours
+  // Pass 2: chunk prefix sums, capped at the slot count.
+  int64_t own = 0;
+  for (int64_t n = (i0 > 0 ? i0 : 1); n < i1; ++n)
+    own += (p.seq_bounds[n] - p.seq_bounds[n - 1] + BT - 1) / BT;
+  int64_t run = block_scan_exclusive<false>(own, 0, buf);
+  for (int64_t n = i0; n < i1; ++n) {
+    if (n > 0) run += (p.seq_bounds[n] - p.seq_bounds[n - 1] + BT - 1) / BT;
+    p.chunk_offsets[n] = run < cap ? run : cap;
   }
 }
 

@@ -14,7 +14,7 @@ namespace cuda {
 constexpr int kBwdKSlice = 64;
 constexpr int kBwdVTile = 64;
 constexpr int kBwdStateBV = 32;
-constexpr int kBwdThreads = 512;
+constexpr int kBwdThreads = 512;  // 64 rows x 8 threads: row_sum_8 relies on it
 // The sequential reverse state pass: 256 measured faster than 512 (fewer warps idle in its narrow GEMMs).
 constexpr int kBwdStateThreads = 256;
 

@@ -80,9 +80,18 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     const int len = static_cast<int>(eos - tok0 < BT ? eos - tok0 : BT);
 
     // dh[slot] = dS (state gradient at the chunk's end), always [K, V].
-    for (int idx = threadIdx.x; idx < K * BV; idx += blockDim.x) {
-      const int kk = idx / BV, vv = idx % BV;
-      if (v0 + vv < V) p.dh[((slot * HV + hv) * K + kk) * V + v0 + vv] = dS[kk * ldS + vv];
+    if (V % 4 == 0) {  // float4 stores (dh rows are 16-byte aligned then; ldS % 4 == 0)
+      for (int idx = threadIdx.x; idx < K * (BV / 4); idx += blockDim.x) {
+        const int kk = idx / (BV / 4), vv = (idx % (BV / 4)) * 4;
+        if (v0 + vv < V)
+          *reinterpret_cast<float4*>(p.dh + ((slot * HV + hv) * K + kk) * V + v0 + vv) =
+              *reinterpret_cast<const float4*>(dS + kk * ldS + vv);
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < K * BV; idx += blockDim.x) {
+        const int kk = idx / BV, vv = idx % BV;
+        if (v0 + vv < V) p.dh[((slot * HV + hv) * K + kk) * V + v0 + vv] = dS[kk * ldS + vv];
+      }
     }
     load_tile<T>(op, ldO, BT, Kp, kg, tok0, len, HV, hv, K, 0);
     load_chunk_matrix<T>(aqk, ldA, Aqk, tok0, len, HV, hv, BT, false);

@@ -38,7 +38,7 @@ void launch_typed(const ChunkKdaBwdParams& p, cudaStream_t stream) {
   const int64_t slots = p.B * p.NT;
   const unsigned hv = static_cast<unsigned>(p.HV), nks = static_cast<unsigned>(p.NKS);
 
-  bwd_prep_kernel<<<1, 1, 0, stream>>>(p);
+  bwd_prep_kernel<<<1, kBwdPrepThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (p.N > 0) {
