@@ -80,27 +80,42 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     __syncthreads();  // previous tiles fully consumed
     // h follows the state layout: walk it along its contiguous axis so that loads coalesce.
     const bool vf = p.state_v_first;
-    staged_for<8, float>(
-        64 * 64,
-        [&](int idx) {
-          const int kk = vf ? idx % 64 : idx / 64, vv = vf ? idx / 64 : idx % 64;
-          return (k0 + kk < K && v0 + vv < V)
-                     ? to_float<T>(h[state_off(p, slot * HV + hv, static_cast<int>(k0 + kk),
-                                               static_cast<int>(v0 + vv))])
-                     : 0.f;
-        },
-        [&](int idx, float x) {
-          const int kk = vf ? idx % 64 : idx / 64, vv = vf ? idx / 64 : idx % 64;
-          S[kk * ld + vv] = x;
-        });
-    staged_for<8, float>(
-        64 * 64,
-        [&](int idx) {
-          const int kk = idx / 64, vv = idx % 64;
-          return (k0 + kk < K && v0 + vv < V) ? p.dh[((slot * HV + hv) * K + k0 + kk) * V + v0 + vv]
-                                              : 0.f;
-        },
-        [&](int idx, float x) { dSn[(idx / 64) * ld + idx % 64] = x; });
+    const int64_t sb = slot * HV + hv;
+    if ((vf ? K % 8 == 0 : V % 8 == 0) && aligned16(h)) {
+      staged_for<1, F8>(
+          64 * 8,
+          [&](int idx) {  // idx = outer * 8 + group along the contiguous axis
+            const int o = idx >> 3, g = (idx & 7) * 8;
+            const int kk = vf ? g : o, vv = vf ? o : g;
+            return (k0 + kk < K && v0 + vv < V)
+                       ? load8<T>(h + state_off(p, sb, static_cast<int>(k0 + kk), static_cast<int>(v0 + vv)))
+                       : zero8();
+          },
+          [&](int idx, const F8& x) {
+            const int o = idx >> 3, g = (idx & 7) * 8;
+            if (!vf) {
+              store8(S + o * ld + g, x);
+            } else {
+#pragma unroll
+              for (int j = 0; j < 8; ++j) S[(g + j) * ld + o] = x.v[j];
+            }
+          });
+    } else {
+      staged_for<8, float>(
+          64 * 64,
+          [&](int idx) {
+            const int kk = vf ? idx % 64 : idx / 64, vv = vf ? idx / 64 : idx % 64;
+            return (k0 + kk < K && v0 + vv < V)
+                       ? to_float<T>(h[state_off(p, sb, static_cast<int>(k0 + kk), static_cast<int>(v0 + vv))])
+                       : 0.f;
+          },
+          [&](int idx, float x) {
+            const int kk = vf ? idx % 64 : idx / 64, vv = vf ? idx / 64 : idx % 64;
+            S[kk * ld + vv] = x;
+          });
+    }
+    // dh is float32 [K, V]: rows k0 + kk, columns [v0, v0 + 64) (a slice of 64 rows of V wide).
+    load_tile<float>(dSn, ld, 64, 64, p.dh + sb * K * V, k0, static_cast<int>(K - k0), 1, 0, V, v0);
     load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
     load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
     load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
@@ -133,35 +148,19 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   }
   load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
   __syncthreads();
-  staged_for<8, float3>(
-      BT * 64,
-      [&](int idx) {
-        const int r = idx / 64, kk = idx % 64;
-        float3 x = make_float3(0.f, 0.f, 0.f);  // q, k, G
-        const int rr = r < len ? r : len - 1;  // rows past the chunk repeat its last G (finite)
-        if (k0 + kk < K) {
-          x.z = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
-          if (r < len) {
-            const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;
-            x.x = to_float<T>(q[off]);
-            x.y = to_float<T>(k[off]);
-          }
-        }
-        return x;
-      },
-      [&](int idx, float3 x) {
-        const int r = idx / 64, kk = idx % 64;
-        float qv = x.x, kv = x.y;
-        if (p.use_qk_l2norm && r < len) {
-          qv = round_to<T>(qv * vrq[r]);
-          kv = round_to<T>(kv * vrk[r]);
-        }
-        qh[r * ld + kk] = qv;
-        kh[r * ld + kk] = kv;
-        G[r * ld + kk] = x.z;
-        kb[r * ld + kk] = vbeta[r] * kv * expf(x.z);
-        aw[r * ld + kk] = -aw[r * ld + kk];
-      });
+  // Element (r, kk) of the slice from the raw q, k and G: l2norm, k*beta*e^G, and -dw.
+  auto emit_a = [&](int r, int kk, float qv, float kv, float gv) {
+    if (p.use_qk_l2norm && r < len) {
+      qv = round_to<T>(qv * vrq[r]);
+      kv = round_to<T>(kv * vrk[r]);
+    }
+    qh[r * ld + kk] = qv;
+    kh[r * ld + kk] = kv;
+    G[r * ld + kk] = gv;
+    kb[r * ld + kk] = vbeta[r] * kv * expf(gv);
+    aw[r * ld + kk] = -aw[r * ld + kk];
+  };
+  load_slice_qkg<T>(p, tok0, len, hv, hq, k0, BT, emit_a);
   __syncthreads();
   smem_gemm<true, false>(dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
   smem_gemm<false, true>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
@@ -269,21 +268,29 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   for (int r = threadIdx.x; r < BT; r += blockDim.x)
     vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
   load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
-  staged_for<4, float>(
-      BT * BT,
-      [&](int idx) {
-        const int r = idx / BT, j = idx % BT;
-        float acc = 0.f;  // slices summed in a fixed order
-        if (r < len && j < len)
-          for (int s = 0; s < p.NKS; ++s)
-            acc += p.dAkk_part[((s * ntok + tok0 + r) * HV + hv) * BT + j];
-        return acc;
-      },
-      [&](int idx, float acc) {
-        const int r = idx / BT, j = idx % BT;
-        dakk[r * ldA + j] = acc;
-        daqk[r * ldA + j] = 0.f;
-      });
+  {
+    const int nv = BT / 8;  // partial rows are float32 [BT]: whole 8-vectors
+    staged_for<2, F8>(
+        BT * nv,
+        [&](int idx) {
+          const int r = idx / nv, j0 = (idx - r * nv) * 8;
+          F8 acc = zero8();  // slices summed in a fixed order
+          if (r < len && j0 < len)
+            for (int s = 0; s < p.NKS; ++s) {
+              const F8 x = load8<float>(p.dAkk_part + ((s * ntok + tok0 + r) * HV + hv) * BT + j0);
+#pragma unroll
+              for (int j = 0; j < 8; ++j) acc.v[j] += x.v[j];
+            }
+          return acc;
+        },
+        [&](int idx, F8 x) {
+          const int r = idx / nv, j0 = (idx - r * nv) * 8;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) x.v[j] = (r < len && j0 + j < len) ? x.v[j] : 0.f;
+          store8(dakk + r * ldA + j0, x);
+          store8(daqk + r * ldA + j0, zero8());
+        });
+  }
   float dbv = 0.f;  // sum_v (Akk^T dvn)[r, v] v[r, v] for r = threadIdx.x / 8
   for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
     __syncthreads();
@@ -419,52 +426,38 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
       vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
     }
   }
-  staged_for<8, float2>(
-      BT * BT,
-      [&](int idx) {
-        const int r = idx / BT, j = idx % BT;
-        float2 x = make_float2(0.f, 0.f);  // dAqk, dL
-        if (r < len && j < len) {
-          const int64_t off = ((tok0 + r) * HV + hv) * BT + j;
-          if (j <= r) x.x = p.dAqk[off];
-          if (j < r) x.y = p.dL[off];
-        }
-        return x;
-      },
-      [&](int idx, float2 x) {
-        const int r = idx / BT, j = idx % BT;
-        daqk[r * ldA + j] = x.x;
-        dl[r * ldA + j] = x.y;
-      });
-  __syncthreads();
-  staged_for<8, float3>(
-      BT * 64,
-      [&](int idx) {
-        const int r = idx / 64, kk = idx % 64;
-        float3 x = make_float3(0.f, 0.f, 0.f);  // q, k, G
-        const int rr = r < len ? r : len - 1;
-        if (kk < kw) {
-          x.z = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
-          if (r < len) {
-            const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;
-            x.x = to_float<T>(q[off]);
-            x.y = to_float<T>(k[off]);
+  {
+    const int nv = BT / 8;  // dAqk/dL rows are float32 [BT]: whole 8-vectors
+    staged_for<2, F8>(
+        BT * nv * 2,
+        [&](int idx) {
+          const int which = idx & 1, it = idx >> 1, r = it / nv, j0 = (it - r * nv) * 8;
+          return r < len && j0 < len ? load8<float>((which ? p.dL : p.dAqk) + ((tok0 + r) * HV + hv) * BT + j0)
+                                     : zero8();
+        },
+        [&](int idx, F8 x) {
+          const int which = idx & 1, it = idx >> 1, r = it / nv, j0 = (it - r * nv) * 8;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int jj = j0 + j;
+            const bool in = r < len && jj < len && (which ? jj < r : jj <= r);
+            x.v[j] = in ? x.v[j] : 0.f;
           }
-        }
-        return x;
-      },
-      [&](int idx, float3 x) {
-        const int r = idx / 64, kk = idx % 64;
-        float qv = x.x, kv = x.y;
-        if (p.use_qk_l2norm && r < len) {
-          qv = round_to<T>(qv * vrq[r]);
-          kv = round_to<T>(kv * vrk[r]);
-        }
-        qh[r * ld + kk] = qv;
-        kh[r * ld + kk] = kv;
-        G[r * ld + kk] = x.z;
-        rq[r * ld + kk] = rl[r * ld + kk] = cc[r * ld + kk] = 0.f;
-      });
+          store8((which ? dl : daqk) + r * ldA + j0, x);
+        });
+  }
+  __syncthreads();
+  auto emit_c = [&](int r, int kk, float qv, float kv, float gv) {
+    if (p.use_qk_l2norm && r < len) {
+      qv = round_to<T>(qv * vrq[r]);
+      kv = round_to<T>(kv * vrk[r]);
+    }
+    qh[r * ld + kk] = qv;
+    kh[r * ld + kk] = kv;
+    G[r * ld + kk] = gv;
+    rq[r * ld + kk] = rl[r * ld + kk] = cc[r * ld + kk] = 0.f;
+  };
+  load_slice_qkg<T>(p, tok0, len, hv, hq, k0, BT, emit_c);
   __syncthreads();
 
   const int nsub = (len + 15) / 16;

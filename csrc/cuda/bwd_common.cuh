@@ -105,6 +105,49 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int
   __syncwarp();
 }
 
+// ---- 8-wide vectors ----------------------------------------------------------------------
+// Eight consecutive elements as floats: one 16-byte load for fp16/bf16, two for fp32. The
+// vector paths below are taken when every row offset is a multiple of 8 elements and the base
+// is 16-byte aligned (K/V of 64/128/256: the shapes that matter for speed); the scalar paths
+// stay for K = 60/100 and the like.
+struct F8 {
+  float v[8];
+};
+
+template <typename T>
+__device__ __forceinline__ F8 load8(const T* ptr) {
+  F8 o;
+  if constexpr (sizeof(T) == 2) {
+    const uint4 x = *reinterpret_cast<const uint4*>(ptr);
+    const T* e = reinterpret_cast<const T*>(&x);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o.v[j] = to_float<T>(e[j]);
+  } else {
+    const float4 a = reinterpret_cast<const float4*>(ptr)[0];
+    const float4 b = reinterpret_cast<const float4*>(ptr)[1];
+    o.v[0] = a.x; o.v[1] = a.y; o.v[2] = a.z; o.v[3] = a.w;
+    o.v[4] = b.x; o.v[5] = b.y; o.v[6] = b.z; o.v[7] = b.w;
+  }
+  return o;
+}
+
+__device__ __forceinline__ F8 zero8() {
+  F8 o;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) o.v[j] = 0.f;
+  return o;
+}
+
+// dst must be 16-byte aligned (tile leading dims are multiples of 4 floats, column 8j).
+__device__ __forceinline__ void store8(float* dst, const F8& x) {
+  reinterpret_cast<float4*>(dst)[0] = make_float4(x.v[0], x.v[1], x.v[2], x.v[3]);
+  reinterpret_cast<float4*>(dst)[1] = make_float4(x.v[4], x.v[5], x.v[6], x.v[7]);
+}
+
+__device__ __forceinline__ bool aligned16(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
 // Runs body(idx, value) for every idx in [0, total), spread over the block's threads, where
 // value = load(idx) comes from global memory. The kUnroll loads of a round are all issued before
 // any body runs. Why: a plain loop with a global load and a shared-memory store per iteration
@@ -180,12 +223,28 @@ template <typename T>
 __device__ __forceinline__ void load_chunk_matrix(float* dst, int ld, const T* src, int64_t tok0,
                                                   int len, int64_t HV, int64_t hv, int BT,
                                                   bool strict) {
+  auto keep = [&](int i, int j) { return i < len && j < len && (strict ? j < i : j <= i); };
+  if (aligned16(src) && ld % 4 == 0) {  // BT is 32 or 64: rows are whole vectors
+    const int nv = BT / 8;
+    staged_for<2, F8>(
+        BT * nv,
+        [&](int idx) {
+          const int i = idx / nv, j0 = (idx - i * nv) * 8;
+          return i < len && j0 < len ? load8<T>(src + ((tok0 + i) * HV + hv) * BT + j0) : zero8();
+        },
+        [&](int idx, F8 x) {
+          const int i = idx / nv, j0 = (idx - i * nv) * 8;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) x.v[j] = keep(i, j0 + j) ? x.v[j] : 0.f;
+          store8(dst + i * ld + j0, x);
+        });
+    return;
+  }
   staged_for<8, float>(
       BT * BT,
       [&](int idx) {
         const int i = idx / BT, j = idx % BT;
-        return (i < len && j < len && (strict ? j < i : j <= i))
-                   ? to_float<T>(src[((tok0 + i) * HV + hv) * BT + j])
+        return keep(i, j) ? to_float<T>(src[((tok0 + i) * HV + hv) * BT + j])
                    : 0.f;
       },
       [&](int idx, float x) { dst[(idx / BT) * ld + idx % BT] = x; });
@@ -205,6 +264,63 @@ __device__ __forceinline__ float row_sum_8(int n, F f) {
   s += __shfl_xor_sync(0xffffffffu, s, 2);
   s += __shfl_xor_sync(0xffffffffu, s, 4);
   return s;
+}
+
+// Calls emit(r, kk, q, k, G) for every element (r < BT, kk < 64) of the K slice [k0, k0 + 64)
+// of one chunk: the raw q and k (0 outside the chunk or past K) and G = g_cum (rows past the
+// chunk repeat the last row's G, so every exp(G_i - G_j) stays finite; 0 past K).
+template <typename T, typename Emit>
+__device__ __forceinline__ void load_slice_qkg(const ChunkKdaBwdParams& p, int64_t tok0, int len,
+                                               int64_t hv, int64_t hq, int64_t k0, int BT,
+                                               Emit emit) {
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const int64_t K = p.K, H = p.H, HV = p.HV;
+  if (K % 8 == 0 && aligned16(q) && aligned16(k) && aligned16(p.g_cum)) {
+    struct QKG {
+      F8 q, k, g;
+    };
+    staged_for<1, QKG>(
+        BT * 8,
+        [&](int idx) {
+          const int r = idx >> 3, c0 = (idx & 7) * 8;
+          QKG x;
+          x.q = x.k = x.g = zero8();
+          const int rr = r < len ? r : len - 1;
+          if (k0 + c0 < K) {  // K % 8 == 0: the whole vector is inside
+            x.g = load8<float>(p.g_cum + ((tok0 + rr) * HV + hv) * K + k0 + c0);
+            if (r < len) {
+              const int64_t off = ((tok0 + r) * H + hq) * K + k0 + c0;
+              x.q = load8<T>(q + off);
+              x.k = load8<T>(k + off);
+            }
+          }
+          return x;
+        },
+        [&](int idx, const QKG& x) {
+          const int r = idx >> 3, c0 = (idx & 7) * 8;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) emit(r, c0 + j, x.q.v[j], x.k.v[j], x.g.v[j]);
+        });
+    return;
+  }
+  staged_for<8, float3>(
+      BT * 64,
+      [&](int idx) {
+        const int r = idx / 64, kk = idx % 64;
+        float3 x = make_float3(0.f, 0.f, 0.f);  // q, k, G
+        const int rr = r < len ? r : len - 1;
+        if (k0 + kk < K) {
+          x.z = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
+          if (r < len) {
+            const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;
+            x.x = to_float<T>(q[off]);
+            x.y = to_float<T>(k[off]);
+          }
+        }
+        return x;
+      },
+      [&](int idx, float3 x) { emit(idx / 64, idx % 64, x.x, x.y, x.z); });
 }
 
 // beta as the forward uses it: raw, or s * sigmoid(raw).
