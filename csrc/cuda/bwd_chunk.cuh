@@ -121,9 +121,9 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
     __syncthreads();
     sds += row_sum_8(64, [&](int kk, int vv) { return S[kk * ld + vv] * dSn[kk * ld + vv]; });
-    smem_gemm<false, true>(aq, ld, dout, ld, S, ld, BT, 64, 64, true);
-    smem_gemm<false, true>(ak, ld, vn, ld, dSn, ld, BT, 64, 64, true);
-    smem_gemm<false, true>(aw, ld, dvn, ld, S, ld, BT, 64, 64, true);
+    smem_gemm<false, true, kHalf<T>, kHalf<T>>(aq, ld, dout, ld, S, ld, BT, 64, 64, true);
+    smem_gemm<false, true, kHalf<T>, false>(ak, ld, vn, ld, dSn, ld, BT, 64, 64, true);
+    smem_gemm<false, true, false, kHalf<T>>(aw, ld, dvn, ld, S, ld, BT, 64, 64, true);
   }
   __syncthreads();
 
@@ -162,7 +162,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   };
   load_slice_qkg<T>(p, tok0, len, hv, hq, k0, BT, emit_a);
   __syncthreads();
-  smem_gemm<true, false>(dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
+  smem_gemm<true, false, kHalf<T>, false>(dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
   smem_gemm<false, true>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
   __syncthreads();
 
@@ -305,8 +305,8 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
     }
     __syncthreads();
     smem_gemm<false, true>(dakk, ldA, dvn, ld, vb, ld, BT, BT, 64, true);
-    smem_gemm<false, true>(daqk, ldA, dout, ld, vn, ld, BT, BT, 64, true);
-    smem_gemm<true, false>(dvo, ld, akk, ldA, dvn, ld, BT, 64, BT, false);
+    smem_gemm<false, true, kHalf<T>, kHalf<T>>(daqk, ldA, dout, ld, vn, ld, BT, BT, 64, true);
+    smem_gemm<true, false, kHalf<T>, false>(dvo, ld, akk, ldA, dvn, ld, BT, 64, BT, false);
     __syncthreads();
     for (int idx = threadIdx.x; idx < len * 64; idx += blockDim.x) {
       const int r = idx / 64, c = idx % 64;
@@ -329,9 +329,9 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
     if (r < len) p.dAqk[((tok0 + r) * HV + hv) * BT + j] = a;
   }
   __syncthreads();
-  smem_gemm<false, true>(tmp, ldA, dakk, ldA, akk, ldA, BT, BT, BT, false);
+  smem_gemm<false, true, false, kHalf<T>>(tmp, ldA, dakk, ldA, akk, ldA, BT, BT, BT, false);
   __syncthreads();
-  smem_gemm<true, false>(dakk, ldA, akk, ldA, tmp, ldA, BT, BT, BT, false);
+  smem_gemm<true, false, kHalf<T>, false>(dakk, ldA, akk, ldA, tmp, ldA, BT, BT, BT, false);
   __syncthreads();
   for (int idx = threadIdx.x; idx < len * BT; idx += blockDim.x) {
     const int r = idx / BT, j = idx % BT;

@@ -86,19 +86,45 @@ bwd_dqk_kernel(const ChunkKdaBwdParams p) {
   const float* d = is_k ? p.dk_hv : p.dq_hv;
   T* out = static_cast<T*>(is_k ? p.dk : p.dq);
   constexpr int kPer = 256 / 32;
+  // Lane element e is column col(e): 4 consecutive columns per 16-byte vector when the rows allow
+  // it (K % 4 == 0, aligned), else lane-strided scalars. Same per-element arithmetic either way.
+  const bool vec = K % 4 == 0 && aligned16(d) && reinterpret_cast<uintptr_t>(x) % (4 * sizeof(T)) == 0;
+  auto col = [&](int e) -> int64_t { return vec ? 4 * lane + 128 * (e >> 2) + (e & 3) : lane + 32 * e; };
   float dy[kPer], y[kPer];
   float ss = 0.f;
+  if (vec) {
 #pragma unroll
-  for (int e = 0; e < kPer; ++e) {
-    const int64_t c = lane + 32 * e;
-    float acc = 0.f, xv = 0.f;
-    if (c < K) {
-      for (int64_t g = 0; g < G; ++g) acc += d[(tok * HV + hq * G + g) * K + c];
-      xv = to_float<T>(x[row * K + c]);
+    for (int h4 = 0; h4 < kPer / 4; ++h4) {
+      const int64_t c0 = 4 * lane + 128 * h4;
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      float xv[4] = {0.f, 0.f, 0.f, 0.f};
+      if (c0 < K) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float4 a = *reinterpret_cast<const float4*>(d + (tok * HV + hq * G + g) * K + c0);
+          acc.x += a.x; acc.y += a.y; acc.z += a.z; acc.w += a.w;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xv[j] = to_float<T>(x[row * K + c0 + j]);
+      }
+      dy[4 * h4 + 0] = acc.x; dy[4 * h4 + 1] = acc.y; dy[4 * h4 + 2] = acc.z; dy[4 * h4 + 3] = acc.w;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) y[4 * h4 + j] = xv[j];
     }
-    dy[e] = acc;
-    y[e] = xv;
-    ss += xv * xv;
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) ss += y[e] * y[e];
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      const int64_t c = col(e);
+      float acc = 0.f, xv = 0.f;
+      if (c < K) {
+        for (int64_t g = 0; g < G; ++g) acc += d[(tok * HV + hq * G + g) * K + c];
+        xv = to_float<T>(x[row * K + c]);
+      }
+      dy[e] = acc;
+      y[e] = xv;
+      ss += xv * xv;
+    }
   }
   if (p.use_qk_l2norm) {
 #pragma unroll
@@ -117,7 +143,7 @@ bwd_dqk_kernel(const ChunkKdaBwdParams p) {
   }
 #pragma unroll
   for (int e = 0; e < kPer; ++e) {
-    const int64_t c = lane + 32 * e;
+    const int64_t c = col(e);
     if (c < K) out[row * K + c] = from_float<T>(dy[e]);
   }
 }

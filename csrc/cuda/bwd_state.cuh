@@ -101,8 +101,8 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     __syncthreads();
 
     // dv_new = Aqk^T do + kg dS (same tile->warp map for both calls).
-    smem_gemm<true, false>(dvn, ldS, aqk, ldA, dout, ldS, BT, BV, BT, false);
-    smem_gemm<false, false>(dvn, ldS, op, ldO, dS, ldS, BT, BV, Kp, true);
+    smem_gemm<true, false, kHalf<T>, kHalf<T>>(dvn, ldS, aqk, ldA, dout, ldS, BT, BV, BT, false);
+    smem_gemm<false, false, kHalf<T>, false>(dvn, ldS, op, ldO, dS, ldS, BT, BV, Kp, true);
     __syncthreads();
 
     for (int idx = threadIdx.x; idx < BT * BV; idx += blockDim.x) {
@@ -120,12 +120,12 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
 
     load_tile<T>(op, ldO, BT, Kp, qg, tok0, len, HV, hv, K, 0);
     __syncthreads();
-    smem_gemm<true, false>(dS, ldS, op, ldO, dout, ldS, Kp, BV, BT, true);
+    smem_gemm<true, false, kHalf<T>, false>(dS, ldS, op, ldO, dout, ldS, Kp, BV, BT, true);
     __syncthreads();
 
     load_tile<T>(op, ldO, BT, Kp, w, tok0, len, HV, hv, K, 0);
     __syncthreads();
-    smem_gemm<true, false>(dS, ldS, op, ldO, dvn, ldS, Kp, BV, BT, true);
+    smem_gemm<true, false, kHalf<T>, false>(dS, ldS, op, ldO, dvn, ldS, Kp, BV, BT, true);
     __syncthreads();
   }
 

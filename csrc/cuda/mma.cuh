@@ -125,7 +125,10 @@ __device__ __forceinline__ void mma_16x16(AccFrag<T>& acc, const T* a, int lda, 
 // hi*hi + hi*lo + lo*hi; only the lo*lo term (2^-22 relative) is dropped. Three MMAs instead of
 // one. The backward uses it because its gate gradients are sums of many products that cancel:
 // plain tf32 (10-bit mantissa) left dA_log/ddt_bias up to 6e-3 off where fp32 gives 3e-4.
-template <typename LayoutA, typename LayoutB>
+// kAExact / kBExact: the caller knows every element of that operand is exactly representable in
+// tf32 (a value loaded from an fp16/bf16 tensor: 10 or 7 mantissa bits), so its tail is exactly
+// zero and the correction product with it adds exact zeros; it is skipped. Same bits, fewer MMAs.
+template <typename LayoutA, typename LayoutB, bool kAExact = false, bool kBExact = false>
 __device__ __forceinline__ void mma_16x16_split_tf32(AccFrag<float>& acc, const float* a, int lda,
                                                      const float* b, int ldb, int kdim) {
   using Tr = MmaTraits<float>;
@@ -140,17 +143,17 @@ __device__ __forceinline__ void mma_16x16_split_tf32(AccFrag<float>& acc, const 
     for (int t = 0; t < a_hi.num_elements; ++t) {
       const float x = a_hi.x[t], hi = wmma::__float_to_tf32(x);
       a_hi.x[t] = hi;
-      a_lo.x[t] = wmma::__float_to_tf32(x - hi);
+      if constexpr (!kAExact) a_lo.x[t] = wmma::__float_to_tf32(x - hi);
     }
 #pragma unroll
     for (int t = 0; t < b_hi.num_elements; ++t) {
       const float x = b_hi.x[t], hi = wmma::__float_to_tf32(x);
       b_hi.x[t] = hi;
-      b_lo.x[t] = wmma::__float_to_tf32(x - hi);
+      if constexpr (!kBExact) b_lo.x[t] = wmma::__float_to_tf32(x - hi);
     }
     // Small terms first, so they are not absorbed by the large one.
-    wmma::mma_sync(acc, a_lo, b_hi, acc);
-    wmma::mma_sync(acc, a_hi, b_lo, acc);
+    if constexpr (!kAExact) wmma::mma_sync(acc, a_lo, b_hi, acc);
+    if constexpr (!kBExact) wmma::mma_sync(acc, a_hi, b_lo, acc);
     wmma::mma_sync(acc, a_hi, b_hi, acc);
   }
 }
