@@ -103,6 +103,20 @@ def test_more_sequences_times_heads_than_a_grid_row(device):
     compare(run_reference(case, x), run_kernel(case, x), FLA_VARLEN_TOL)
 
 
+def test_more_sequences_than_scan_threads(device):
+    # 2100 sequences: the CUDA backward's offset scan (one block of 1024 threads) gives every
+    # thread several sequences, and the gate-gradient partials span thousands of chunk slots.
+    # Lengths 0..3 (empty ones included) and one 70-token sequence that crosses a chunk boundary.
+    lengths = [(7 * n) % 4 for n in range(2099)] + [70]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    case = Case(cu_seqlens=bounds, H=1, HV=2, K=16, V=16, dtype=torch.float32, recipe="varlen",
+                gate_in_kernel=True)
+    x = make_inputs(case, device)
+    compare(run_reference(case, x), run_kernel(case, x), FLA_VARLEN_TOL)
+
+
 @requires_cuda
 def test_uncovered_tokens_are_zero_with_unchecked_device_offsets():
     # Device offsets without a host copy are not validated (no sync); tokens past cu_seqlens[-1]
