@@ -4,9 +4,10 @@
 
 Measures on the spot the card's device-to-device copy bandwidth (bytes read + written) and its bf16
 matmul rate, profiles one forward+backward with torch.profiler, and prints per kernel: time, share,
-and, for the forward kernels whose traffic is modelled below, the bytes they must move and the
-achieved bandwidth. Then the floors of the whole step: every input read once and every output
-written once at the copy bandwidth, and the forward's matmul FLOPs at the measured rate.
+and, for the kda_ext kernels, the bytes they move and the matmul FLOPs they do (models below) with
+the achieved bandwidth and FLOP rate against the measured ones. Then the floors of the whole
+step: every input read once and every output written once at the copy bandwidth, and the
+forward's matmul FLOPs at the measured rate.
 """
 import argparse
 import os
@@ -38,18 +39,54 @@ def measure_matmul_rate(n=8192):
 
 
 def traffic_model(B, T, H, D, N, BT=64, elt=2):
-    """Bytes each forward kernel must move per call, from what it reads and writes (bench inputs:
-    bf16 q/k/v/g/beta, fp32 state, HV = H, K = V = D). The backward's recompute calls both kernels
-    again with the intermediates kept (it also writes v_new and h); it is counted as a second call
-    of the same size, so the figures are a lower bound for that call."""
+    """Bytes each kernel moves per call as the kernels are written now (bench inputs: bf16
+    q/k/v/g/beta, fp32 state, HV = H, K = V = D; `elt` bytes per input element, fp32 workspaces),
+    counting what each reads and writes from HBM, re-reads included. A kernel that re-reads a
+    tensor per slice pays for it here: the model measures the design, not the floor (see
+    floors()). The two forward kernels are counted as the backward's recompute calls them (h and
+    v_new written); the plain forward writes neither, so for it they are an upper bound."""
     tok = B * T * H
     tk, tv, ta = tok * D * elt, tok * D * elt, tok * BT * elt
+    fk, fv, fa = tok * D * 4, tok * D * 4, tok * BT * 4   # fp32 [tok, K], [tok, V], [tok, BT]
+    slots = B * T // BT
     state = N * H * D * D * 4
+    h_elt = slots * H * D * D * elt     # h per chunk, input dtype
+    dh = slots * H * D * D * 4          # dh per chunk, fp32
+    nks = -(-D // 64)                   # K slices of the per-chunk backward kernels
+    nvs = -(-D // 32)                   # V slices of the state passes
     prepare = (2 * tk + tk + tok * elt + tv          # reads q, k, g, beta, v
-               + 2 * ta + tok * D * 4 + 3 * tk + tv)  # writes Aqk, Akk, g_cum, w/qg/kg, u
-    state_output = (3 * tk + tv + ta + state       # reads w/qg/kg, u, Aqk, h0
-                    + tv + state)                  # writes o, final state
-    return {"chunk_prepare": prepare, "chunk_state_output": state_output}
+               + 2 * ta + fk + 3 * tk + tv)          # writes Aqk, Akk, g_cum, w/qg/kg, u
+    state_output = (nvs * (3 * tk + ta) + tv + state  # reads w/qg/kg and Aqk per V slice, u, h0
+                    + tv + state + h_elt + tv)        # writes o, final state, h, v_new
+    bwd_state = (nvs * (3 * tk + ta) + tv             # reads kg/qg/w and Aqk per V slice, do
+                 + dh + fv)                           # writes dh, dv_new
+    chunk_a = (h_elt + dh + nks * (tv + fv + tv + ta)  # reads h, dh; do, dv_new, v_new, Akk per K slice
+               + 2 * tk + fk + tok * elt               # reads q, k, g_cum, beta
+               + nks * fa + 3 * fk + nks * tok * 4)    # writes dAkk partials, dq/dk/dG, dbeta partials
+    chunk_b = (nks * fa + ta + fv + 3 * tv             # reads dAkk partials, Akk, dv_new, v/do/v_new
+               + tv + 2 * fa + tok * 4)                # writes dv, dAqk, dL, dbeta partial
+    chunk_c = (nks * 2 * fa + 2 * tk + fk + tk          # reads dAqk, dL per K slice, q, k, g_cum, g
+               + 3 * fk + 3 * fk + tk)                  # reads + writes dq/dk/dG partials, writes dg
+    dqk = 2 * fk + 2 * tk + 2 * tk                      # reads dq/dk partials, q, k; writes dq, dk
+    return {"chunk_prepare": prepare, "chunk_state_output": state_output,
+            "bwd_state": bwd_state, "bwd_chunk_a": chunk_a, "bwd_chunk_b": chunk_b,
+            "bwd_chunk_c": chunk_c, "bwd_dqk": dqk}
+
+
+def flop_model(B, T, H, D, BT=64):
+    """Matmul FLOPs per call of each kernel (2 per multiply-add; K = V = D), from the products
+    the kernels perform; element-wise work is not counted."""
+    chunks = B * T * H // BT  # (chunk, head) pairs
+    K = V = D
+    per = {
+        "chunk_prepare": 2 * 2 * BT * BT * K + 2 * BT * BT * (K + V),           # Aqk, L; w, u
+        "chunk_state_output": 3 * 2 * BT * K * V + 2 * BT * BT * V,             # w S, q S, k^T v; A v
+        "bwd_state": 2 * BT * BT * V + 3 * 2 * BT * K * V,                      # A^T do; kg dS, qg^T do, w^T dv
+        "bwd_chunk_a": 3 * 2 * BT * K * V + 2 * 2 * BT * BT * K,                # do S^T, v dS^T, dv S^T; Akk^T dw, dw kb^T
+        "bwd_chunk_b": 3 * 2 * BT * BT * V + 2 * 2 * BT * BT * BT,              # dAkk, dAqk, Akk^T dv; the two inverse products
+        "bwd_chunk_c": 4 * BT * BT * K,                                          # off-diagonal intra terms (half of 4 BT^2 K each way)
+    }
+    return {k: chunks * f for k, f in per.items()}
 
 
 def floors(B, T, H, D, N, BT=64, elt=2):
@@ -100,6 +137,7 @@ def main():
         torch.cuda.synchronize()
     copy_bw, mm_rate = measure_copy_bandwidth(), measure_matmul_rate()
     model = traffic_model(B, T, H, D, N)
+    flops = flop_model(B, T, H, D)
 
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total_us = sum(e.device_time_total for e in events)
@@ -107,8 +145,8 @@ def main():
           f"{total_us / 1e3:.2f} ms of kernel time")
     print(f"measured: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 matmul "
           f"{mm_rate / 1e12:.0f} TFLOP/s\n")
-    print("| kernel | calls | ms | share | modelled MB / call | GB/s | of copy bw |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | calls | ms | share | modelled MB / call | GB/s | of copy bw | GFLOP / call | TFLOP/s | of bf16 matmul |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:20]:
         name = e.key.split("(")[0].replace("void ", "").strip()[:60]
         ms = e.device_time_total / 1e3
@@ -118,8 +156,13 @@ def main():
             per_call_s = ms * 1e-3 / e.count
             bw = model[key] / per_call_s
             cells += [f"{model[key] / 1e6:.0f}", f"{bw / 1e9:.0f}", f"{100 * bw / copy_bw:.0f}%"]
+            if key in flops:
+                rate = flops[key] / per_call_s
+                cells += [f"{flops[key] / 1e9:.1f}", f"{rate / 1e12:.1f}", f"{100 * rate / mm_rate:.1f}%"]
+            else:
+                cells += ["-", "-", "-"]
         else:
-            cells += ["-", "-", "-"]
+            cells += ["-"] * 6
         print("| " + " | ".join(cells) + " |")
     fwd_b, bwd_b, fwd_flops = floors(B, T, H, D, N)
     print(f"\nfloors: forward {fwd_b / copy_bw * 1e3:.3f} ms of memory traffic ({fwd_b / 1e6:.0f} MB), "
