@@ -189,7 +189,7 @@ __device__ __forceinline__ void load_tile(float* dst, int ld, int rows, int cols
                                           int64_t width, int64_t col0) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vec_ok = width % kVec == 0 && col0 % kVec == 0 && cols % kVec == 0 && ld % 4 == 0 &&
-                      reinterpret_cast<uintptr_t>(src) % 16 == 0;
+                      aligned16(src);
   if (vec_ok) {
     const int nvec = cols / kVec;
     staged_for<4, uint4>(
