@@ -99,6 +99,9 @@ def test_chunk_fp32_tight_cpu(case):
     Case(B=1, T=150, H=1, HV=2, K=32, V=32, gate_in_kernel=True, l2norm_in_kernel=True, beta_sigmoid=True,
          safe_gate=True, chunk_size=32, state_v_first=True),
     Case(B=1, T=150, H=1, HV=2, K=32, V=32, gate_in_kernel=True, beta_sigmoid=True, neg_eig=True, mask_p=0.0),
+    # varlen with a length-1 sequence, bf16, the bounded gate: recompute per sequence must match too
+    Case(cu_seqlens=[0, 1, 70, 200], H=1, HV=2, K=32, V=16, dtype=torch.bfloat16, recipe="varlen",
+         gate_in_kernel=True, l2norm_in_kernel=True, safe_gate=True, state_v_first=True),
 ], ids=lambda c: c.id())
 def test_disable_recompute_gives_identical_gradients(base, device):
     x = make_inputs(base, device)
