@@ -5,7 +5,8 @@
 Profiles the first launch of the matching kernel in one `benchmarks/profile_kernels.py --once`
 run (the build carries -lineinfo), exports the source page as CSV and prints the source lines
 with the most stall samples, with the share of all samples. Needs ncu on a machine whose runtime
-exposes the hardware counters (Firecracker, see the device notes).
+exposes the hardware counters and PC sampling; on the H100 device of 2026-11-27 the counters
+worked but the source page came back without stall samples (the script then says so).
 """
 import argparse
 import csv
@@ -40,7 +41,10 @@ def main():
     src = next(i for i, c in enumerate(head) if c.strip() == "Source" or c.startswith("Source"))
     line_col = next((i for i, c in enumerate(head) if c.strip() in ("#", "Line", "# Line")), 0)
     if col is None:
-        print("columns:", head)
+        # Seen on the H100 device of 2026-11-27: the source page carried no metric columns (the
+        # PC-sampling metric was reported missing), so there is nothing to rank.
+        print(f"{a.kernel}: no per-line stall samples in this report (columns: {head}); "
+              f"PC sampling is unavailable here, see {rep}_source.csv")
         return
     body = [r for r in rows[head_i + 1:] if len(r) > col]
 
