@@ -5,8 +5,9 @@
 Profiles the first launch of the matching kernel in one `benchmarks/profile_kernels.py --once`
 run (the build carries -lineinfo), exports the source page as CSV and prints the source lines
 with the most stall samples, with the share of all samples. Needs ncu on a machine whose runtime
-exposes the hardware counters and PC sampling; on the H100 device of 2026-11-27 the counters
-worked but the source page came back without stall samples (the script then says so).
+exposes the hardware counters and PC sampling. On the device of 2026-11-27 the counters worked
+(H100) but the source page came back without stall samples (H200; the H100's ncu also reported
+the sampling metric missing); the script then says so.
 """
 import argparse
 import csv
@@ -41,8 +42,8 @@ def main():
     src = next(i for i, c in enumerate(head) if c.strip() == "Source" or c.startswith("Source"))
     line_col = next((i for i, c in enumerate(head) if c.strip() in ("#", "Line", "# Line")), 0)
     if col is None:
-        # Seen on the H100 device of 2026-11-27: the source page carried no metric columns (the
-        # PC-sampling metric was reported missing), so there is nothing to rank.
+        # Seen on the H200 device of 2026-11-27: the source page carried no metric columns (PC
+        # sampling unavailable), so there is nothing to rank.
         print(f"{a.kernel}: no per-line stall samples in this report (columns: {head}); "
               f"PC sampling is unavailable here, see {rep}_source.csv")
         return
