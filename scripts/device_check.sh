@@ -26,10 +26,12 @@ has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-# FLA keeps its autotune results in the Triton cache. Keeping that cache in the checkout lets a
-# later run carry it back (device tool: carry .triton_cache, after unpacking $OUT/triton_cache.tgz
-# here), so FLA's minutes of autotuning are paid once, not in every lease. First-call timings in
-# the benchmark always use an empty cache.
+# FLA keeps its autotune results in the Triton cache (FLA_CACHE_RESULTS, on by default). The
+# bench step returns just those results ($OUT/triton_autotune.tgz: the whole cache, compiled
+# kernels included, was 21 MB at the main shape, too large to come back); unpack it here and carry
+# .triton_cache, and the next run compiles FLA's chosen configs in seconds instead of
+# benchmarking every config for minutes. First-call timings in the benchmark always use an empty
+# cache.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$ROOT/.triton_cache}"
 # Triton >= 3.3 keeps autotune results in that cache only when asked to.
 export TRITON_CACHE_AUTOTUNING="${TRITON_CACHE_AUTOTUNING:-1}"
@@ -81,7 +83,11 @@ if has bench; then
       --out "$OUT/bench.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   summary+=("bench: rc=$?")
   if [ -d "$TRITON_CACHE_DIR" ]; then
-    tar czf "$OUT/triton_cache.tgz" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")"
+    tuned=$(cd "$(dirname "$TRITON_CACHE_DIR")" && find "$(basename "$TRITON_CACHE_DIR")" -name '*.autotune.json')
+    if [ -n "$tuned" ]; then
+      (cd "$(dirname "$TRITON_CACHE_DIR")" && printf '%s\n' "$tuned" | tar czf "$OUT/triton_autotune.tgz" -T -)
+      summary+=("autotune results kept: $(printf '%s\n' "$tuned" | wc -l) files in triton_autotune.tgz")
+    fi
   fi
   cat "$OUT/bench.md" 2>/dev/null || tail -n 30 "$OUT/bench.log"
 fi
