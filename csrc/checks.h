@@ -28,6 +28,17 @@ inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const 
               " (the device of q), got ", t.device());
 }
 
+// A tensor handed back to the backward (a saved intermediate, dht): exact shape and dtype, and
+// the device of q. Shared by the CPU and CUDA bindings.
+inline void check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                       at::ScalarType dtype, const at::Tensor& q) {
+  TORCH_CHECK(t.sizes() == shape, "kda_ext: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "kda_ext: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  check_same_device(q, t, name);
+}
+
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }

@@ -365,3 +365,26 @@ def test_op_checks_real_and_fake(over, match):
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
         with pytest.raises(RuntimeError, match=match):
             torch.ops.kda_ext.chunk_kda_fwd.default(*fake)
+
+
+@pytest.mark.parametrize("bad", ["Aqk_shape", "w_dtype", "dht_shape"])
+def test_backward_op_rejects_malformed_saved_tensors(bad):
+    # The backward op is public (torch.ops.kda_ext.chunk_kda_bwd): the tensors handed back to it
+    # are checked by name, shape and dtype, not trusted.
+    a = _args()
+    q, k, v, g, beta = a["q"], a["k"], a["v"], a["g"], a["beta"]
+    fwd = torch.ops.kda_ext.chunk_kda_fwd(q, k, v, g, beta, K ** -0.5, None, None, None, None,
+                                          False, False, False, False, False, None, False, 64,
+                                          True, True, False)
+    o, ht, Aqk, Akk, g_cum, w, u, qg, kg, v_new, h = fwd
+    dht = torch.randn_like(ht)
+    if bad == "Aqk_shape":
+        Aqk, match = Aqk[:, :-1], "Aqk must have shape"
+    elif bad == "w_dtype":
+        w, match = w.double(), "w must be"
+    else:
+        dht, match = dht[:1], "dht must have shape"
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.kda_ext.chunk_kda_bwd(q, k, v, g, beta, K ** -0.5, None, None, None, None, Aqk, Akk,
+                                        g_cum, w, u, qg, kg, v_new, h, torch.randn_like(o), dht,
+                                        False, False, False, False, False, None, False, 64)

@@ -253,15 +253,6 @@ void run_backward(BwdParams<T>& bp, const std::vector<ChunkJob>& jobs) {
   });
 }
 
-void check_like(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype,
-                const char* name) {
-  TORCH_CHECK(t.sizes() == shape, "kda_ext: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "kda_ext: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "kda_ext: ", name, " must be on the CPU, got ", t.device());
-}
-
 using OptT = std::optional<at::Tensor>;
 using BwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                           at::Tensor, at::Tensor>;
@@ -282,14 +273,14 @@ BwdOut chunk_kda_bwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
                                          lower_bound, state_v_first, chunk_size);
   const auto sdt = compute_dtype(q_in);
   const auto qdt = q_in.scalar_type();
-  check_like(Aqk_in, {d.B, d.T, d.HV, d.BT}, qdt, "Aqk");
-  check_like(Akk_in, {d.B, d.T, d.HV, d.BT}, qdt, "Akk");
+  check_like(Aqk_in, "Aqk", {d.B, d.T, d.HV, d.BT}, qdt, q_in);
+  check_like(Akk_in, "Akk", {d.B, d.T, d.HV, d.BT}, qdt, q_in);
   TORCH_CHECK(do_in.sizes() == v_in.sizes(), "kda_ext: do must have o's shape ", v_in.sizes(),
               ", got ", do_in.sizes());
   TORCH_CHECK(is_float_dtype(do_in.scalar_type()), "kda_ext: do must be a float tensor, got ",
               do_in.scalar_type());
   const int64_t sr = state_v_first ? d.V : d.K, sc = state_v_first ? d.K : d.V;
-  if (dht_in.has_value()) check_like(*dht_in, {d.N, d.HV, sr, sc}, sdt, "dht");
+  if (dht_in.has_value()) check_like(*dht_in, "dht", {d.N, d.HV, sr, sc}, sdt, q_in);
   const int given = g_cum_in.has_value() + w_in.has_value() + u_in.has_value() +
                     qg_in.has_value() + kg_in.has_value() + v_new_in.has_value() +
                     h_in.has_value();
@@ -312,13 +303,13 @@ BwdOut chunk_kda_bwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
 
   at::Tensor g_cum, w, qg, kg, v_new, h;
   if (given == 7) {
-    check_like(*g_cum_in, {d.B, d.T, d.HV, d.K}, sdt, "g_cum");
-    check_like(*w_in, {d.B, d.T, d.HV, d.K}, qdt, "w");
-    check_like(*qg_in, {d.B, d.T, d.HV, d.K}, qdt, "qg");
-    check_like(*kg_in, {d.B, d.T, d.HV, d.K}, qdt, "kg");
-    check_like(*u_in, {d.B, d.T, d.HV, d.V}, qdt, "u");
-    check_like(*v_new_in, {d.B, d.T, d.HV, d.V}, qdt, "v_new");
-    check_like(*h_in, {d.B, d.NT, d.HV, sr, sc}, qdt, "h");
+    check_like(*g_cum_in, "g_cum", {d.B, d.T, d.HV, d.K}, sdt, q_in);
+    check_like(*w_in, "w", {d.B, d.T, d.HV, d.K}, qdt, q_in);
+    check_like(*qg_in, "qg", {d.B, d.T, d.HV, d.K}, qdt, q_in);
+    check_like(*kg_in, "kg", {d.B, d.T, d.HV, d.K}, qdt, q_in);
+    check_like(*u_in, "u", {d.B, d.T, d.HV, d.V}, qdt, q_in);
+    check_like(*v_new_in, "v_new", {d.B, d.T, d.HV, d.V}, qdt, q_in);
+    check_like(*h_in, "h", {d.B, d.NT, d.HV, sr, sc}, qdt, q_in);
     g_cum = g_cum_in->contiguous();
     w = w_in->contiguous();
     qg = qg_in->contiguous();

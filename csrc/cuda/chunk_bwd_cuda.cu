@@ -26,14 +26,6 @@ using OptT = std::optional<at::Tensor>;
 
 using cuda::dtype_tag;
 
-void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape,
-                  at::ScalarType dtype, const at::Tensor& q) {
-  TORCH_CHECK(t.sizes() == shape, "kda_ext: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "kda_ext: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  check_same_device(q, t, name);
-}
 
 // The forward intermediates through the forward op itself (save_intermediates=True), so the
 // recomputation is bit-identical to what a disable_recompute forward would have saved. Called
@@ -90,8 +82,8 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const at::Tensor v = v_in.contiguous();
   const at::Tensor g = g_in.contiguous();
   const at::Tensor beta = beta_in.contiguous();
-  check_tensor(Aqk_in, "Aqk", {B, T, HV, BT}, io, q);
-  check_tensor(Akk_in, "Akk", {B, T, HV, BT}, io, q);
+  check_like(Aqk_in, "Aqk", {B, T, HV, BT}, io, q);
+  check_like(Akk_in, "Akk", {B, T, HV, BT}, io, q);
   const at::Tensor Aqk = Aqk_in.contiguous();
   const at::Tensor Akk = Akk_in.contiguous();
   TORCH_CHECK(do_in.sizes() == at::IntArrayRef({B, T, HV, V}), "kda_ext: do must have shape [",
@@ -120,13 +112,13 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
               "got ", given, " of 7");
   at::Tensor g_cum, w, qg, kg, v_new, h;
   if (given == 7) {
-    check_tensor(*g_cum_in, "g_cum", {B, T, HV, K}, at::kFloat, q);
-    check_tensor(*w_in, "w", {B, T, HV, K}, io, q);
-    check_tensor(*u_in, "u", {B, T, HV, V}, io, q);
-    check_tensor(*qg_in, "qg", {B, T, HV, K}, io, q);
-    check_tensor(*kg_in, "kg", {B, T, HV, K}, io, q);
-    check_tensor(*v_new_in, "v_new", {B, T, HV, V}, io, q);
-    check_tensor(*h_in, "h", {B, NT, HV, sr, sc}, io, q);
+    check_like(*g_cum_in, "g_cum", {B, T, HV, K}, at::kFloat, q);
+    check_like(*w_in, "w", {B, T, HV, K}, io, q);
+    check_like(*u_in, "u", {B, T, HV, V}, io, q);
+    check_like(*qg_in, "qg", {B, T, HV, K}, io, q);
+    check_like(*kg_in, "kg", {B, T, HV, K}, io, q);
+    check_like(*v_new_in, "v_new", {B, T, HV, V}, io, q);
+    check_like(*h_in, "h", {B, NT, HV, sr, sc}, io, q);
     g_cum = g_cum_in->contiguous();
     w = w_in->contiguous();
     qg = qg_in->contiguous();
