@@ -247,20 +247,21 @@ inline void store_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, voi
 // (C += alpha * op(A) op(B)). The innermost loop always runs over a contiguous row of B and C so
 // that -O3 vectorises it; four rows of C share each loaded row of B.
 
-// C[M,N] += alpha * A[M,P] B[P,N]
+// C[M,N] += alpha * A B[P,N] with A(i, p) = A[i * a_row + p * a_col]: gemm_nn and gemm_tn below
+// differ only in A's strides.
 template <class T>
-inline void gemm_nn(int64_t M, int64_t N, int64_t P, const T* A, int64_t lda, const T* B,
-                    int64_t ldb, T* C, int64_t ldc, T alpha = T(1)) {
+inline void gemm_strided_a(int64_t M, int64_t N, int64_t P, const T* A, int64_t a_row,
+                           int64_t a_col, const T* B, int64_t ldb, T* C, int64_t ldc, T alpha) {
   int64_t i = 0;
   for (; i + 4 <= M; i += 4) {
     T* c0 = C + i * ldc;
     T* c1 = c0 + ldc;
     T* c2 = c1 + ldc;
     T* c3 = c2 + ldc;
-    const T* a = A + i * lda;
     for (int64_t p = 0; p < P; ++p) {
-      const T a0 = alpha * a[p], a1 = alpha * a[lda + p], a2 = alpha * a[2 * lda + p],
-              a3 = alpha * a[3 * lda + p];
+      const T* a = A + i * a_row + p * a_col;
+      const T a0 = alpha * a[0], a1 = alpha * a[a_row], a2 = alpha * a[2 * a_row],
+              a3 = alpha * a[3 * a_row];
       const T* b = B + p * ldb;
       for (int64_t j = 0; j < N; ++j) {
         const T bj = b[j];
@@ -274,44 +275,25 @@ inline void gemm_nn(int64_t M, int64_t N, int64_t P, const T* A, int64_t lda, co
   for (; i < M; ++i) {
     T* c = C + i * ldc;
     for (int64_t p = 0; p < P; ++p) {
-      const T a = alpha * A[i * lda + p];
+      const T a = alpha * A[i * a_row + p * a_col];
       const T* b = B + p * ldb;
       for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
     }
   }
 }
 
+// C[M,N] += alpha * A[M,P] B[P,N]
+template <class T>
+inline void gemm_nn(int64_t M, int64_t N, int64_t P, const T* A, int64_t lda, const T* B,
+                    int64_t ldb, T* C, int64_t ldc, T alpha = T(1)) {
+  gemm_strided_a(M, N, P, A, lda, int64_t(1), B, ldb, C, ldc, alpha);
+}
+
 // C[M,N] += alpha * A[P,M]^T B[P,N]
 template <class T>
 inline void gemm_tn(int64_t M, int64_t N, int64_t P, const T* A, int64_t lda, const T* B,
                     int64_t ldb, T* C, int64_t ldc, T alpha = T(1)) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) {
-    T* c0 = C + i * ldc;
-    T* c1 = c0 + ldc;
-    T* c2 = c1 + ldc;
-    T* c3 = c2 + ldc;
-    for (int64_t p = 0; p < P; ++p) {
-      const T* a = A + p * lda + i;
-      const T a0 = alpha * a[0], a1 = alpha * a[1], a2 = alpha * a[2], a3 = alpha * a[3];
-      const T* b = B + p * ldb;
-      for (int64_t j = 0; j < N; ++j) {
-        const T bj = b[j];
-        c0[j] += a0 * bj;
-        c1[j] += a1 * bj;
-        c2[j] += a2 * bj;
-        c3[j] += a3 * bj;
-      }
-    }
-  }
-  for (; i < M; ++i) {
-    T* c = C + i * ldc;
-    for (int64_t p = 0; p < P; ++p) {
-      const T a = alpha * A[p * lda + i];
-      const T* b = B + p * ldb;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
+  gemm_strided_a(M, N, P, A, int64_t(1), lda, B, ldb, C, ldc, alpha);
 }
 
 // C[M,N] += alpha * A[M,P] B[N,P]^T (dot products of rows; the reduction is vectorised through
