@@ -1,6 +1,5 @@
 // kda_ext CUDA: ATen binding of kda_ext::chunk_kda_bwd (validation, recompute, allocation, dispatch).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -12,6 +11,7 @@
 #include "cuda/binding_common.h"
 #include "cuda/bwd_launch.cuh"
 #include "cuda/bwd_params.cuh"
+#include "cuda/fwd_binding.h"
 
 namespace kda_ext {
 
@@ -19,38 +19,10 @@ namespace {
 
 using Tensors8 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                             at::Tensor, at::Tensor, at::Tensor>;
-using Tensors11 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             at::Tensor>;
 using OptT = std::optional<at::Tensor>;
 
 using cuda::dtype_tag;
 
-
-// The forward intermediates through the forward op itself (save_intermediates=True), so the
-// recomputation is bit-identical to what a disable_recompute forward would have saved. Called
-// below autograd: this is already the backward.
-Tensors11 recompute_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& g, const at::Tensor& beta, double scale,
-                            const OptT& initial_state, const OptT& A_log, const OptT& dt_bias,
-                            const OptT& cu_seqlens, bool use_qk_l2norm, bool use_gate_in_kernel,
-                            bool use_beta_sigmoid, bool allow_neg_eigval, bool safe_gate,
-                            std::optional<double> lower_bound, bool state_v_first,
-                            int64_t chunk_size) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kda_ext::chunk_kda_fwd", "")
-          .typed<Tensors11(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, double, const OptT&, const OptT&,
-                           const OptT&, const OptT&, bool, bool, bool, bool, bool,
-                           std::optional<double>, bool, int64_t, bool, bool, bool)>();
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
-                 use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval,
-                 safe_gate, lower_bound, state_v_first, chunk_size,
-                 /*output_final_state=*/false, /*save_intermediates=*/true,
-                 /*return_states=*/false);
-}
 
 }  // namespace
 
@@ -126,10 +98,12 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
     v_new = v_new_in->contiguous();
     h = h_in->contiguous();
   } else {
-    auto r = recompute_forward(q, k, v, g, beta, scale, initial_state, A_log, dt_bias,
-                               cu_seqlens, use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid,
-                               allow_neg_eigval, safe_gate, lower_bound, state_v_first,
-                               chunk_size);
+    // The forward's own kernels, from the saved Akk and without o: bit-identical to what a
+    // disable_recompute forward would have saved, at less than the forward's cost.
+    auto r = chunk_kda_recompute_cuda(q, k, v, g, beta, scale, initial_state, A_log, dt_bias,
+                                      cu_seqlens, use_qk_l2norm, use_gate_in_kernel,
+                                      use_beta_sigmoid, allow_neg_eigval, safe_gate, lower_bound,
+                                      state_v_first, chunk_size, Akk);
     g_cum = std::get<4>(r).contiguous();
     w = std::get<5>(r).contiguous();
     qg = std::get<7>(r).contiguous();

@@ -9,6 +9,7 @@
 
 #include "checks.h"
 #include "cuda/binding_common.h"
+#include "cuda/fwd_binding.h"
 #include "cuda/launch_fwd.h"
 #include "cuda/params.h"
 
@@ -18,20 +19,23 @@ namespace {
 
 using cuda::dtype_tag;
 
-}  // namespace
+// What the caller wants beyond the op's flags: the op itself uses the defaults; the backward's
+// recompute passes the saved Akk and no output.
+struct FwdOptions {
+  const at::Tensor* Akk_saved = nullptr;
+  bool want_output = true;
+};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-chunk_kda_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                   const at::Tensor& g_in, const at::Tensor& beta_in, double scale,
-                   const std::optional<at::Tensor>& initial_state,
-                   const std::optional<at::Tensor>& A_log,
-                   const std::optional<at::Tensor>& dt_bias,
-                   const std::optional<at::Tensor>& cu_seqlens, bool use_qk_l2norm,
-                   bool use_gate_in_kernel, bool use_beta_sigmoid, bool allow_neg_eigval,
-                   bool safe_gate, std::optional<double> lower_bound, bool state_v_first,
-                   int64_t chunk_size, bool output_final_state, bool save_intermediates,
-                   bool return_states) {
+FwdTensors run_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                       const at::Tensor& g_in, const at::Tensor& beta_in, double scale,
+                       const std::optional<at::Tensor>& initial_state,
+                       const std::optional<at::Tensor>& A_log,
+                       const std::optional<at::Tensor>& dt_bias,
+                       const std::optional<at::Tensor>& cu_seqlens, bool use_qk_l2norm,
+                       bool use_gate_in_kernel, bool use_beta_sigmoid, bool allow_neg_eigval,
+                       bool safe_gate, std::optional<double> lower_bound, bool state_v_first,
+                       int64_t chunk_size, bool output_final_state, bool save_intermediates,
+                       bool return_states, const FwdOptions& opt) {
   const KdaDims d = check_chunk_kda_args(q_in, k_in, v_in, g_in, beta_in, initial_state, A_log,
                                          dt_bias, cu_seqlens, use_gate_in_kernel, lower_bound,
                                          state_v_first, chunk_size);
@@ -61,9 +65,17 @@ chunk_kda_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   const auto alloc = [&](at::IntArrayRef shape, const at::TensorOptions& opt) {
     return d.varlen ? at::zeros(shape, opt) : at::empty(shape, opt);
   };
-  at::Tensor o = alloc({B, T, HV, V}, q.options());
-  at::Tensor Aqk = alloc({B, T, HV, BT}, kdt);
-  at::Tensor Akk = alloc({B, T, HV, BT}, kdt);
+  at::Tensor o = opt.want_output ? alloc({B, T, HV, V}, q.options()) : q.new_empty({0});
+  const bool reuse_akk = opt.Akk_saved != nullptr;
+  if (reuse_akk) {
+    const at::Tensor& a = *opt.Akk_saved;
+    TORCH_CHECK(a.sizes() == at::IntArrayRef({B, T, HV, BT}) && a.scalar_type() == k.scalar_type() &&
+                    a.is_contiguous() && a.device() == q.device(),
+                "kda_ext: the saved Akk must be a contiguous [", B, ", ", T, ", ", HV, ", ", BT,
+                "] tensor of k's dtype on q's device");
+  }
+  at::Tensor Aqk = reuse_akk ? k.new_empty({0}) : alloc({B, T, HV, BT}, kdt);
+  at::Tensor Akk = reuse_akk ? k.new_empty({0}) : alloc({B, T, HV, BT}, kdt);
   // Workspaces the state pass needs; returned only with save_intermediates.
   at::Tensor g_cum = at::empty({B, T, HV, K}, f32);
   at::Tensor w = at::empty({B, T, HV, K}, kdt);
@@ -101,10 +113,11 @@ chunk_kda_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   p.dt_bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   p.cu_seqlens = d.varlen ? cu.data_ptr() : nullptr;
   p.cu_seqlens_int64 = d.varlen ? cu.scalar_type() == at::kLong : true;
-  p.o = o.data_ptr();
+  p.o = opt.want_output ? o.data_ptr() : nullptr;
+  p.Akk_saved = reuse_akk ? opt.Akk_saved->data_ptr() : nullptr;
   p.final_state = output_final_state ? final_state.data_ptr<float>() : nullptr;
-  p.Aqk = Aqk.data_ptr();
-  p.Akk = Akk.data_ptr();
+  p.Aqk = reuse_akk ? nullptr : Aqk.data_ptr();
+  p.Akk = reuse_akk ? nullptr : Akk.data_ptr();
   p.g_cum = g_cum.data_ptr<float>();
   p.w = w.data_ptr();
   p.u = u.data_ptr();
@@ -148,6 +161,43 @@ chunk_kda_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
     kg = k.new_empty({0});
   }
   return {o, final_state, Aqk, Akk, g_cum, w, u, qg, kg, v_new, h};
+}
+
+}  // namespace
+
+FwdTensors chunk_kda_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& g, const at::Tensor& beta, double scale,
+                              const std::optional<at::Tensor>& initial_state,
+                              const std::optional<at::Tensor>& A_log,
+                              const std::optional<at::Tensor>& dt_bias,
+                              const std::optional<at::Tensor>& cu_seqlens, bool use_qk_l2norm,
+                              bool use_gate_in_kernel, bool use_beta_sigmoid,
+                              bool allow_neg_eigval, bool safe_gate,
+                              std::optional<double> lower_bound, bool state_v_first,
+                              int64_t chunk_size, bool output_final_state,
+                              bool save_intermediates, bool return_states) {
+  return run_forward(q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
+                     use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval,
+                     safe_gate, lower_bound, state_v_first, chunk_size, output_final_state,
+                     save_intermediates, return_states, FwdOptions{});
+}
+
+FwdTensors chunk_kda_recompute_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    const at::Tensor& beta, double scale, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& A_log, const std::optional<at::Tensor>& dt_bias,
+    const std::optional<at::Tensor>& cu_seqlens, bool use_qk_l2norm, bool use_gate_in_kernel,
+    bool use_beta_sigmoid, bool allow_neg_eigval, bool safe_gate,
+    std::optional<double> lower_bound, bool state_v_first, int64_t chunk_size,
+    const at::Tensor& Akk) {
+  FwdOptions opt;
+  opt.Akk_saved = &Akk;
+  opt.want_output = false;
+  return run_forward(q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
+                     use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval,
+                     safe_gate, lower_bound, state_v_first, chunk_size,
+                     /*output_final_state=*/false, /*save_intermediates=*/true,
+                     /*return_states=*/false, opt);
 }
 
 TORCH_LIBRARY_IMPL(kda_ext, CUDA, m) { m.impl("chunk_kda_fwd", &chunk_kda_fwd_cuda); }

@@ -218,6 +218,8 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   const int64_t hk0 = (row0 * HV + hv) * K, hks = HV * K;
   const int64_t hv0 = (row0 * HV + hv) * V, hvs = HV * V;
   const int64_t ha0 = (row0 * HV + hv) * BT, has = HV * BT;
+  // Uniform across the grid: the recompute of the backward, with Akk known.
+  const bool reuse_akk = p.Akk_saved != nullptr;
   auto qk_off = [&](int i) { return qk0 + i * qks; };
   auto hk_off = [&](int i) { return hk0 + i * hks; };
   auto hv_off = [&](int i) { return hv0 + i * hvs; };
@@ -315,6 +317,10 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
         kg[o] = from_float<T>(kk * __expf(glast - G));
       }
     }
+    if (reuse_akk) {
+      __syncthreads();  // the slice tiles are reloaded by the next slice
+      continue;
+    }
     // Column operands of the off-diagonal blocks: for row block bb the rows j < 16*bb, scaled by
     // exp(G_r - G_j) with r = 16*bb (<= 1 since G is non-increasing).
     for (int rr = warp; rr < D::kOffRows; rr += kWarps) {
@@ -400,6 +406,16 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     }
   }
 
+  if (reuse_akk) {
+    // Akk rows of the chunk as the forward stored them (the same rounded values the forward put
+    // in `akk` below, so w and u come out bit-identical); rows past the chunk are never stored.
+    const T* saved = static_cast<const T*>(p.Akk_saved);
+    for (int idx = tid; idx < BT * BT; idx += kPrepThreads) {
+      const int i = idx / BT, j = idx % BT;
+      akk[i * LDK + j] = i < L ? saved[ha_off(i) + j] : from_float<T>(0.f);
+    }
+    __syncthreads();
+  } else {
   // ---- Aqk (stored), Lkk masked and row-scaled by beta --------------------------------------
   const float scale = p.scale;
   for (int idx = tid; idx < BT * BT; idx += kPrepThreads) {
@@ -457,6 +473,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     if (i < L) Akk[ha_off(i) + j] = x;
   }
   __syncthreads();
+  }  // !reuse_akk
 
   // ---- pass 2: w = Akk_r (beta * k-hat * exp(G)), u = Akk_r (beta * v) ---------------------
   auto akk_times_slice = [&]() {

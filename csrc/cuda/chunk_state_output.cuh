@@ -297,8 +297,8 @@ __global__ void __launch_bounds__(kStateThreads, 2)
     if (!triple) cp_async_wait<0>();
     __syncthreads();
 
-    // 4. pb = scale qg Sh + Aqk v_new
-    for (int job = warp; job < NC * (kBV / 16); job += kWarps) {
+    // 4. pb = scale qg Sh + Aqk v_new (skipped when no o is wanted: the backward's recompute).
+    for (int job = warp; o != nullptr && job < NC * (kBV / 16); job += kWarps) {
       const int mi = job / (kBV / 16), ni = job % (kBV / 16);
       AccFrag<T> acc;
       wmma::fill_fragment(acc, 0.f);
@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kStateThreads, 2)
       issue_k(ci);
       cp_async_commit();
     }
-    for (int idx = tid; idx < BT * kBV; idx += kStateThreads) {
+    for (int idx = tid; o != nullptr && idx < BT * kBV; idx += kStateThreads) {
       const int i = idx / kBV, c = idx % kBV;
       if (i < L && c < vcols)
         o[((row0 + i) * HV + hv) * V + v0 + c] = from_float<T>(pb[i * kLds + c]);

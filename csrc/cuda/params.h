@@ -23,8 +23,13 @@ struct ChunkKdaFwdParams {
   const void* cu_seqlens = nullptr;  // [N+1] int32 or int64; null: fixed length
   bool cu_seqlens_int64 = true;
 
-  // Outputs and workspaces (see docs/design.md for shapes). v_new, h and final_state may be null
-  // (not requested); the others are always written.
+  // The backward's recompute: the Akk the forward saved ([B,T,HV,BT], dtype of k). When set,
+  // chunk_prepare takes (I + L)^-1 from it instead of computing Aqk, L and the inverse again, and
+  // writes neither Aqk nor Akk (the backward already holds both).
+  const void* Akk_saved = nullptr;
+
+  // Outputs and workspaces (see docs/design.md for shapes). o, v_new, h and final_state may be
+  // null (not requested: the recompute needs no o); the others are always written.
   void* o = nullptr;            // [B,T,HV,V], dtype of q
   float* final_state = nullptr;  // [N,HV,K,V] or [N,HV,V,K]
   void* Aqk = nullptr;          // [B,T,HV,BT], dtype of k
