@@ -183,12 +183,14 @@ __global__ void __launch_bounds__(kStateThreads, 2)
     int64_t row0;
     int L;
     chunk_rows(ci, row0, L);
-    issue_tile<T, kStateThreads>(abuf, LDA, Aqk + (row0 * HV + hv) * BT, HV * BT, L, BT, BT, BT,
-                                 true);
+    if (o != nullptr)  // Aqk and qg feed only the output (the recompute passes neither)
+      issue_tile<T, kStateThreads>(abuf, LDA, Aqk + (row0 * HV + hv) * BT, HV * BT, L, BT, BT, BT,
+                                   true);
     issue_tile<T, kStateThreads>(ubuf, kLdh, u + (row0 * HV + hv) * V + v0, HV * V, L, BT, vcols,
                                  kBV, vec_v);
   };
   auto issue_q = [&](int64_t ci) {
+    if (o == nullptr) return;
     int64_t row0;
     int L;
     chunk_rows(ci, row0, L);
