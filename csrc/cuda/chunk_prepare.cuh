@@ -102,16 +102,19 @@ __device__ __forceinline__ ChunkLoc locate_chunk(const ChunkKdaFwdParams& p, int
   return {start, static_cast<int>(rem < BT ? rem : BT)};
 }
 
-__device__ __forceinline__ float gate_of(const ChunkKdaFwdParams& p, float graw, int64_t hv,
-                                         int64_t kcol) {
+// The in-kernel gate of one element: lower_bound * sigmoid(a (g + bias)) (the a factor only with
+// A_log) or -a softplus(g + bias). bias = dt_bias[hv, col] (0 without one) and a = exp(A_log[hv])
+// (1 without) are computed by the caller once per slice / block.
+__device__ __forceinline__ float gate_of(const ChunkKdaFwdParams& p, float graw,
+                                                 float bias, float a) {
   if (!p.use_gate_in_kernel) return graw;
-  float x = graw + (p.dt_bias != nullptr ? p.dt_bias[hv * p.K + kcol] : 0.f);
+  float x = graw + bias;
   if (p.use_lower_bound_gate) {
-    if (p.A_log != nullptr) x *= expf(p.A_log[hv]);
+    if (p.A_log != nullptr) x *= a;
     return p.lower_bound / (1.f + expf(-x));
   }
   const float sp = x > 20.f ? x : log1pf(expf(x));
-  return -expf(p.A_log[hv]) * sp;
+  return -a * sp;
 }
 
 __device__ __forceinline__ float beta_of(const ChunkKdaFwdParams& p, float raw) {
@@ -262,7 +265,14 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   __syncthreads();
 
   // ---- pass 1: gate, cumsum, g_cum/qg/kg, Aqk and Lkk accumulation, per K slice ----------
+  // The in-kernel gate's per-head factor exp(A_log) once per block (it was a global load and an
+  // expf per element); same value, same bits.
+  const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
   for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
+    // Every thread's column in the slice loops below is its lane: dt_bias once per slice.
+    const float gate_bias = (p.use_gate_in_kernel && p.dt_bias != nullptr && k0 + lane < K)
+                                ? p.dt_bias[hv * K + k0 + lane]
+                                : 0.f;
     // All global loads of the slice are issued before any is used (fixed trip count, unrolled).
     constexpr int kIters = BT * kSlice / kPrepThreads;
     float ra[kIters], re[kIters], rg[kIters];
@@ -285,7 +295,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       if (i < L && col < K) {
         a = p.use_qk_l2norm ? round_to<T>(ra[it] * rq[i]) : ra[it];
         e = p.use_qk_l2norm ? round_to<T>(re[it] * rk[i]) : re[it];
-        gt = gate_of(p, rg[it], hv, col);
+        gt = gate_of(p, rg[it], gate_bias, gate_a);
       }
       qs[i * kLdf + c] = a;
       ks[i * kLdf + c] = e;
