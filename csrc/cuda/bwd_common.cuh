@@ -107,49 +107,6 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int
   __syncwarp();
 }
 
-// ---- 8-wide vectors ----------------------------------------------------------------------
-// Eight consecutive elements as floats: one 16-byte load for fp16/bf16, two for fp32. The
-// vector paths below are taken when every row offset is a multiple of 8 elements and the base
-// is 16-byte aligned (K/V of 64/128/256: the shapes that matter for speed); the scalar paths
-// stay for K = 60/100 and the like.
-struct F8 {
-  float v[8];
-};
-
-template <typename T>
-__device__ __forceinline__ F8 load8(const T* ptr) {
-  F8 o;
-  if constexpr (sizeof(T) == 2) {
-    const uint4 x = *reinterpret_cast<const uint4*>(ptr);
-    const T* e = reinterpret_cast<const T*>(&x);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) o.v[j] = to_float<T>(e[j]);
-  } else {
-    const float4 a = reinterpret_cast<const float4*>(ptr)[0];
-    const float4 b = reinterpret_cast<const float4*>(ptr)[1];
-    o.v[0] = a.x; o.v[1] = a.y; o.v[2] = a.z; o.v[3] = a.w;
-    o.v[4] = b.x; o.v[5] = b.y; o.v[6] = b.z; o.v[7] = b.w;
-  }
-  return o;
-}
-
-__device__ __forceinline__ F8 zero8() {
-  F8 o;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) o.v[j] = 0.f;
-  return o;
-}
-
-// dst must be 16-byte aligned (tile leading dims are multiples of 4 floats, column 8j).
-__device__ __forceinline__ void store8(float* dst, const F8& x) {
-  reinterpret_cast<float4*>(dst)[0] = make_float4(x.v[0], x.v[1], x.v[2], x.v[3]);
-  reinterpret_cast<float4*>(dst)[1] = make_float4(x.v[4], x.v[5], x.v[6], x.v[7]);
-}
-
-__device__ __forceinline__ bool aligned16(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
-
 // Runs body(idx, value) for every idx in [0, total), spread over the block's threads, where
 // value = load(idx) comes from global memory. The kUnroll loads of a round are all issued before
 // any body runs. Why: a plain loop with a global load and a shared-memory store per iteration

@@ -6,8 +6,14 @@
 // - K is processed in slices of 32 columns. The gate cumsum runs along time and is independent
 //   per column, so gate, cumsum, qg, kg, g_cum and the Aqk/Lkk contributions of a slice need only
 //   that slice; K therefore is a run-time size (no head-dim template), K = 60/100 are masked
-//   columns of the last slice, and shared memory stays ~96 KB even for K = 256. The l2norm rstd
-//   (which needs whole rows) is computed first, straight from global memory.
+//   columns of the last slice, and shared memory stays ~105 KB (bf16, BT = 64) for any K. The
+//   l2norm rstd (which needs whole rows) is computed first, straight from global memory.
+// - A slice costs four barriers: warp w owns BT/8 consecutive rows, so the gate cumsum is a
+//   running sum in registers plus the sums of the warps before it (one exchange through shared
+//   memory) instead of one warp walking all BT rows; the Aqk/Lkk blocks accumulate in register
+//   fragments across the slices; under safe_gate one operand set (median reference row per 16-row
+//   block) serves the diagonal and the off-diagonal blocks alike. Pass 2 computes the w and u
+//   slices together with double-buffered tiles (two barriers a slice).
 // - Aqk/Lkk use tf32 MMAs on fp32 operands for every input dtype: the safe_gate diagonal operand
 //   k*exp(G_n - G_j) reaches e^40 (fp16 would overflow) and FLA's own inter/solve dots are tf32.
 //   w/u/o/state MMAs use the storage dtype (fp16/bf16 m16n16k16, tf32 for fp32 inputs), matching
@@ -15,11 +21,12 @@
 // - Akk = (I + L)^-1 in fp32 SIMT: forward substitution inside the 16x16 diagonal blocks (all
 //   blocks at once), then the off-diagonal blocks by block diagonals (FLA's merge order, but in
 //   full fp32 rather than tf32 dots), instead of one thread per column over all BT rows.
-// - Global loads of a slice are issued into registers before any is used (two 95 KB CTAs per
-//   SM leave little latency hiding). Measured on H100, bf16 B4 T4096 H16 K128 safe_gate: the
-//   first version (one load in flight per thread, whole-chunk substitution) 2.2 ms, now 1.46 ms;
-//   ncu then showed ~21K instructions per warp, about half the issue slots used, so the next
-//   gain needs fewer instructions (wider slices/vector loads, fewer passes), not more overlap.
+// - Global loads of a slice are issued into registers before any is used, and the next slice's
+//   before this slice's shared-memory work (two CTAs per SM leave little latency hiding).
+//   Measured on H100, bf16 B4 T4096 H16 K128 safe_gate: the first version (one load in flight
+//   per thread, whole-chunk substitution) 2.2 ms, then 1.46 ms; ncu then showed ~21K
+//   instructions per warp, about half the issue slots used: hence the fewer passes and
+//   barriers above (docs/perf-notes.md has the numbers of each step).
 // - exp in the hot loops is __expf (ex2.approx of x*log2e, ~2 ulp plus |x|*2^-24 relative): the
 //   same class of error as FLA's exp2 on log2-scaled cumsums, at a fraction of expf's
 //   instructions (the kernel is issue-bound after the load fix). The gates keep expf/log1pf.
@@ -126,28 +133,42 @@ __device__ __forceinline__ float beta_of(const ChunkKdaFwdParams& p, float raw) 
 // ---- kernel 1 ------------------------------------------------------------------------------
 
 struct PrepLayout {
-  // pass 1 (fp32 slice tiles)
-  int64_t qs, ks, gs, qop, kop, kc;
-  // pass 2, aliasing pass 1
-  int64_t akk, kb, stage;
+  // pass 1 (fp32 slice tiles, and the per-warp column sums of the gate cumsum)
+  int64_t qs, ks, gs, qop, kop, kc, tot, kc_src;
+  // pass 2, aliasing pass 1: Akk in T, and the w/u operand and result tiles, double-buffered
+  int64_t akk, kbw[2], kbu[2], stw[2], stu[2];
   // persistent
   int64_t aacc, lacc, beta, rq, rk;
   int64_t total;
 };
 
-template <typename T, int BT>
+template <typename T, int BT, bool kSafe>
 struct PrepDims {
   static constexpr int NC = BT / 16;
-  static constexpr int kOffRows = 16 * NC * (NC - 1) / 2;  // rows of all off-diagonal col operands
-  static constexpr int kKcRows = kOffRows > BT ? kOffRows : BT;
+  static constexpr int kWarps = kPrepThreads / 32;
+  // Pass 1: warp w owns the kRows consecutive rows from w * kRows, lane = column of the slice.
+  static constexpr int kRows = BT / kWarps;
+  // 16x16 blocks (bb, aa) of Aqk and of Lkk that go through tensor cores, per matrix: with
+  // safe_gate every block on or below the diagonal, without it the off-diagonal ones (the
+  // diagonal ones are then exact element-wise sums).
+  static constexpr int kSafePairs = NC * (NC + 1) / 2;
+  static constexpr int kOffPairs = NC * (NC - 1) / 2;
+  static constexpr int kJobs = 2 * (kSafe ? kSafePairs : kOffPairs);
+  static constexpr int kMaxJobs = (kJobs + kWarps - 1) / kWarps;  // per warp
+  // Column-operand rows: block row bb uses rows 0..16bb+15 with safe_gate, 0..16bb-1 without.
+  static constexpr int kKcRows = 16 * kSafePairs;
+  // Element-wise diagonal entries (i >= j inside a 16x16 diagonal block) without safe_gate.
+  static constexpr int kDiagPairs = kSafe ? 0 : NC * 136;
+  static constexpr int kDiagPer = kSafe ? 1 : (kDiagPairs + kPrepThreads - 1) / kPrepThreads;
   static constexpr int kLda = BT + 4;     // fp32 BT x BT accumulators
   static constexpr int kLdk = BT + 8;     // Akk in T
   static constexpr int kLdb = kSlice + 8; // w/u operand slice in T
+  static_assert(BT % kWarps == 0 && kKcRows >= BT, "pass-1 row ownership");
 };
 
 template <typename T, int BT>
 __host__ __device__ inline PrepLayout prep_layout() {
-  using D = PrepDims<T, BT>;
+  using D = PrepDims<T, BT, true>;  // the larger column-operand count; same layout for both
   PrepLayout l{};
   SmemCarver c1;
   l.qs = c1.take<float>(BT * kLdf);
@@ -156,10 +177,16 @@ __host__ __device__ inline PrepLayout prep_layout() {
   l.qop = c1.take<float>(BT * kLdf);
   l.kop = c1.take<float>(BT * kLdf);
   l.kc = c1.take<float>(D::kKcRows * kLdf);
+  l.tot = c1.take<float>(D::kWarps * kSlice);
+  l.kc_src = c1.take<int>(D::kKcRows);
   SmemCarver c2;
   l.akk = c2.take<T>(BT * D::kLdk);
-  l.kb = c2.take<T>(BT * D::kLdb);
-  l.stage = c2.take<float>(BT * kLdf);
+  for (int b = 0; b < 2; ++b) {
+    l.kbw[b] = c2.take<T>(BT * D::kLdb);
+    l.kbu[b] = c2.take<T>(BT * D::kLdb);
+    l.stw[b] = c2.take<float>(BT * kLdf);
+    l.stu[b] = c2.take<float>(BT * kLdf);
+  }
   SmemCarver c;
   c.offset = c1.offset > c2.offset ? c1.offset : c2.offset;
   l.aacc = c.take<float>(BT * D::kLda);
@@ -171,12 +198,21 @@ __host__ __device__ inline PrepLayout prep_layout() {
   return l;
 }
 
-template <typename T, int BT>
+// Row of the median reference of 16-row block blk under safe_gate: row min(8, L_sub - 1) of the
+// block (its first row when the block lies past the chunk's end).
+__device__ __forceinline__ int median_ref_row(int blk, int L) {
+  const int lsub = L - 16 * blk;
+  return 16 * blk + (lsub <= 0 ? 0 : (lsub - 1 < 8 ? lsub - 1 : 8));
+}
+
+// kSafe == p.safe_gate: a template parameter so that each regime holds only its own
+// accumulators in registers (the kernel runs at the 128-register limit of two CTAs per SM).
+template <typename T, int BT, bool kSafe>
 __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const ChunkKdaFwdParams p) {
-  using D = PrepDims<T, BT>;
+  using D = PrepDims<T, BT, kSafe>;
   constexpr int NC = D::NC;
   constexpr int LDA = D::kLda, LDK = D::kLdk, LDB = D::kLdb;
-  constexpr int kWarps = kPrepThreads / 32;
+  constexpr int kWarps = D::kWarps, kRows = D::kRows;
   extern __shared__ __align__(128) unsigned char smem[];
   const PrepLayout lay = prep_layout<T, BT>();
   float* qs = reinterpret_cast<float*>(smem + lay.qs);
@@ -185,9 +221,9 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   float* qop = reinterpret_cast<float*>(smem + lay.qop);
   float* kop = reinterpret_cast<float*>(smem + lay.kop);
   float* kc = reinterpret_cast<float*>(smem + lay.kc);
+  float* tot = reinterpret_cast<float*>(smem + lay.tot);
+  int* kc_src = reinterpret_cast<int*>(smem + lay.kc_src);
   T* akk = reinterpret_cast<T*>(smem + lay.akk);
-  T* kb = reinterpret_cast<T*>(smem + lay.kb);
-  float* stage = reinterpret_cast<float*>(smem + lay.stage);
   float* aacc = reinterpret_cast<float*>(smem + lay.aacc);
   float* lacc = reinterpret_cast<float*>(smem + lay.lacc);
   float* beta_s = reinterpret_cast<float*>(smem + lay.beta);
@@ -223,14 +259,15 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   const int64_t ha0 = (row0 * HV + hv) * BT, has = HV * BT;
   // Uniform across the grid: the recompute of the backward, with Akk known.
   const bool reuse_akk = p.Akk_saved != nullptr;
+  constexpr bool safe = kSafe;
   auto qk_off = [&](int i) { return qk0 + i * qks; };
   auto hk_off = [&](int i) { return hk0 + i * hks; };
   auto hv_off = [&](int i) { return hv0 + i * hvs; };
   auto ha_off = [&](int i) { return ha0 + i * has; };
 
   // ---- per-row scalars: l2norm rstd, beta -------------------------------------------------
-  // kTpr threads per row, each summing a strided part of the row (loads unrolled so that several
-  // are in flight), then a shuffle reduction inside the kTpr-lane group.
+  // kTpr threads per row, each summing a strided part of the row (16-byte loads where rows are
+  // whole vectors), then a shuffle reduction inside the kTpr-lane group.
   {
     constexpr int kTpr = kPrepThreads / BT;
     const int i = tid / kTpr, part = tid % kTpr;
@@ -238,12 +275,24 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     if (p.use_qk_l2norm && i < L) {
       const T* qr = q + qk_off(i);
       const T* kr = k + qk_off(i);
+      if (K % 8 == 0 && aligned16(q) && aligned16(k)) {
+#pragma unroll 4
+        for (int64_t c = part * 8; c < K; c += kTpr * 8) {
+          const F8 a = load8<T>(qr + c), e = load8<T>(kr + c);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            sq += a.v[j] * a.v[j];
+            sk += e.v[j] * e.v[j];
+          }
+        }
+      } else {
 #pragma unroll 8
-      for (int64_t c = part; c < K; c += kTpr) {
-        const float a = to_float<T>(qr[c]);
-        const float e = to_float<T>(kr[c]);
-        sq += a * a;
-        sk += e * e;
+        for (int64_t c = part; c < K; c += kTpr) {
+          const float a = to_float<T>(qr[c]);
+          const float e = to_float<T>(kr[c]);
+          sq += a * a;
+          sk += e * e;
+        }
       }
     }
 #pragma unroll
@@ -262,159 +311,202 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     aacc[idx] = 0.f;
     lacc[idx] = 0.f;
   }
-  __syncthreads();
+  __syncthreads();  // rq/rk/beta_s are read by other threads below
 
   // ---- pass 1: gate, cumsum, g_cum/qg/kg, Aqk and Lkk accumulation, per K slice ----------
-  // The in-kernel gate's per-head factor exp(A_log) once per block (it was a global load and an
-  // expf per element); same value, same bits.
+  // The tensor-core blocks of Aqk/Lkk accumulate in registers across the slices (each warp owns
+  // up to kMaxJobs 16x16 blocks) and go to shared memory once at the end.
+  // safe_gate: every block (bb, aa <= bb) uses one reference row per block row, the median row
+  // n of block bb: row operand x_i e^{G_i - G_n} (<= e^{8 * 5}, since every step is >= -5),
+  // column operand k_j e^{G_n - G_j} (<= e^{8 * 5} on the diagonal, <= 1 before it).
+  // Without safe_gate the reference is the block's first row r = 16bb (both factors <= 1 for
+  // the off-diagonal blocks) and the diagonal blocks are summed element-wise with e^{G_i - G_j}.
+  constexpr int npairs = safe ? D::kSafePairs : D::kOffPairs;
+  const int njobs = reuse_akk ? 0 : D::kJobs;
+  // Source of column-operand row rr, the same for every slice: row j of the chunk scaled by
+  // e^{G_ref - G_j}, packed as j + 256 * ref (read after the first barrier of pass 1).
+  for (int rr = tid; rr < 16 * npairs; rr += kPrepThreads) {
+    int bb = safe ? 0 : 1, base = 0;
+    while (rr >= base + 16 * (safe ? bb + 1 : bb)) {
+      base += 16 * (safe ? bb + 1 : bb);
+      ++bb;
+    }
+    kc_src[rr] = (rr - base) + 256 * (safe ? median_ref_row(bb, L) : 16 * bb);
+  }
+  // Block (bb, aa) of job j of this warp, and where its operands and result live (decoded where
+  // used: registers are the scarce resource here, the decode is a few integer instructions).
+  struct Job {
+    const float* a;  // row operand rows 16bb..
+    const float* b;  // column operand rows (column-major B)
+    float* c;        // the block in aacc / lacc
+  };
+  auto job_of = [&](int j) {
+    const bool is_l = j >= npairs;
+    int pr = is_l ? j - npairs : j;
+    int bb = safe ? 0 : 1;
+    while (pr >= (safe ? bb + 1 : bb)) {
+      pr -= safe ? bb + 1 : bb;
+      ++bb;
+    }
+    const int aa = pr;
+    const int base = safe ? 16 * bb * (bb + 1) / 2 : 16 * bb * (bb - 1) / 2;
+    return Job{(is_l ? kop : qop) + 16 * bb * kLdf, kc + (base + 16 * aa) * kLdf,
+               (is_l ? lacc : aacc) + 16 * bb * LDA + 16 * aa};
+  };
+  AccFrag<float> acc[D::kMaxJobs];
+#pragma unroll
+  for (int s = 0; s < D::kMaxJobs; ++s) wmma::fill_fragment(acc[s], 0.f);
+  // Element-wise diagonal entries (no safe_gate): entry s of this thread is pair tid + s * threads
+  // of the NC * 136 (i >= j) pairs, summed in registers across the slices.
+  auto diag_entry = [&](int s, int& i, int& j) {
+    const int pidx = tid + s * kPrepThreads;
+    const int blk = pidx / 136, t = pidx % 136;
+    int ii = static_cast<int>((sqrtf(8.f * t + 1.f) - 1.f) * 0.5f);
+    while ((ii + 1) * (ii + 2) / 2 <= t) ++ii;
+    while (ii * (ii + 1) / 2 > t) --ii;
+    i = 16 * blk + ii;
+    j = 16 * blk + t - ii * (ii + 1) / 2;
+    return pidx < D::kDiagPairs;
+  };
+  const bool elementwise_diag = !safe && !reuse_akk;
+  float diag_a[D::kDiagPer], diag_l[D::kDiagPer];
+#pragma unroll
+  for (int s = 0; s < D::kDiagPer; ++s) diag_a[s] = diag_l[s] = 0.f;
+
+  // All global loads of a slice are issued before any is used, and the next slice's loads are
+  // issued before this slice's shared-memory work (fixed trip counts, unrolled).
+  const int r0 = warp * kRows;
+  // (Returned by value, not written through a captured array: a captured array's address is
+  // taken and it would live in local memory.)
+  struct SliceIn {
+    float q[kRows], k[kRows], g[kRows];
+    float bias;  // dt_bias of the lane's column (0 without one)
+  };
+  auto load_slice = [&](int64_t k0) {
+    SliceIn r;
+    const int64_t col = k0 + lane;
+    r.bias = (p.use_gate_in_kernel && p.dt_bias != nullptr && col < K) ? p.dt_bias[hv * K + col]
+                                                                        : 0.f;
+#pragma unroll
+    for (int it = 0; it < kRows; ++it) {
+      const int i = r0 + it;
+      r.q[it] = r.k[it] = r.g[it] = 0.f;
+      if (i < L && col < K) {
+        r.q[it] = to_float<T>(q[qk_off(i) + col]);
+        r.k[it] = to_float<T>(k[qk_off(i) + col]);
+        r.g[it] = load_any(p.g, p.g_dtype, hk_off(i) + col);
+      }
+    }
+    return r;
+  };
+  SliceIn in = load_slice(0);
+  // The in-kernel gate's per-head factor exp(A_log) once per block.
   const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
   for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
-    // Every thread's column in the slice loops below is its lane: dt_bias once per slice.
-    const float gate_bias = (p.use_gate_in_kernel && p.dt_bias != nullptr && k0 + lane < K)
-                                ? p.dt_bias[hv * K + k0 + lane]
-                                : 0.f;
-    // All global loads of the slice are issued before any is used (fixed trip count, unrolled).
-    constexpr int kIters = BT * kSlice / kPrepThreads;
-    float ra[kIters], re[kIters], rg[kIters];
+    const int c = lane;
+    const int64_t col = k0 + c;
+    const bool col_ok = col < K;
+    // A. inputs, gate, and the cumsum of the warp's own rows in registers. Rows past L carry
+    // gate 0, so their G equals G_last: every exp(G_i - G_r) below with i >= r stays <= 1.
+    float Gv[kRows];
+    float run = 0.f;
 #pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int i = warp + it * kWarps, c = lane;
-      const int64_t col = k0 + c;
-      ra[it] = re[it] = rg[it] = 0.f;
-      if (i < L && col < K) {
-        ra[it] = to_float<T>(q[qk_off(i) + col]);
-        re[it] = to_float<T>(k[qk_off(i) + col]);
-        rg[it] = load_any(p.g, p.g_dtype, hk_off(i) + col);
-      }
-    }
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int i = warp + it * kWarps, c = lane;
-      const int64_t col = k0 + c;
+    for (int it = 0; it < kRows; ++it) {
+      const int i = r0 + it;
       float a = 0.f, e = 0.f, gt = 0.f;
-      if (i < L && col < K) {
-        a = p.use_qk_l2norm ? round_to<T>(ra[it] * rq[i]) : ra[it];
-        e = p.use_qk_l2norm ? round_to<T>(re[it] * rk[i]) : re[it];
-        gt = gate_of(p, rg[it], gate_bias, gate_a);
+      if (i < L && col_ok) {
+        a = p.use_qk_l2norm ? round_to<T>(in.q[it] * rq[i]) : in.q[it];
+        e = p.use_qk_l2norm ? round_to<T>(in.k[it] * rk[i]) : in.k[it];
+        gt = gate_of(p, in.g[it], in.bias, gate_a);
       }
+      run += gt;
+      Gv[it] = run;
       qs[i * kLdf + c] = a;
       ks[i * kLdf + c] = e;
-      gs[i * kLdf + c] = gt;
     }
+    tot[warp * kSlice + c] = run;
     __syncthreads();
-    // Rows past L carry gate 0, so their G equals G_last: every exp(G_i - G_r) below stays <= 1.
-    if (tid < kSlice) {
-      float run = 0.f;
-      for (int i = 0; i < BT; ++i) {
-        run += gs[i * kLdf + tid];
-        gs[i * kLdf + tid] = run;
+    float before = 0.f;  // the column's gate sum over the rows of the warps before this one
+    for (int w2 = 0; w2 < warp; ++w2) before += tot[w2 * kSlice + c];
+#pragma unroll
+    for (int it = 0; it < kRows; ++it) {
+      Gv[it] += before;
+      gs[(r0 + it) * kLdf + c] = Gv[it];
+    }
+    if (k0 + kSlice < K) in = load_slice(k0 + kSlice);
+    __syncthreads();
+
+    // B. g_cum/qg/kg, and the tensor-core operands of the slice.
+    const float glast = gs[(L - 1) * kLdf + c];
+#pragma unroll
+    for (int it = 0; it < kRows; ++it) {
+      const int i = r0 + it;
+      const float G = Gv[it];
+      const float a = qs[i * kLdf + c], e = ks[i * kLdf + c];  // this thread's own values
+      if (!reuse_akk) {
+        const int ref = safe ? median_ref_row(i / 16, L) : (i & ~15);
+        const float x = __expf(G - gs[ref * kLdf + c]);
+        qop[i * kLdf + c] = a * x;
+        kop[i * kLdf + c] = e * x;
       }
-    }
-    __syncthreads();
-    for (int i = warp; i < BT; i += kWarps) {
-      const int c = lane;
-      const int64_t col = k0 + c;
-      const float G = gs[i * kLdf + c];
-      const float e = __expf(G - gs[(i & ~15) * kLdf + c]);
-      const float a = qs[i * kLdf + c], kk = ks[i * kLdf + c];
-      qop[i * kLdf + c] = a * e;
-      kop[i * kLdf + c] = kk * e;
-      if (i < L && col < K) {
-        const float glast = gs[(L - 1) * kLdf + c];
+      if (i < L && col_ok) {
         const int64_t o = hk_off(i) + col;
         g_cum[o] = G;
         qg[o] = from_float<T>(a * __expf(G));
-        kg[o] = from_float<T>(kk * __expf(glast - G));
+        kg[o] = from_float<T>(e * __expf(glast - G));
       }
     }
-    if (reuse_akk) {
-      __syncthreads();  // the slice tiles are reloaded by the next slice
-      continue;
-    }
-    // Column operands of the off-diagonal blocks: for row block bb the rows j < 16*bb, scaled by
-    // exp(G_r - G_j) with r = 16*bb (<= 1 since G is non-increasing).
-    for (int rr = warp; rr < D::kOffRows; rr += kWarps) {
-      const int c = lane;
-      int bb = 1, base = 0;
-      while (rr >= base + 16 * bb) {
-        base += 16 * bb;
-        ++bb;
+    if (!reuse_akk) {
+      // Column operands, block row after block row (see above for the reference rows).
+      const int kc_rows = 16 * npairs;
+      for (int rr = warp; rr < kc_rows; rr += kWarps) {
+        const int src = kc_src[rr];
+        const int j = src % 256, ref = src / 256;
+        kc[rr * kLdf + c] = ks[j * kLdf + c] * __expf(gs[ref * kLdf + c] - gs[j * kLdf + c]);
       }
-      const int j = rr - base;
-      kc[rr * kLdf + c] = ks[j * kLdf + c] * __expf(gs[16 * bb * kLdf + c] - gs[j * kLdf + c]);
     }
     __syncthreads();
+    if (reuse_akk) continue;
 
-    // Off-diagonal 16x16 blocks (bb, aa), aa < bb, on tensor cores: Aqk from qop, Lkk from kop.
-    constexpr int kPairs = NC * (NC - 1) / 2;
-    for (int job = warp; job < 2 * kPairs; job += kWarps) {
-      const bool is_l = job >= kPairs;
-      int pr = is_l ? job - kPairs : job;
-      int bb = 1;
-      while (pr >= bb) {
-        pr -= bb;
-        ++bb;
+    // C. the slice's products.
+#pragma unroll
+    for (int s = 0; s < D::kMaxJobs; ++s) {
+      if (warp + s * kWarps < njobs) {
+        const Job jb = job_of(warp + s * kWarps);
+        mma_16x16<float, wmma::row_major, wmma::col_major>(acc[s], jb.a, kLdf, jb.b, kLdf, kSlice);
       }
-      const int aa = pr;
-      const int base = 16 * bb * (bb - 1) / 2;
-      float* acc_ptr = (is_l ? lacc : aacc) + 16 * bb * LDA + 16 * aa;
-      AccFrag<float> acc;
-      wmma::load_matrix_sync(acc, acc_ptr, LDA, wmma::mem_row_major);
-      mma_16x16<float, wmma::row_major, wmma::col_major>(acc, (is_l ? kop : qop) + 16 * bb * kLdf,
-                                                         kLdf, kc + (base + 16 * aa) * kLdf, kLdf,
-                                                         kSlice);
-      wmma::store_matrix_sync(acc_ptr, acc, LDA, wmma::mem_row_major);
     }
-    if (!p.safe_gate) {
-      // Diagonal blocks element-wise with exp(G_i - G_j) itself: exact for any gate.
-      for (int pidx = tid; pidx < NC * 136; pidx += kPrepThreads) {
-        const int blk = pidx / 136, t = pidx % 136;
-        int ii = static_cast<int>((sqrtf(8.f * t + 1.f) - 1.f) * 0.5f);
-        while ((ii + 1) * (ii + 2) / 2 <= t) ++ii;
-        while (ii * (ii + 1) / 2 > t) --ii;
-        const int jj = t - ii * (ii + 1) / 2;
-        const int i = 16 * blk + ii, j = 16 * blk + jj;
-        float sa = 0.f, sl = 0.f;
+#pragma unroll
+    for (int s = 0; s < D::kDiagPer; ++s) {
+      int i, j;
+      if (!elementwise_diag || !diag_entry(s, i, j)) continue;
+      float sa = diag_a[s], sl = diag_l[s];
 #pragma unroll 8
-        for (int c = 0; c < kSlice; ++c) {
-          const float e = __expf(gs[i * kLdf + c] - gs[j * kLdf + c]);
-          const float kj = ks[j * kLdf + c] * e;
-          sa += qs[i * kLdf + c] * kj;
-          sl += ks[i * kLdf + c] * kj;
-        }
-        aacc[i * LDA + j] += sa;
-        if (jj < ii) lacc[i * LDA + j] += sl;
+      for (int cc = 0; cc < kSlice; ++cc) {
+        const float kj = ks[j * kLdf + cc] * __expf(gs[i * kLdf + cc] - gs[j * kLdf + cc]);
+        sa += qs[i * kLdf + cc] * kj;
+        sl += ks[i * kLdf + cc] * kj;
       }
+      diag_a[s] = sa;
+      diag_l[s] = sl;
     }
-    __syncthreads();
-    if (p.safe_gate) {
-      // Diagonal blocks with the median shift: reference row n = min(8, L_sub - 1) of the
-      // sub-chunk; bounded because every step's gate is >= lower_bound >= -5.
-      for (int i = warp; i < BT; i += kWarps) {
-        const int c = lane;
-        const int blk = i / 16;
-        const int lsub = L - 16 * blk;
-        const int n = 16 * blk + (lsub <= 0 ? 0 : (lsub - 1 < 8 ? lsub - 1 : 8));
-        const float d = gs[i * kLdf + c] - gs[n * kLdf + c];
-        const float e = __expf(d);
-        qop[i * kLdf + c] = qs[i * kLdf + c] * e;
-        kop[i * kLdf + c] = ks[i * kLdf + c] * e;
-        kc[i * kLdf + c] = ks[i * kLdf + c] * __expf(-d);
-      }
-      __syncthreads();
-      for (int job = warp; job < 2 * NC; job += kWarps) {
-        const bool is_l = job >= NC;
-        const int blk = is_l ? job - NC : job;
-        float* acc_ptr = (is_l ? lacc : aacc) + 16 * blk * LDA + 16 * blk;
-        AccFrag<float> acc;
-        wmma::load_matrix_sync(acc, acc_ptr, LDA, wmma::mem_row_major);
-        mma_16x16<float, wmma::row_major, wmma::col_major>(
-            acc, (is_l ? kop : qop) + 16 * blk * kLdf, kLdf, kc + 16 * blk * kLdf, kLdf, kSlice);
-        wmma::store_matrix_sync(acc_ptr, acc, LDA, wmma::mem_row_major);
-      }
-      __syncthreads();
+    __syncthreads();  // the next slice overwrites the tiles
+  }
+  if (!reuse_akk) {
+#pragma unroll
+    for (int s = 0; s < D::kMaxJobs; ++s) {
+      if (warp + s * kWarps < njobs)
+        wmma::store_matrix_sync(job_of(warp + s * kWarps).c, acc[s], LDA, wmma::mem_row_major);
+    }
+#pragma unroll
+    for (int s = 0; s < D::kDiagPer; ++s) {
+      int i, j;
+      if (!elementwise_diag || !diag_entry(s, i, j)) continue;
+      aacc[i * LDA + j] = diag_a[s];
+      if (j < i) lacc[i * LDA + j] = diag_l[s];
     }
   }
+  __syncthreads();
 
   if (reuse_akk) {
     // Akk rows of the chunk as the forward stored them (the same rounded values the forward put
@@ -486,69 +578,70 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   }  // !reuse_akk
 
   // ---- pass 2: w = Akk_r (beta * k-hat * exp(G)), u = Akk_r (beta * v) ---------------------
-  auto akk_times_slice = [&]() {
-    for (int job = warp; job < NC * (kSlice / 16); job += kWarps) {
-      const int mi = job / (kSlice / 16), ni = job % (kSlice / 16);
-      AccFrag<T> acc;
-      wmma::fill_fragment(acc, 0.f);
-      mma_16x16<T, wmma::row_major, wmma::row_major>(acc, akk + 16 * mi * LDK, LDK, kb + 16 * ni,
-                                                     LDB, BT);
-      wmma::store_matrix_sync(stage + 16 * mi * kLdf + 16 * ni, acc, kLdf, wmma::mem_row_major);
-    }
-  };
-  for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
-    constexpr int kIters = BT * kSlice / kPrepThreads;
-    float re[kIters], rg[kIters];
+  // One loop over 32-column slices of K and V together (two operand tiles, 4*NC products per
+  // slice); operand and result tiles are double-buffered so a slice needs two barriers, and the
+  // next slice's loads are in flight during this slice's products.
+  {
+    constexpr int kIt2 = BT * kSlice / kPrepThreads;
+    const int64_t nslices = ((K > V ? K : V) + kSlice - 1) / kSlice;
+    struct SliceWU {
+      float k[kIt2], g[kIt2], v[kIt2];
+    };
+    auto load_wu = [&](int64_t s) {
+      SliceWU r;
+      const int64_t col = s * kSlice + lane;
 #pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int i = warp + it * kWarps, c = lane;
-      const int64_t col = k0 + c;
-      re[it] = rg[it] = 0.f;
-      if (i < L && col < K) {
-        re[it] = to_float<T>(k[qk_off(i) + col]);
-        rg[it] = g_cum[hk_off(i) + col];
+      for (int it = 0; it < kIt2; ++it) {
+        const int i = warp + it * kWarps;
+        r.k[it] = r.g[it] = r.v[it] = 0.f;
+        if (i < L && col < K) {
+          r.k[it] = to_float<T>(k[qk_off(i) + col]);
+          r.g[it] = g_cum[hk_off(i) + col];
+        }
+        if (i < L && col < V) r.v[it] = to_float<T>(v[hv_off(i) + col]);
+      }
+      return r;
+    };
+    SliceWU in2 = load_wu(0);
+    for (int64_t s = 0; s < nslices; ++s) {
+      // (selects, not lay.x[s & 1]: a run-time index into the layout would put it in local memory)
+      const bool odd = (s & 1) != 0;
+      T* kbw = reinterpret_cast<T*>(smem + (odd ? lay.kbw[1] : lay.kbw[0]));
+      T* kbu = reinterpret_cast<T*>(smem + (odd ? lay.kbu[1] : lay.kbu[0]));
+      float* stw = reinterpret_cast<float*>(smem + (odd ? lay.stw[1] : lay.stw[0]));
+      float* stu = reinterpret_cast<float*>(smem + (odd ? lay.stu[1] : lay.stu[0]));
+      const int64_t c0 = s * kSlice;
+#pragma unroll
+      for (int it = 0; it < kIt2; ++it) {
+        const int i = warp + it * kWarps, c = lane;
+        const float e = p.use_qk_l2norm ? round_to<T>(in2.k[it] * rk[i]) : in2.k[it];
+        // rows/columns outside the chunk hold e = 0 (and G = 0), so x = 0 there
+        kbw[i * LDB + c] = from_float<T>(beta_s[i] * e * __expf(in2.g[it]));
+        kbu[i * LDB + c] = from_float<T>(beta_s[i] * in2.v[it]);
+      }
+      if (s + 1 < nslices) in2 = load_wu(s + 1);
+      __syncthreads();
+      for (int job = warp; job < 4 * NC; job += kWarps) {
+        const bool is_u = job >= 2 * NC;
+        if (c0 >= (is_u ? V : K)) continue;
+        const int jj = is_u ? job - 2 * NC : job;
+        const int mi = jj / 2, ni = jj % 2;
+        AccFrag<T> acc2;
+        wmma::fill_fragment(acc2, 0.f);
+        mma_16x16<T, wmma::row_major, wmma::row_major>(acc2, akk + 16 * mi * LDK, LDK,
+                                                       (is_u ? kbu : kbw) + 16 * ni, LDB, BT);
+        wmma::store_matrix_sync((is_u ? stu : stw) + 16 * mi * kLdf + 16 * ni, acc2, kLdf,
+                                wmma::mem_row_major);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int it = 0; it < kIt2; ++it) {
+        const int i = warp + it * kWarps, c = lane;
+        const int64_t col = c0 + c;
+        if (i < L && col < K) w[hk_off(i) + col] = from_float<T>(stw[i * kLdf + c]);
+        if (i < L && col < V) u[hv_off(i) + col] = from_float<T>(stu[i * kLdf + c]);
       }
     }
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int i = warp + it * kWarps, c = lane;
-      const float e = p.use_qk_l2norm ? round_to<T>(re[it] * rk[i]) : re[it];
-      // rows/columns outside the chunk hold e = 0 (and G = 0), so x = 0 there
-      kb[i * LDB + c] = from_float<T>(beta_s[i] * e * __expf(rg[it]));
-    }
-    __syncthreads();
-    akk_times_slice();
-    __syncthreads();
-    for (int i = warp; i < BT; i += kWarps) {
-      const int c = lane;
-      const int64_t col = k0 + c;
-      if (i < L && col < K) w[hk_off(i) + col] = from_float<T>(stage[i * kLdf + c]);
-    }
-    __syncthreads();
-  }
-  for (int64_t v0 = 0; v0 < V; v0 += kSlice) {
-    constexpr int kIters = BT * kSlice / kPrepThreads;
-    float rv[kIters];
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int i = warp + it * kWarps, c = lane;
-      const int64_t col = v0 + c;
-      rv[it] = (i < L && col < V) ? to_float<T>(v[hv_off(i) + col]) : 0.f;
-    }
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int i = warp + it * kWarps, c = lane;
-      kb[i * LDB + c] = from_float<T>(beta_s[i] * rv[it]);
-    }
-    __syncthreads();
-    akk_times_slice();
-    __syncthreads();
-    for (int i = warp; i < BT; i += kWarps) {
-      const int c = lane;
-      const int64_t col = v0 + c;
-      if (i < L && col < V) u[hv_off(i) + col] = from_float<T>(stage[i * kLdf + c]);
-    }
-    __syncthreads();
   }
 }
 

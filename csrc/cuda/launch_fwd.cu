@@ -36,7 +36,8 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
 
   if (p.NT > 0 && p.B > 0 && p.HV > 0) {
     const int64_t smem = prep_layout<T, BT>().total;
-    auto kernel = chunk_prepare_kernel<T, BT>;
+    auto kernel =
+        p.safe_gate ? chunk_prepare_kernel<T, BT, true> : chunk_prepare_kernel<T, BT, false>;
     set_dynamic_smem(kernel, smem, limit, "chunk_prepare");
     const dim3 grid(static_cast<unsigned>(p.NT), static_cast<unsigned>(p.HV),
                     static_cast<unsigned>(p.B));
