@@ -96,6 +96,60 @@ __device__ __forceinline__ void to_tf32_inplace(Frag& f) {
   for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
 }
 
+// ---- operand loads from the .shared state space -----------------------------------------
+// wmma::load_matrix_sync hands ptxas a generic address even when the pointer points into
+// __shared__ memory (nvcc does not infer the state space for the wmma intrinsics), so each
+// fragment load becomes generic loads, tracked like global ones. The same wmma.load with
+// .shared lets ptxas use shared-memory loads (measured on H100: forward -12%, backward -7%,
+// docs/perf-notes.md). The fragment layout is the one wmma gives (same instruction, same
+// registers in the same order): nothing else changes. The "memory" clobber keeps each load
+// ordered with the plain shared-memory stores around it, as the intrinsic is.
+#define KDA_WMMA_LD4(AB, LAYOUT, SHAPE, TYPE, f, addr, ld)                                         \
+  do {                                                                                             \
+    uint32_t* r_ = reinterpret_cast<uint32_t*>(&(f).x[0]);                                         \
+    asm volatile("wmma.load." #AB ".sync.aligned." #LAYOUT "." #SHAPE ".shared." #TYPE             \
+                 " {%0, %1, %2, %3}, [%4], %5;\n"                                                  \
+                 : "=r"(r_[0]), "=r"(r_[1]), "=r"(r_[2]), "=r"(r_[3])                              \
+                 : "r"(addr), "r"(ld)                                                              \
+                 : "memory");                                                                      \
+  } while (0)
+#define KDA_WMMA_LD8(AB, LAYOUT, SHAPE, TYPE, f, addr, ld)                                         \
+  do {                                                                                             \
+    uint32_t* r_ = reinterpret_cast<uint32_t*>(&(f).x[0]);                                         \
+    asm volatile("wmma.load." #AB ".sync.aligned." #LAYOUT "." #SHAPE ".shared." #TYPE             \
+                 " {%0, %1, %2, %3, %4, %5, %6, %7}, [%8], %9;\n"                                  \
+                 : "=r"(r_[0]), "=r"(r_[1]), "=r"(r_[2]), "=r"(r_[3]), "=r"(r_[4]),                \
+                   "=r"(r_[5]), "=r"(r_[6]), "=r"(r_[7])                                           \
+                 : "r"(addr), "r"(ld)                                                              \
+                 : "memory");                                                                      \
+  } while (0)
+
+// f = operand fragment (kIsA: matrix_a, else matrix_b) of T at ptr (shared memory), leading
+// dimension ld elements, layout kRow (row_major) or column-major, as wmma::load_matrix_sync.
+template <typename T, bool kIsA, bool kRow, typename Frag>
+__device__ __forceinline__ void load_operand_shared(Frag& f, const T* ptr, int ld) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    if constexpr (kIsA && kRow) KDA_WMMA_LD4(a, row, m16n16k16, bf16, f, addr, ld);
+    if constexpr (kIsA && !kRow) KDA_WMMA_LD4(a, col, m16n16k16, bf16, f, addr, ld);
+    if constexpr (!kIsA && kRow) KDA_WMMA_LD4(b, row, m16n16k16, bf16, f, addr, ld);
+    if constexpr (!kIsA && !kRow) KDA_WMMA_LD4(b, col, m16n16k16, bf16, f, addr, ld);
+  } else if constexpr (std::is_same<T, __half>::value) {
+    if constexpr (kIsA && kRow) KDA_WMMA_LD8(a, row, m16n16k16, f16, f, addr, ld);
+    if constexpr (kIsA && !kRow) KDA_WMMA_LD8(a, col, m16n16k16, f16, f, addr, ld);
+    if constexpr (!kIsA && kRow) KDA_WMMA_LD8(b, row, m16n16k16, f16, f, addr, ld);
+    if constexpr (!kIsA && !kRow) KDA_WMMA_LD8(b, col, m16n16k16, f16, f, addr, ld);
+  } else {
+    static_assert(std::is_same<T, float>::value, "fp32 operands load as tf32");
+    if constexpr (kIsA && kRow) KDA_WMMA_LD4(a, row, m16n16k8, tf32, f, addr, ld);
+    if constexpr (kIsA && !kRow) KDA_WMMA_LD4(a, col, m16n16k8, tf32, f, addr, ld);
+    if constexpr (!kIsA && kRow) KDA_WMMA_LD4(b, row, m16n16k8, tf32, f, addr, ld);
+    if constexpr (!kIsA && !kRow) KDA_WMMA_LD4(b, col, m16n16k8, tf32, f, addr, ld);
+  }
+}
+#undef KDA_WMMA_LD4
+#undef KDA_WMMA_LD8
+
 // acc += A[16 x kdim] * B[kdim x 16], operands in shared memory.
 // LayoutA row_major: A(m, kk) = a[m * lda + kk]; col_major: a[m + kk * lda].
 // LayoutB row_major: B(kk, n) = b[kk * ldb + n]; col_major: b[kk + n * ldb].
@@ -110,8 +164,8 @@ __device__ __forceinline__ void mma_16x16(AccFrag<T>& acc, const T* a, int lda, 
   constexpr bool a_row = std::is_same<LayoutA, wmma::row_major>::value;
   constexpr bool b_row = std::is_same<LayoutB, wmma::row_major>::value;
   for (int kk = 0; kk < kdim; kk += Tr::kK) {
-    wmma::load_matrix_sync(fa, a + (a_row ? kk : kk * lda), lda);
-    wmma::load_matrix_sync(fb, b + (b_row ? kk * ldb : kk), ldb);
+    load_operand_shared<T, true, a_row>(fa, a + (a_row ? kk : kk * lda), lda);
+    load_operand_shared<T, false, b_row>(fb, b + (b_row ? kk * ldb : kk), ldb);
     if constexpr (std::is_same<T, float>::value) {
       to_tf32_inplace(fa);
       to_tf32_inplace(fb);
@@ -137,8 +191,8 @@ __device__ __forceinline__ void mma_16x16_split_tf32(AccFrag<float>& acc, const 
   constexpr bool a_row = std::is_same<LayoutA, wmma::row_major>::value;
   constexpr bool b_row = std::is_same<LayoutB, wmma::row_major>::value;
   for (int kk = 0; kk < kdim; kk += Tr::kK) {
-    wmma::load_matrix_sync(a_hi, a + (a_row ? kk : kk * lda), lda);
-    wmma::load_matrix_sync(b_hi, b + (b_row ? kk * ldb : kk), ldb);
+    load_operand_shared<float, true, a_row>(a_hi, a + (a_row ? kk : kk * lda), lda);
+    load_operand_shared<float, false, b_row>(b_hi, b + (b_row ? kk * ldb : kk), ldb);
 #pragma unroll
     for (int t = 0; t < a_hi.num_elements; ++t) {
       const float x = a_hi.x[t], hi = wmma::__float_to_tf32(x);
