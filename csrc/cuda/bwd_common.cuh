@@ -97,12 +97,12 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int
     float* c = C + i * 16 * ldc + j * 16;
     AccFrag<float> acc;
     __syncwarp();
-    if (accumulate) wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major);
+    if (accumulate) load_acc_shared<float>(acc, c, ldc);
     else wmma::fill_fragment(acc, 0.f);
     const float* a = TA ? A + i * 16 : A + i * 16 * lda;
     const float* b = TB ? B + j * 16 * ldb : B + j * 16;
     if (kd > 0) mma_16x16_split_tf32<LA, LB, kAExact, kBExact>(acc, a, lda, b, ldb, kd);
-    wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
+    store_acc_shared<float>(c, acc, ldc);
   }
   __syncwarp();
 }

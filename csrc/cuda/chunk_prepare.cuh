@@ -496,7 +496,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 #pragma unroll
     for (int s = 0; s < D::kMaxJobs; ++s) {
       if (warp + s * kWarps < njobs)
-        wmma::store_matrix_sync(job_of(warp + s * kWarps).c, acc[s], LDA, wmma::mem_row_major);
+        store_acc_shared<float>(job_of(warp + s * kWarps).c, acc[s], LDA);
     }
 #pragma unroll
     for (int s = 0; s < D::kDiagPer; ++s) {
@@ -630,8 +630,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
         wmma::fill_fragment(acc2, 0.f);
         mma_16x16<T, wmma::row_major, wmma::row_major>(acc2, akk + 16 * mi * LDK, LDK,
                                                        (is_u ? kbu : kbw) + 16 * ni, LDB, BT);
-        wmma::store_matrix_sync((is_u ? stu : stw) + 16 * mi * kLdf + 16 * ni, acc2, kLdf,
-                                wmma::mem_row_major);
+        store_acc_shared<T>((is_u ? stu : stw) + 16 * mi * kLdf + 16 * ni, acc2, kLdf);
       }
       __syncthreads();
 #pragma unroll

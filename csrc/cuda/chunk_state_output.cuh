@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(kStateThreads, 2)
       wmma::fill_fragment(acc, 0.f);
       mma_16x16<T, wmma::row_major, wmma::row_major>(acc, bw + 16 * mi * ldw, ldw, Sh + 16 * ni,
                                                      kLdh, KP);
-      wmma::store_matrix_sync(pb + 16 * mi * kLds + 16 * ni, acc, kLds, wmma::mem_row_major);
+      store_acc_shared<T>(pb + 16 * mi * kLds + 16 * ni, acc, kLds);
     }
     __syncthreads();
 
@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(kStateThreads, 2)
       for (int t = 0; t < acc.num_elements; ++t) acc.x[t] *= p.scale;
       mma_16x16<T, wmma::row_major, wmma::row_major>(acc, abuf + 16 * mi * LDA, LDA,
                                                      vn + 16 * ni, kLdh, BT);
-      wmma::store_matrix_sync(pb + 16 * mi * kLds + 16 * ni, acc, kLds, wmma::mem_row_major);
+      store_acc_shared<T>(pb + 16 * mi * kLds + 16 * ni, acc, kLds);
     }
     __syncthreads();
 
@@ -338,10 +338,10 @@ __global__ void __launch_bounds__(kStateThreads, 2)
       const int mi = job / (kBV / 16), ni = job % (kBV / 16);
       AccFrag<T> acc;
       float* sp = S + 16 * mi * kLds + 16 * ni;
-      wmma::load_matrix_sync(acc, sp, kLds, wmma::mem_row_major);
+      load_acc_shared<T>(acc, sp, kLds);
       mma_16x16<T, wmma::col_major, wmma::row_major>(acc, bk + 16 * mi, ldw, vn + 16 * ni, kLdh,
                                                      BT);
-      wmma::store_matrix_sync(sp, acc, kLds, wmma::mem_row_major);
+      store_acc_shared<T>(sp, acc, kLds);
     }
     __syncthreads();
     if (triple) {

@@ -150,6 +150,38 @@ __device__ __forceinline__ void load_operand_shared(Frag& f, const T* ptr, int l
 #undef KDA_WMMA_LD4
 #undef KDA_WMMA_LD8
 
+#define KDA_WMMA_ACC_LD(SHAPE, f, addr, ld)                                                        \
+  asm volatile("wmma.load.c.sync.aligned.row." #SHAPE ".shared.f32"                                \
+               " {%0, %1, %2, %3, %4, %5, %6, %7}, [%8], %9;\n"                                    \
+               : "=f"((f).x[0]), "=f"((f).x[1]), "=f"((f).x[2]), "=f"((f).x[3]),                   \
+                 "=f"((f).x[4]), "=f"((f).x[5]), "=f"((f).x[6]), "=f"((f).x[7])                    \
+               : "r"(addr), "r"(ld)                                                                \
+               : "memory")
+#define KDA_WMMA_ACC_ST(SHAPE, f, addr, ld)                                                        \
+  asm volatile("wmma.store.d.sync.aligned.row." #SHAPE ".shared.f32"                               \
+               " [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;\n"                                    \
+               :                                                                                   \
+               : "r"(addr), "f"((f).x[0]), "f"((f).x[1]), "f"((f).x[2]), "f"((f).x[3]),            \
+                 "f"((f).x[4]), "f"((f).x[5]), "f"((f).x[6]), "f"((f).x[7]), "r"(ld)               \
+               : "memory")
+
+// Row-major fp32 accumulator tiles in shared memory, as wmma::load_matrix_sync /
+// store_matrix_sync with mem_row_major, through the .shared state space (see above).
+template <typename T>
+__device__ __forceinline__ void load_acc_shared(AccFrag<T>& f, const float* ptr, int ld) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+  if constexpr (MmaTraits<T>::kK == 16) KDA_WMMA_ACC_LD(m16n16k16, f, addr, ld);
+  else KDA_WMMA_ACC_LD(m16n16k8, f, addr, ld);
+}
+template <typename T>
+__device__ __forceinline__ void store_acc_shared(float* ptr, const AccFrag<T>& f, int ld) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+  if constexpr (MmaTraits<T>::kK == 16) KDA_WMMA_ACC_ST(m16n16k16, f, addr, ld);
+  else KDA_WMMA_ACC_ST(m16n16k8, f, addr, ld);
+}
+#undef KDA_WMMA_ACC_LD
+#undef KDA_WMMA_ACC_ST
+
 // acc += A[16 x kdim] * B[kdim x 16], operands in shared memory.
 // LayoutA row_major: A(m, kk) = a[m * lda + kk]; col_major: a[m + kk * lda].
 // LayoutB row_major: B(kk, n) = b[kk * ldb + n]; col_major: b[kk + n * ldb].
