@@ -132,6 +132,19 @@ __device__ __forceinline__ float beta_of(const ChunkKdaFwdParams& p, float raw) 
 
 // ---- kernel 1 ------------------------------------------------------------------------------
 
+// dst[it] = src[off[it]] as floats. All N loads are issued before any conversion, in one basic
+// block: a load under an if is followed by its conversion in the same branch, which waits for it,
+// so N conditional loads cost N memory round trips instead of one. Callers pass in-bounds
+// offsets for every it (clamped to a valid element) and zero the invalid entries afterwards.
+template <typename U, int N>
+__device__ __forceinline__ void gather(float (&dst)[N], const U* src, const int64_t (&off)[N]) {
+  U raw[N];
+#pragma unroll
+  for (int it = 0; it < N; ++it) raw[it] = src[off[it]];
+#pragma unroll
+  for (int it = 0; it < N; ++it) dst[it] = to_float<U>(raw[it]);
+}
+
 struct PrepLayout {
   // pass 1 (fp32 slice tiles, and the per-warp column sums of the gate cumsum)
   int64_t qs, ks, gs, qop, kop, kc, tot, kc_src;
@@ -382,20 +395,47 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     float q[kRows], k[kRows], g[kRows];
     float bias;  // dt_bias of the lane's column (0 without one)
   };
+  // Loads are branch-free (see gather): an invalid (row, column) reads the chunk's first element
+  // of that tensor, always valid, and is zeroed after. q and k stay raw until g's loads are out.
   auto load_slice = [&](int64_t k0) {
     SliceIn r;
     const int64_t col = k0 + lane;
     r.bias = (p.use_gate_in_kernel && p.dt_bias != nullptr && col < K) ? p.dt_bias[hv * K + col]
                                                                         : 0.f;
+    int64_t oqk[kRows], ohk[kRows];
+    bool ok[kRows];
 #pragma unroll
     for (int it = 0; it < kRows; ++it) {
-      const int i = r0 + it;
-      r.q[it] = r.k[it] = r.g[it] = 0.f;
-      if (i < L && col < K) {
-        r.q[it] = to_float<T>(q[qk_off(i) + col]);
-        r.k[it] = to_float<T>(k[qk_off(i) + col]);
-        r.g[it] = load_any(p.g, p.g_dtype, hk_off(i) + col);
-      }
+      ok[it] = r0 + it < L && col < K;
+      oqk[it] = ok[it] ? qk_off(r0 + it) + col : qk0;
+      ohk[it] = ok[it] ? hk_off(r0 + it) + col : hk0;
+    }
+    T rawq[kRows], rawk[kRows];
+#pragma unroll
+    for (int it = 0; it < kRows; ++it) {
+      rawq[it] = q[oqk[it]];
+      rawk[it] = k[oqk[it]];
+    }
+    switch (p.g_dtype) {
+      case DType::kBFloat16:
+        gather(r.g, static_cast<const __nv_bfloat16*>(p.g), ohk);
+        break;
+      case DType::kFloat16:
+        gather(r.g, static_cast<const __half*>(p.g), ohk);
+        break;
+      case DType::kFloat64:
+        gather(r.g, static_cast<const double*>(p.g), ohk);
+        break;
+      case DType::kFloat32:
+      default:  // the host validated the tag
+        gather(r.g, static_cast<const float*>(p.g), ohk);
+        break;
+    }
+#pragma unroll
+    for (int it = 0; it < kRows; ++it) {
+      r.q[it] = ok[it] ? to_float<T>(rawq[it]) : 0.f;
+      r.k[it] = ok[it] ? to_float<T>(rawk[it]) : 0.f;
+      r.g[it] = ok[it] ? r.g[it] : 0.f;
     }
     return r;
   };
@@ -511,10 +551,19 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   if (reuse_akk) {
     // Akk rows of the chunk as the forward stored them (the same rounded values the forward put
     // in `akk` below, so w and u come out bit-identical); rows past the chunk are never stored.
+    // All loads first (branch-free, as load_slice), then the stores.
     const T* saved = static_cast<const T*>(p.Akk_saved);
-    for (int idx = tid; idx < BT * BT; idx += kPrepThreads) {
-      const int i = idx / BT, j = idx % BT;
-      akk[i * LDK + j] = i < L ? saved[ha_off(i) + j] : from_float<T>(0.f);
+    constexpr int kPer = BT * BT / kPrepThreads;
+    T raw[kPer];
+#pragma unroll
+    for (int it = 0; it < kPer; ++it) {
+      const int idx = tid + it * kPrepThreads, i = idx / BT, j = idx % BT;
+      raw[it] = saved[i < L ? ha_off(i) + j : ha0];
+    }
+#pragma unroll
+    for (int it = 0; it < kPer; ++it) {
+      const int idx = tid + it * kPrepThreads, i = idx / BT, j = idx % BT;
+      akk[i * LDK + j] = i < L ? raw[it] : from_float<T>(0.f);
     }
     __syncthreads();
   } else {
@@ -587,18 +636,32 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     struct SliceWU {
       float k[kIt2], g[kIt2], v[kIt2];
     };
-    auto load_wu = [&](int64_t s) {
+    auto load_wu = [&](int64_t s) {  // branch-free, as load_slice
       SliceWU r;
       const int64_t col = s * kSlice + lane;
+      int64_t ok_off[kIt2], hk_o[kIt2], hv_o[kIt2];
+      bool okk[kIt2], okv[kIt2];
 #pragma unroll
       for (int it = 0; it < kIt2; ++it) {
         const int i = warp + it * kWarps;
-        r.k[it] = r.g[it] = r.v[it] = 0.f;
-        if (i < L && col < K) {
-          r.k[it] = to_float<T>(k[qk_off(i) + col]);
-          r.g[it] = g_cum[hk_off(i) + col];
-        }
-        if (i < L && col < V) r.v[it] = to_float<T>(v[hv_off(i) + col]);
+        okk[it] = i < L && col < K;
+        okv[it] = i < L && col < V;
+        ok_off[it] = okk[it] ? qk_off(i) + col : qk0;
+        hk_o[it] = okk[it] ? hk_off(i) + col : hk0;
+        hv_o[it] = okv[it] ? hv_off(i) + col : hv0;
+      }
+      T rawk[kIt2], rawv[kIt2];
+#pragma unroll
+      for (int it = 0; it < kIt2; ++it) {
+        rawk[it] = k[ok_off[it]];
+        rawv[it] = v[hv_o[it]];
+        r.g[it] = g_cum[hk_o[it]];
+      }
+#pragma unroll
+      for (int it = 0; it < kIt2; ++it) {
+        r.k[it] = okk[it] ? to_float<T>(rawk[it]) : 0.f;
+        r.g[it] = okk[it] ? r.g[it] : 0.f;
+        r.v[it] = okv[it] ? to_float<T>(rawv[it]) : 0.f;
       }
       return r;
     };
