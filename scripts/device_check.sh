@@ -98,14 +98,18 @@ if has profile; then
 fi
 
 if has ncu; then
-  # Nsight Compute on the second of two forward+backward steps (the first is warm-up): the
-  # sections that say where each kernel's time goes (stall reasons, occupancy, throughput).
-  # NCU_KERNELS: a regex of kernel names; NCU_SKIP: launches to skip (the warm-up step).
-  timeout "${NCU_TIMEOUT:-300}" ncu --clock-control none --launch-skip "${NCU_SKIP:-0}" --launch-count "${NCU_COUNT:-12}" \
-      -k "regex:${NCU_KERNELS:-chunk|bwd}" --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis \
-      "$PY" benchmarks/profile_kernels.py --once ${NCU_ARGS:-} > "$OUT/ncu.log" 2>&1
+  # Nsight Compute's stall counters per kernel launch of one forward+backward step (PC sampling is
+  # unavailable on the leased machines; these counters work): scripts/ncu_stalls.py prints a table
+  # of time, instructions per warp and the top stall reasons. NCU_KERNELS: a regex of kernel names.
+  timeout "${NCU_TIMEOUT:-300}" "$PY" scripts/ncu_stalls.py --out "$OUT" --kernels "${NCU_KERNELS:-chunk|bwd}" \
+      --count "${NCU_COUNT:-12}" ${NCU_ARGS:-} > "$OUT/ncu.log" 2>&1
   summary+=("ncu: rc=$?")
+  cat "$OUT/ncu.log"
+fi
+
+# The device tool brings back a limited number of files: past eight, the logs travel as one archive.
+if [ "$(ls -1 "$OUT" | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && tar czf logs.tgz *.log && rm -f *.log)
 fi
 
 echo "==== summary ($(head -n1 "$OUT/gpu.txt"))"

@@ -20,3 +20,57 @@ def test_shell_scripts_parse():
     for name in ("device_check.sh", "setup_env.sh", "test.sh", "demo.sh"):
         proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", name)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{name}: {proc.stderr}"
+
+
+def test_ptx_load_report_flags_loads_that_wait_one_at_a_time():
+    # scripts/ptx_load_report.py guides the kernels' load work without a GPU: a load alone in a
+    # branch block that also converts it must count, loads issued together must not.
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ptx_load_report
+
+    ptx = """
+.visible .entry _Z6kernelv(
+)
+{
+\tsetp.ge.s32 \t%p1, %r1, %r2;
+\t@%p1 bra \t$L__BB0_2;
+\tld.global.u16 \t%rs1, [%rd1];
+\tcvt.f32.bf16 \t%f1, %rs1;
+$L__BB0_2:
+\tld.global.u16 \t%rs2, [%rd2];
+\tld.global.u16 \t%rs3, [%rd3];
+\tld.global.u16 \t%rs4, [%rd4];
+\tcvt.f32.bf16 \t%f2, %rs2;
+\tcvt.f32.bf16 \t%f3, %rs3;
+\tcvt.f32.bf16 \t%f4, %rs4;
+$L__BB0_3:
+\tld.global.u16 \t%rs5, [%rd5];
+\tst.shared.u16 \t[%r9], %rs6;
+\tret;
+}
+"""
+    assert ptx_load_report.kernel_report(ptx, []) == [("_Z6kernelv", 5, 1)]
+    assert ptx_load_report.kernel_report(ptx, ["other"]) == []
+
+
+def test_ncu_stalls_summarises_a_saved_report():
+    # scripts/ncu_stalls.py turns ncu's --csv metrics into one line per launch; its parser runs here
+    # on a report in ncu's own format (the profiling itself needs a GPU).
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ncu_stalls
+
+    head = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",' \
+           '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
+    kern = '"3","1","python3","h","void kda_ext::cuda::k<float>(P)","1","7","(256, 1, 1)","(4, 1, 1)","0","9.0","m",'
+    rows = [("gpu__time_duration.sum", "ns", "2,500,000"), ("launch__grid_size", "", "4"),
+            ("launch__block_size", "", "256"), ("smsp__inst_executed.sum", "inst", "3,200"),
+            ("launch__registers_per_thread", "", "96"),
+            ("smsp__issue_active.avg.pct_of_peak_sustained_active", "%", "40.5"),
+            ("smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio", "", "3.5"),
+            ("smsp__average_warps_issue_stalled_wait_per_issue_active.ratio", "", "1.5"),
+            ("smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio", "", "0.25")]
+    text = "==PROF== noise\n" + head + "\n" + "\n".join(kern + f'"{n}","{u}","{v}"' for n, u, v in rows)
+    table = ncu_stalls.summarize(text, top=2)
+    assert table[2] == ("| 3 | kda_ext::cuda::k<float> | 2.500 | 100 | 96 | 40.5 | 5.2 | "
+                        "long_scoreboard 3.50, wait 1.50 |"), table
+    assert ncu_stalls.summarize("no report here") == ["no ncu metrics in this output"]
