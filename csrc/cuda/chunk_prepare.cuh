@@ -22,11 +22,12 @@
 //   blocks at once), then the off-diagonal blocks by block diagonals (FLA's merge order, but in
 //   full fp32 rather than tf32 dots), instead of one thread per column over all BT rows.
 // - Global loads of a slice are issued into registers before any is used, and the next slice's
-//   before this slice's shared-memory work (two CTAs per SM leave little latency hiding).
-//   Measured on H100, bf16 B4 T4096 H16 K128 safe_gate: the first version (one load in flight
-//   per thread, whole-chunk substitution) 2.2 ms, then 1.46 ms; ncu then showed ~21K
-//   instructions per warp, about half the issue slots used: hence the fewer passes and
-//   barriers above (docs/perf-notes.md has the numbers of each step).
+//   before this slice's shared-memory work (two CTAs per SM leave little latency hiding). They
+//   are branch-free (offsets clamped to a valid element, invalid entries zeroed afterwards): a
+//   load under `if (row < L)` followed by its conversion inside the branch waits for memory
+//   before the next load issues, and that had made each load of a slice a round trip of its own.
+//   Measured on H100 (docs/perf-notes.md has each step): the fewer barriers above did not change
+//   the time; the branch-free loads cut the kernel by 27%.
 // - exp in the hot loops is __expf (ex2.approx of x*log2e, ~2 ulp plus |x|*2^-24 relative): the
 //   same class of error as FLA's exp2 on log2-scaled cumsums, at a fraction of expf's
 //   instructions (the kernel is issue-bound after the load fix). The gates keep expf/log1pf.
