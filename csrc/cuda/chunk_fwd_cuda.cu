@@ -67,12 +67,9 @@ FwdTensors run_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   };
   at::Tensor o = opt.want_output ? alloc({B, T, HV, V}, q.options()) : q.new_empty({0});
   const bool reuse_akk = opt.Akk_saved != nullptr;
-  if (reuse_akk) {
-    const at::Tensor& a = *opt.Akk_saved;
-    TORCH_CHECK(a.sizes() == at::IntArrayRef({B, T, HV, BT}) && a.scalar_type() == k.scalar_type() &&
-                    a.is_contiguous() && a.device() == q.device(),
-                "kda_ext: the saved Akk must be a contiguous [", B, ", ", T, ", ", HV, ", ", BT,
-                "] tensor of k's dtype on q's device");
+  if (reuse_akk) {  // the backward validated it already; the kernels also need it contiguous
+    check_like(*opt.Akk_saved, "Akk", {B, T, HV, BT}, k.scalar_type(), q);
+    TORCH_CHECK(opt.Akk_saved->is_contiguous(), "kda_ext: the saved Akk must be contiguous");
   }
   at::Tensor Aqk = reuse_akk ? k.new_empty({0}) : alloc({B, T, HV, BT}, kdt);
   at::Tensor Akk = reuse_akk ? k.new_empty({0}) : alloc({B, T, HV, BT}, kdt);

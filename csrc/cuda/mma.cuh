@@ -1,8 +1,9 @@
 // kda_ext CUDA: tensor-core helpers (nvcuda::wmma) and element conversions shared by the kernels.
 //
 // wmma is used instead of hand-written mma.sync/wgmma because its fragment layouts are opaque
-// and therefore cannot be gotten wrong: every operand lives in shared memory with an explicit
-// leading dimension, and every accumulator goes back to shared memory for the element-wise work.
+// and therefore cannot be gotten wrong: every operand is loaded from shared memory with an
+// explicit leading dimension, and accumulators go back to shared memory for the element-wise
+// work (the loads and stores are wmma.load/wmma.store issued with the .shared state space, below).
 // fp16/bf16 operands use m16n16k16; fp32 operands use tf32 m16n16k8 (each element is rounded
 // to tf32 after the load). Accumulators are always fp32.
 #pragma once
