@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A/B on one GPU in one call: benchmark this checkout (A), then for each patch: apply it, rebuild,
-# run device_check.sh's steps on it (B), and take it back out. All timings come from one machine
-# in one run, so their ratios are ones the perf notes may quote.
+# A/B on one GPU in one call: this checkout (A) and, for each patch, a copy of it with the patch
+# applied (B). All variants build at once (the build is bound by its longest translation unit, so
+# parallel builds cost little more than one), then each runs device_check.sh's steps in turn: the
+# timings come from one machine in one run, so their ratios are ones the perf notes may quote.
 #
 #   bash scripts/device_ab.sh PATCH [PATCH ...]
 #
@@ -9,35 +10,50 @@
 # .git/info/exclude and `ab` named in the device call's carry. Environment: OUT; BENCH_ARGS (as
 # device_check.sh; default: the main shape, kimi and softplus, forward/backward/forward+backward,
 # kda_ext only); B_STEPS (device_check.sh steps for each patch, default build,test,bench; add
-# margins,sanitize for a patch about to be merged, or use build,bench to screen several patches
-# inside one call's time limit).
+# margins,sanitize for a patch about to be merged, or build,bench to screen several patches);
+# A_STEPS (the same for the checkout, default build,bench); AB_DIR (where the copies go, default /tmp/kda_ab).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 [ $# -ge 1 ] || { echo "usage: device_ab.sh PATCH [PATCH ...]"; exit 2; }
 OUT="${OUT:-/tmp/kda_out}"
+AB_DIR="${AB_DIR:-/tmp/kda_ab}"
 mkdir -p "$OUT"
 export BENCH_ARGS="${BENCH_ARGS:---shapes 2x8192x32x128 --modes kimi,softplus --what fwd,bwd,fwdbwd --impls ours}"
 B_STEPS="${B_STEPS:-build,test,bench}"
+A_STEPS="${A_STEPS:-build,bench}"
 
-apply() {  # $1: the patch; $2: empty to apply, -R to revert
-  if command -v git >/dev/null 2>&1; then git apply $2 "$1"; else patch -p1 $2 < "$1"; fi
-}
-
-OUT="$OUT/A" bash scripts/device_check.sh build,bench > "$OUT/A.txt" 2>&1
-echo "== A (this checkout)"
-grep -E "^\|" "$OUT/A/bench.md" 2>/dev/null || tail -n 20 "$OUT/A.txt"
+names=(A); dirs=("$ROOT"); steps=("$A_STEPS")
+rm -rf "$AB_DIR"
 rc=0
 for patch in "$@"; do
   name=$(basename "$patch" .patch)
-  if ! apply "$patch" ""; then
-    echo "== $name: the patch does not apply"; rc=1; continue
+  dir="$AB_DIR/$name"
+  mkdir -p "$dir"
+  tar -C "$ROOT" --exclude=./.git --exclude=./ab --exclude=./build --exclude=./.triton_cache -cf - . | tar -C "$dir" -xf -
+  patch_file="$(cd "$(dirname "$patch")" && pwd)/$(basename "$patch")"
+  if (cd "$dir" && if command -v patch >/dev/null; then patch -p1 -s < "$patch_file"; else git apply "$patch_file"; fi); then
+    names+=("$name"); dirs+=("$dir"); steps+=("$B_STEPS")
+  else
+    echo "== $name: the patch does not apply"; rc=1
   fi
-  OUT="$OUT/$name" bash scripts/device_check.sh "$B_STEPS" > "$OUT/$name.txt" 2>&1 || rc=1
-  echo "== B: $name ($B_STEPS)"
-  grep -E "^\|" "$OUT/$name/bench.md" 2>/dev/null || true
-  sed -n '/==== summary/,$p' "$OUT/$name.txt"
-  apply "$patch" -R || { echo "could not take $name back out; stopping"; rc=1; break; }
+done
+
+# Build every variant at once; device_check.sh then finds each build current and reuses it.
+t0=$(date +%s)
+jobs=$(( 16 / ${#names[@]} )); [ "$jobs" -ge 2 ] || jobs=2
+for i in "${!names[@]}"; do
+  MAX_JOBS=$jobs OUT="$OUT/${names[$i]}" bash "${dirs[$i]}/scripts/device_check.sh" build \
+      > "$OUT/${names[$i]}.build.txt" 2>&1 &
+done
+wait
+echo "== ${#names[@]} builds in parallel: $(( $(date +%s) - t0 )) s"
+
+for i in "${!names[@]}"; do
+  OUT="$OUT/${names[$i]}" bash "${dirs[$i]}/scripts/device_check.sh" "${steps[$i]}" > "$OUT/${names[$i]}.txt" 2>&1 || rc=1
+  echo "== ${names[$i]} (${steps[$i]})"
+  grep -E "^\|" "$OUT/${names[$i]}/bench.md" 2>/dev/null || true
+  sed -n '/==== summary/,$p' "$OUT/${names[$i]}.txt"
 done
 # Fewer files come back than the runs write: everything travels as one archive.
 (cd "$OUT" && tar czf ab_logs.tgz --exclude=ab_logs.tgz ./* && find . -mindepth 1 ! -name ab_logs.tgz -exec rm -rf {} +)
