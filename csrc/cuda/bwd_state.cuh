@@ -9,9 +9,10 @@ namespace bwd {
 
 // Shared-memory layout of bwd_state_kernel (floats; every buffer 128-byte aligned).
 struct BwdStateSmem {
-  int64_t dS, op, aqk, dout, dvn, gam, total;
+  int64_t dS, op, aqk, dout, dvn, gam, raw, total;
   __host__ __device__ BwdStateSmem(int BT, int64_t Kp) {
     SmemCarver c;
+    raw = c.take<uint16_t>(BT * Kp);  // the next [BT x K] operand in flight (16-bit inputs)
     dS = c.take<float>(Kp * (kBwdStateBV + 4));
     op = c.take<float>(BT * (Kp + 4));
     aqk = c.take<float>(BT * (BT + 4));
@@ -27,7 +28,10 @@ struct BwdStateSmem {
 //   dv_new    = Aqk^T do + kg dS
 //   dS       <- e^{G_last} (.)rows dS + scale qg^T do - w^T dv_new
 // and finally dh0 = dS. The state slice [K x 32] lives in shared memory; qg, kg and w pass
-// through one [BT x K] operand buffer in turn.
+// through one [BT x K] operand buffer in turn. For fp16/bf16 inputs with K % 8 == 0 the next of
+// them is copied (cp.async, raw) into a staging tile while the current products run and is
+// widened to fp32 when its turn comes: the plain loads left each of the three a full memory
+// round trip per chunk on the sequential path (ncu: long-scoreboard stalls).
 template <typename T>
 __global__ void __launch_bounds__(kBwdStateThreads)
 bwd_state_kernel(const ChunkKdaBwdParams p) {
@@ -73,11 +77,56 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
       });
   __syncthreads();
 
+  // Prefetched operands (see above): raw holds the next tile as stored, 8 elements per copy.
+  T* raw = reinterpret_cast<T*>(smem_raw + L.raw);
+  const bool prefetch = sizeof(T) == 2 && K % 8 == 0 && aligned16(kg) && aligned16(qg) &&
+                        aligned16(w);
+  const int nv = Kp / 8;  // 16-byte vectors per row of raw
+  auto chunk_len = [&](int64_t c) {
+    const int64_t t0 = bos + c * BT;
+    return static_cast<int>(eos - t0 < BT ? eos - t0 : BT);
+  };
+  // Rows past the chunk and columns past K arrive as zeros (a zero-length copy fills 16 zero bytes).
+  auto issue = [&](const T* src, int64_t c) {
+    const int64_t t0 = bos + c * BT;
+    const int len_c = chunk_len(c);
+    for (int idx = threadIdx.x; idx < BT * nv; idx += blockDim.x) {
+      const int r = idx / nv, c8 = (idx - r * nv) * 8;
+      const bool ok = r < len_c && c8 < K;
+      cp_async16(raw + r * Kp + c8, ok ? src + ((t0 + r) * HV + hv) * K + c8 : src, ok);
+    }
+    cp_async_commit();
+  };
+  // op <- raw widened to fp32 (the caller made sure op is no longer read).
+  auto land = [&]() {
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BT * nv; idx += blockDim.x) {
+      const int r = idx / nv, c8 = (idx - r * nv) * 8;
+      const uint4 x = *reinterpret_cast<const uint4*>(raw + r * Kp + c8);
+      const T* e = reinterpret_cast<const T*>(&x);
+      float* d = op + r * ldO + c8;
+      *reinterpret_cast<float4*>(d) = make_float4(to_float<T>(e[0]), to_float<T>(e[1]),
+                                                  to_float<T>(e[2]), to_float<T>(e[3]));
+      *reinterpret_cast<float4*>(d + 4) = make_float4(to_float<T>(e[4]), to_float<T>(e[5]),
+                                                      to_float<T>(e[6]), to_float<T>(e[7]));
+    }
+    __syncthreads();
+  };
+  if (prefetch && nchunks > 0) issue(kg, nchunks - 1);
+
   for (int64_t c = nchunks - 1; c >= 0; --c) {
     const int64_t slot = slot0 + c;
-    if (slot < 0 || slot >= p.B * p.NT) continue;  // impossible for a sane prefix sum
+    if (slot < 0 || slot >= p.B * p.NT) {  // impossible for a sane prefix sum
+      if (prefetch) {  // keep the staging tile in step: it must hold kg of chunk c - 1 next
+        cp_async_wait<0>();
+        __syncthreads();
+        if (c > 0) issue(kg, c - 1);
+      }
+      continue;
+    }
     const int64_t tok0 = bos + c * BT;
-    const int len = static_cast<int>(eos - tok0 < BT ? eos - tok0 : BT);
+    const int len = chunk_len(c);
 
     // dh[slot] = dS (state gradient at the chunk's end), always [K, V].
     if (V % 4 == 0) {  // float4 stores (dh rows are 16-byte aligned then; ldS % 4 == 0)
@@ -93,12 +142,14 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
         if (v0 + vv < V) p.dh[((slot * HV + hv) * K + kk) * V + v0 + vv] = dS[kk * ldS + vv];
       }
     }
-    load_tile<T>(op, ldO, BT, Kp, kg, tok0, len, HV, hv, K, 0);
+    if (prefetch) land();  // op <- kg (the previous chunk's last product has finished reading op)
+    else load_tile<T>(op, ldO, BT, Kp, kg, tok0, len, HV, hv, K, 0);
     load_chunk_matrix<T>(aqk, ldA, Aqk, tok0, len, HV, hv, BT, false);
     load_tile<T>(dout, ldS, BT, BV, dO, tok0, len, HV, hv, V, v0);
     for (int kk = threadIdx.x; kk < Kp; kk += blockDim.x)
       gam[kk] = kk < K ? expf(p.g_cum[((tok0 + len - 1) * HV + hv) * K + kk]) : 0.f;
     __syncthreads();
+    if (prefetch) issue(qg, c);  // raw was emptied by land()
 
     // dv_new = Aqk^T do + kg dS (same tile->warp map for both calls).
     smem_gemm<true, false, kHalf<T>, kHalf<T>>(dvn, ldS, aqk, ldA, dout, ldS, BT, BV, BT, false);
@@ -118,16 +169,27 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     }
     __syncthreads();
 
-    load_tile<T>(op, ldO, BT, Kp, qg, tok0, len, HV, hv, K, 0);
-    __syncthreads();
+    if (prefetch) {
+      land();  // op <- qg
+      issue(w, c);
+    } else {
+      load_tile<T>(op, ldO, BT, Kp, qg, tok0, len, HV, hv, K, 0);
+      __syncthreads();
+    }
     smem_gemm<true, false, kHalf<T>, false>(dS, ldS, op, ldO, dout, ldS, Kp, BV, BT, true);
     __syncthreads();
 
-    load_tile<T>(op, ldO, BT, Kp, w, tok0, len, HV, hv, K, 0);
-    __syncthreads();
+    if (prefetch) {
+      land();  // op <- w
+      if (c > 0) issue(kg, c - 1);
+    } else {
+      load_tile<T>(op, ldO, BT, Kp, w, tok0, len, HV, hv, K, 0);
+      __syncthreads();
+    }
     smem_gemm<true, false, kHalf<T>, false>(dS, ldS, op, ldO, dvn, ldS, Kp, BV, BT, true);
     __syncthreads();
   }
+  cp_async_wait<0>();  // nothing is left in flight past the last chunk; kept for safety
 
   if (p.dh0 != nullptr) {
     for (int idx = threadIdx.x; idx < K * BV; idx += blockDim.x) {

@@ -67,20 +67,6 @@ __host__ __device__ inline StateLayout state_layout(int64_t K) {
   return t.total <= kSmemBudget ? t : state_layout_for<T, BT>(K, false);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gmem_ptr, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
-  const int n = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem_ptr), "r"(n)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // dst[i][c] = src[i * stride + c] for i < rows_valid and c < cols_valid, zero elsewhere in
 // [rows_total, cols_total). With vec (the caller checked 16-byte alignment of every row and
 // that cols_valid is a multiple of the vector width) the copies are cp.async and complete at a
