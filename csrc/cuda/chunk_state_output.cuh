@@ -178,6 +178,10 @@ __global__ void __launch_bounds__(kStateThreads, 2)
   const bool vec_k = (K % kVec) == 0;
   const bool vec_v = (V % kVec) == 0;
   const bool vec_g = (K % 4) == 0;
+  // state_v_first h stores: when the threads cover whole K rows (KP = 64, 128, 256), thread t
+  // keeps row t % KP and the columns t / KP + j * (threads / KP).
+  const bool sv_whole = kStateThreads % KP == 0;
+  const int sv_kr = tid % KP, sv_c0 = tid / KP, sv_cstep = sv_whole ? kStateThreads / KP : 1;
 
   auto chunk_rows = [&](int64_t ci, int64_t& row0, int& L) {
     const int64_t start = r.bos + ci * BT;
@@ -263,7 +267,21 @@ __global__ void __launch_bounds__(kStateThreads, 2)
     for (int kr = tid; kr < KP; kr += kStateThreads) dec[kr] = kr < K ? __expf(graw[kr]) : 0.f;
     const bool store_h = h != nullptr && slot < slot_limit;
     const int64_t h_base = slot * HV * K * V + hv * K * V;
-    if (p.state_v_first) {
+    if (p.state_v_first && !store_h) {
+      // Nothing goes to h: the plain (row, column) order, no division (as below).
+      for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
+        const int kr = idx / kBV, c = idx % kBV;
+        Sh[kr * kLdh + c] = from_float<T>(S[kr * kLds + c]);
+      }
+    } else if (p.state_v_first && sv_whole) {
+      // h rows run along K: each thread keeps one K row (consecutive threads, consecutive h
+      // entries) and walks the columns, without the run-time division by KP per element.
+      for (int c = sv_c0; c < kBV; c += sv_cstep) {
+        const T x = from_float<T>(S[sv_kr * kLds + c]);
+        Sh[sv_kr * kLdh + c] = x;
+        if (sv_kr < K && c < vcols) h[h_base + (v0 + c) * K + sv_kr] = x;
+      }
+    } else if (p.state_v_first) {
       for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
         const int c = idx / KP, kr = idx % KP;
         const T x = from_float<T>(S[kr * kLds + c]);
