@@ -80,6 +80,21 @@ __device__ __forceinline__ void issue_tile(U* dst, int ld, const U* src, int64_t
   constexpr int kVec = 16 / sizeof(U);
   if (vec) {
     const int cv = cols_total / kVec;
+    if (kThreads % cv == 0) {
+      // Each thread keeps one column of vectors and walks rows kThreads / cv apart: no division
+      // per vector. The loop below divides by the run-time cv for every vector, most of the
+      // ~35 instructions each copy cost, and this kernel is issue-bound (ncu: 334K instructions
+      // per warp, "wait" and issue stalls first).
+      const int c = static_cast<int>(threadIdx.x % cv) * kVec;
+      const int row_step = kThreads / cv;
+      const bool col_ok = c < cols_valid;
+#pragma unroll 1
+      for (int i = static_cast<int>(threadIdx.x / cv); i < rows_total; i += row_step) {
+        const bool ok = i < rows_valid && col_ok;
+        cp_async16(dst + i * ld + c, ok ? src + i * stride + c : src, ok);
+      }
+      return;
+    }
 #pragma unroll 1
     for (int idx = threadIdx.x; idx < rows_total * cv; idx += kThreads) {
       const int i = idx / cv, c = (idx % cv) * kVec;
@@ -149,6 +164,10 @@ __global__ void __launch_bounds__(kStateThreads, 2)
   const bool vec_k = (K % kVec) == 0;
   const bool vec_v = (V % kVec) == 0;
   const bool vec_g = (K % 4) == 0;
+  // state_v_first h stores: when the threads cover whole K rows (KP = 64, 128, 256), thread t
+  // keeps row t % KP and the columns t / KP + j * (threads / KP).
+  const bool sv_whole = kStateThreads % KP == 0;
+  const int sv_kr = tid % KP, sv_c0 = tid / KP, sv_cstep = sv_whole ? kStateThreads / KP : 1;
 
   auto chunk_rows = [&](int64_t ci, int64_t& row0, int& L) {
     const int64_t start = r.bos + ci * BT;
@@ -234,7 +253,21 @@ __global__ void __launch_bounds__(kStateThreads, 2)
     for (int kr = tid; kr < KP; kr += kStateThreads) dec[kr] = kr < K ? __expf(graw[kr]) : 0.f;
     const bool store_h = h != nullptr && slot < slot_limit;
     const int64_t h_base = slot * HV * K * V + hv * K * V;
-    if (p.state_v_first) {
+    if (p.state_v_first && !store_h) {
+      // Nothing goes to h: the plain (row, column) order, no division (as below).
+      for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
+        const int kr = idx / kBV, c = idx % kBV;
+        Sh[kr * kLdh + c] = from_float<T>(S[kr * kLds + c]);
+      }
+    } else if (p.state_v_first && sv_whole) {
+      // h rows run along K: each thread keeps one K row (consecutive threads, consecutive h
+      // entries) and walks the columns, without the run-time division by KP per element.
+      for (int c = sv_c0; c < kBV; c += sv_cstep) {
+        const T x = from_float<T>(S[sv_kr * kLds + c]);
+        Sh[sv_kr * kLdh + c] = x;
+        if (sv_kr < K && c < vcols) h[h_base + (v0 + c) * K + sv_kr] = x;
+      }
+    } else if (p.state_v_first) {
       for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
         const int c = idx / KP, kr = idx % KP;
         const T x = from_float<T>(S[kr * kLds + c]);
