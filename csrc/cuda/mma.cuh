@@ -198,15 +198,34 @@ __device__ __forceinline__ void mma_16x16(AccFrag<T>& acc, const T* a, int lda, 
   wmma::fragment<wmma::matrix_b, 16, 16, Tr::kK, typename Tr::Frag, LayoutB> fb;
   constexpr bool a_row = std::is_same<LayoutA, wmma::row_major>::value;
   constexpr bool b_row = std::is_same<LayoutB, wmma::row_major>::value;
-  for (int kk = 0; kk < kdim; kk += Tr::kK) {
-    load_operand_shared<T, true, a_row>(fa, a + (a_row ? kk : kk * lda), lda);
-    load_operand_shared<T, false, b_row>(fb, b + (b_row ? kk * ldb : kk), ldb);
+  // Two accumulation chains (even and odd k steps), added at the end: each MMA waits for the
+  // previous one on the same accumulator, and these products are short chains of dependent MMAs
+  // that the state kernels run back to back (ncu: "wait" stalls first there).
+  wmma::fragment<wmma::matrix_a, 16, 16, Tr::kK, typename Tr::Frag, LayoutA> fa2;
+  wmma::fragment<wmma::matrix_b, 16, 16, Tr::kK, typename Tr::Frag, LayoutB> fb2;
+  AccFrag<T> acc2;
+  wmma::fill_fragment(acc2, 0.f);
+  auto load = [&](auto& fx, auto& fy, int kk) {
+    load_operand_shared<T, true, a_row>(fx, a + (a_row ? kk : kk * lda), lda);
+    load_operand_shared<T, false, b_row>(fy, b + (b_row ? kk * ldb : kk), ldb);
     if constexpr (std::is_same<T, float>::value) {
-      to_tf32_inplace(fa);
-      to_tf32_inplace(fb);
+      to_tf32_inplace(fx);
+      to_tf32_inplace(fy);
     }
+  };
+  int kk = 0;
+  for (; kk + 2 * Tr::kK <= kdim; kk += 2 * Tr::kK) {
+    load(fa, fb, kk);
+    load(fa2, fb2, kk + Tr::kK);
+    wmma::mma_sync(acc, fa, fb, acc);
+    wmma::mma_sync(acc2, fa2, fb2, acc2);
+  }
+  if (kk < kdim) {
+    load(fa, fb, kk);
     wmma::mma_sync(acc, fa, fb, acc);
   }
+#pragma unroll
+  for (int t = 0; t < acc.num_elements; ++t) acc.x[t] += acc2.x[t];
 }
 
 // acc += A * B like mma_16x16<float>, but with fp32-level accuracy ("3xTF32"): each operand is
@@ -216,7 +235,7 @@ __device__ __forceinline__ void mma_16x16(AccFrag<T>& acc, const T* a, int lda, 
 // plain tf32 (10-bit mantissa) left dA_log/ddt_bias up to 6e-3 off where fp32 gives 3e-4.
 // kAExact / kBExact: the caller knows every element of that operand is exactly representable in
 // tf32 (a value loaded from an fp16/bf16 tensor: 10 or 7 mantissa bits), so its tail is exactly
-// zero and the correction product with it adds exact zeros; it is skipped. Same bits, fewer MMAs.
+// zero and the correction product with it adds exact zeros; it is skipped (fewer MMAs).
 template <typename LayoutA, typename LayoutB, bool kAExact = false, bool kBExact = false>
 __device__ __forceinline__ void mma_16x16_split_tf32(AccFrag<float>& acc, const float* a, int lda,
                                                      const float* b, int ldb, int kdim) {
@@ -225,6 +244,9 @@ __device__ __forceinline__ void mma_16x16_split_tf32(AccFrag<float>& acc, const 
   wmma::fragment<wmma::matrix_b, 16, 16, Tr::kK, Tr::Frag, LayoutB> b_hi, b_lo;
   constexpr bool a_row = std::is_same<LayoutA, wmma::row_major>::value;
   constexpr bool b_row = std::is_same<LayoutB, wmma::row_major>::value;
+  AccFrag<float> acc_la, acc_lb;  // a_lo * b_hi and a_hi * b_lo
+  wmma::fill_fragment(acc_la, 0.f);
+  wmma::fill_fragment(acc_lb, 0.f);
   for (int kk = 0; kk < kdim; kk += Tr::kK) {
     load_operand_shared<float, true, a_row>(a_hi, a + (a_row ? kk : kk * lda), lda);
     load_operand_shared<float, false, b_row>(b_hi, b + (b_row ? kk * ldb : kk), ldb);
@@ -240,10 +262,18 @@ __device__ __forceinline__ void mma_16x16_split_tf32(AccFrag<float>& acc, const 
       b_hi.x[t] = hi;
       if constexpr (!kBExact) b_lo.x[t] = wmma::__float_to_tf32(x - hi);
     }
-    // Small terms first, so they are not absorbed by the large one.
-    if constexpr (!kAExact) wmma::mma_sync(acc, a_lo, b_hi, acc);
-    if constexpr (!kBExact) wmma::mma_sync(acc, a_hi, b_lo, acc);
+    // The small terms go to their own accumulators (summed among themselves, then added once,
+    // so the large one cannot absorb them) and the three chains of dependent MMAs run side by side.
+    if constexpr (!kAExact) wmma::mma_sync(acc_la, a_lo, b_hi, acc_la);
+    if constexpr (!kBExact) wmma::mma_sync(acc_lb, a_hi, b_lo, acc_lb);
     wmma::mma_sync(acc, a_hi, b_hi, acc);
+  }
+#pragma unroll
+  for (int t = 0; t < acc.num_elements; ++t) {
+    float small = 0.f;
+    if constexpr (!kAExact) small += acc_la.x[t];
+    if constexpr (!kBExact) small += acc_lb.x[t];
+    acc.x[t] += small;
   }
 }
 
