@@ -120,12 +120,7 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
                 "expectations (shapes/dtypes)");
   }
 
-  // Outputs. dv/dg are zero-filled: tokens outside cu_seqlens[-1] belong to no chunk.
-  at::Tensor dq = at::empty({B, T, H, K}, q.options());
-  at::Tensor dk = at::empty({B, T, H, K}, k.options());
-  at::Tensor dv = at::zeros({B, T, HV, V}, v.options());
-  at::Tensor dg = at::zeros({B, T, HV, K}, g.options());
-  at::Tensor dbeta = at::empty({B, T, HV}, beta.options());
+  // Outputs (dq, dk, dv, dg, dbeta are allocated below, right before the stage that writes them).
   // Empty gradients keep the dtype of the argument when it was given (matching the fake).
   const auto f32opt = q.options().dtype(at::kFloat);
   at::Tensor dA_log = alog.defined()    ? at::empty(alog.sizes(), alog.options())
@@ -191,46 +186,86 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   p.h = h.data_ptr();
   p.dout = dout.data_ptr();
   p.dht = dht.defined() ? dht.data_ptr<float>() : nullptr;
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dg = dg.data_ptr();
-  p.dbeta = dbeta.data_ptr();
   p.dh0 = initial_state.has_value() ? dh0.data_ptr<float>() : nullptr;
 
-  // Workspaces (float32; the caching allocator keeps this graph-capturable).
+  // Workspaces (float32; the caching allocator keeps this graph-capturable), each allocated right
+  // before the stage that first writes it and released after the last stage that reads it, the
+  // recomputed intermediates likewise (see BwdStage for who reads what); on one stream the
+  // allocator hands released memory to later stages only after the earlier kernels. Peak at
+  // (2, 8192, 32, 128): the sum of everything live at kChunkA instead of the sum of everything.
+  // With cu_seqlens, buffers that are read for every token are zero-filled: device offsets are
+  // not validated (no host sync), and tokens no sequence covers must read as 0, not as garbage.
+  // Without cu_seqlens every token belongs to exactly one chunk, so every element is written.
   const cuda::BwdWorkspaceSizes ws = cuda::bwd_workspace_sizes(p);
   const auto f32 = q.options().dtype(at::kFloat);
+  const bool fill = d.varlen;
+  auto workspace = [&](int64_t n, bool zero) { return zero ? at::zeros({n}, f32) : at::empty({n}, f32); };
+  auto output = [&](at::IntArrayRef shape, const at::TensorOptions& opt) {
+    return fill ? at::zeros(shape, opt) : at::empty(shape, opt);
+  };
+  auto run = [&](cuda::BwdStage stage) {
+    if (HV > 0) cuda::launch_chunk_kda_bwd_stage(p, stage, stream);
+  };
+
   at::Tensor bounds = at::empty({2 * ws.bounds}, q.options().dtype(at::kLong));
-  at::Tensor w_dh = at::empty({ws.dh}, f32);
-  at::Tensor w_dvn = at::empty({ws.dvn}, f32);
-  at::Tensor w_dakk = at::empty({ws.dAkk_part}, f32);
-  at::Tensor w_daqk = at::empty({ws.dA}, f32);
-  at::Tensor w_dl = at::empty({ws.dA}, f32);
-  at::Tensor w_dq = at::zeros({ws.dq_hv}, f32);
-  at::Tensor w_dk = at::zeros({ws.dq_hv}, f32);
-  at::Tensor w_dG = at::empty({ws.dq_hv}, f32);
-  at::Tensor w_db = at::zeros({ws.dbeta_part}, f32);
-  at::Tensor w_ddt, w_dA;
-  if (use_gate_in_kernel) {
-    w_ddt = at::empty({ws.ddt_part}, f32);
-    w_dA = at::empty({ws.dA_part}, f32);
-    p.ddt_part = w_ddt.data_ptr<float>();
-    p.dA_part = w_dA.data_ptr<float>();
-  }
+  at::Tensor w_dh = workspace(ws.dh, false);
+  at::Tensor w_dvn = workspace(ws.dvn, false);
   p.seq_bounds = bounds.data_ptr<int64_t>();
   p.chunk_offsets = p.seq_bounds + ws.bounds;
   p.dh = w_dh.data_ptr<float>();
   p.dvn = w_dvn.data_ptr<float>();
+  run(cuda::BwdStage::kState);
+  w.reset(), qg.reset(), kg.reset();
+  p.w = p.qg = p.kg = nullptr;
+
+  at::Tensor w_dakk = workspace(ws.dAkk_part, false);
+  at::Tensor w_dq = workspace(ws.dq_hv, fill);
+  at::Tensor w_dk = workspace(ws.dq_hv, fill);
+  at::Tensor w_dG = workspace(ws.dq_hv, false);
+  at::Tensor w_db = workspace(ws.dbeta_part, fill);
   p.dAkk_part = w_dakk.data_ptr<float>();
-  p.dAqk = w_daqk.data_ptr<float>();
-  p.dL = w_dl.data_ptr<float>();
   p.dq_hv = w_dq.data_ptr<float>();
   p.dk_hv = w_dk.data_ptr<float>();
   p.dG = w_dG.data_ptr<float>();
   p.dbeta_part = w_db.data_ptr<float>();
+  run(cuda::BwdStage::kChunkA);
+  w_dh.reset(), h.reset();
+  p.dh = nullptr;
+  p.h = nullptr;
 
-  if (HV > 0) cuda::launch_chunk_kda_bwd(p, stream);
+  at::Tensor dv = output({B, T, HV, V}, v.options());
+  at::Tensor w_daqk = workspace(ws.dA, false);
+  at::Tensor w_dl = workspace(ws.dA, false);
+  p.dv = dv.data_ptr();
+  p.dAqk = w_daqk.data_ptr<float>();
+  p.dL = w_dl.data_ptr<float>();
+  run(cuda::BwdStage::kChunkB);
+  w_dvn.reset(), v_new.reset(), w_dakk.reset();
+  p.dvn = nullptr;
+  p.v_new = nullptr;
+  p.dAkk_part = nullptr;
+
+  at::Tensor dg = output({B, T, HV, K}, g.options());
+  at::Tensor w_ddt, w_dA;
+  if (use_gate_in_kernel) {
+    w_ddt = workspace(ws.ddt_part, false);
+    w_dA = workspace(ws.dA_part, false);
+    p.ddt_part = w_ddt.data_ptr<float>();
+    p.dA_part = w_dA.data_ptr<float>();
+  }
+  p.dg = dg.data_ptr();
+  run(cuda::BwdStage::kChunkC);
+  g_cum.reset(), w_daqk.reset(), w_dl.reset(), w_dG.reset();
+  p.g_cum = nullptr;
+  p.dAqk = p.dL = p.dG = nullptr;
+
+  at::Tensor dq = at::empty({B, T, H, K}, q.options());
+  at::Tensor dk = at::empty({B, T, H, K}, k.options());
+  at::Tensor dbeta = at::empty({B, T, HV}, beta.options());
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dbeta = dbeta.data_ptr();
+  run(cuda::BwdStage::kFinish);
   return {dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0};
 }
 

@@ -33,55 +33,66 @@ using namespace bwd;
 
 
 template <typename T>
-void launch_typed(const ChunkKdaBwdParams& p, cudaStream_t stream) {
+void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t stream) {
   const int limit = max_optin_smem();
-  const int64_t slots = p.B * p.NT;
+  const int64_t slots = p.B * p.NT, ntok = p.B * p.T;
   const unsigned hv = static_cast<unsigned>(p.HV), nks = static_cast<unsigned>(p.NKS);
-
-  bwd_prep_kernel<<<1, kBwdPrepThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  if (p.N > 0) {
-    const int64_t Kp = align_up(p.K, 16);
-    const int64_t bytes = BwdStateSmem(p.BT, Kp).total;
-    set_dynamic_smem(bwd_state_kernel<T>, bytes, limit, "bwd_state_kernel");
-    const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
-    bwd_state_kernel<T><<<grid, kBwdStateThreads, bytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (slots > 0) {
-    const int64_t a = BwdChunkASmem(p.BT).total;
-    set_dynamic_smem(bwd_chunk_a_kernel<T>, a, limit, "bwd_chunk_a_kernel");
-    bwd_chunk_a_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, a, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    const int64_t b = BwdChunkBSmem(p.BT).total;
-    set_dynamic_smem(bwd_chunk_b_kernel<T>, b, limit, "bwd_chunk_b_kernel");
-    bwd_chunk_b_kernel<T><<<dim3(static_cast<unsigned>(slots), hv), kBwdThreads, b, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    const int64_t c = BwdChunkCSmem(p.BT).total;
-    set_dynamic_smem(bwd_chunk_c_kernel<T>, c, limit, "bwd_chunk_c_kernel");
-    bwd_chunk_c_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, c, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const int64_t ntok = p.B * p.T;
-  if (ntok > 0) {
-    const int64_t warps = 2 * ntok * p.H;
-    bwd_dqk_kernel<T><<<static_cast<unsigned>(cdiv(warps * 32, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd_dbeta_kernel<<<static_cast<unsigned>(cdiv(ntok * p.HV, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (p.use_gate_in_kernel && (p.dA_log != nullptr || p.ddt_bias != nullptr)) {
-    bwd_gate_reduce_kernel<<<hv, kBwdThreads, kBwdThreads * sizeof(float), stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  switch (stage) {
+    case BwdStage::kState:
+      bwd_prep_kernel<<<1, kBwdPrepThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (p.N > 0) {
+        const int64_t Kp = align_up(p.K, 16);
+        const int64_t bytes = BwdStateSmem(p.BT, Kp).total;
+        set_dynamic_smem(bwd_state_kernel<T>, bytes, limit, "bwd_state_kernel");
+        const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
+        bwd_state_kernel<T><<<grid, kBwdStateThreads, bytes, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      break;
+    case BwdStage::kChunkA:
+      if (slots > 0) {
+        const int64_t a = BwdChunkASmem(p.BT).total;
+        set_dynamic_smem(bwd_chunk_a_kernel<T>, a, limit, "bwd_chunk_a_kernel");
+        bwd_chunk_a_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, a, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      break;
+    case BwdStage::kChunkB:
+      if (slots > 0) {
+        const int64_t b = BwdChunkBSmem(p.BT).total;
+        set_dynamic_smem(bwd_chunk_b_kernel<T>, b, limit, "bwd_chunk_b_kernel");
+        bwd_chunk_b_kernel<T><<<dim3(static_cast<unsigned>(slots), hv), kBwdThreads, b, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      break;
+    case BwdStage::kChunkC:
+      if (slots > 0) {
+        const int64_t c = BwdChunkCSmem(p.BT).total;
+        set_dynamic_smem(bwd_chunk_c_kernel<T>, c, limit, "bwd_chunk_c_kernel");
+        bwd_chunk_c_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, c, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      break;
+    case BwdStage::kFinish:
+      if (ntok > 0) {
+        const int64_t warps = 2 * ntok * p.H;
+        bwd_dqk_kernel<T><<<static_cast<unsigned>(cdiv(warps * 32, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        bwd_dbeta_kernel<<<static_cast<unsigned>(cdiv(ntok * p.HV, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (p.use_gate_in_kernel && (p.dA_log != nullptr || p.ddt_bias != nullptr)) {
+        bwd_gate_reduce_kernel<<<hv, kBwdThreads, kBwdThreads * sizeof(float), stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      break;
   }
 }
 
 }  // namespace
 
-void launch_chunk_kda_bwd(const ChunkKdaBwdParams& p, cudaStream_t stream) {
+void launch_chunk_kda_bwd_stage(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t stream) {
   TORCH_CHECK(p.K >= 1 && p.K <= 256 && p.V >= 1 && p.V <= 256,
               "kda_ext: CUDA backward supports K, V in [1, 256], got K=", p.K, ", V=", p.V);
   TORCH_CHECK(p.BT == 32 || p.BT == 64, "kda_ext: chunk_size must be 32 or 64, got ", p.BT);
@@ -90,13 +101,13 @@ void launch_chunk_kda_bwd(const ChunkKdaBwdParams& p, cudaStream_t stream) {
               "kda_ext: too many chunks for one CUDA launch");
   switch (p.dtype) {
     case DType::kFloat32:
-      launch_typed<float>(p, stream);
+      launch_typed<float>(p, stage, stream);
       break;
     case DType::kFloat16:
-      launch_typed<__half>(p, stream);
+      launch_typed<__half>(p, stage, stream);
       break;
     case DType::kBFloat16:
-      launch_typed<__nv_bfloat16>(p, stream);
+      launch_typed<__nv_bfloat16>(p, stage, stream);
       break;
     default:
       TORCH_CHECK(false, "kda_ext: the CUDA backward supports float32, float16 and bfloat16 inputs");
