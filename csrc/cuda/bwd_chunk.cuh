@@ -35,6 +35,119 @@ struct BwdChunkASmem {
   }
 };
 
+// V tiles held in registers between their loads and their stores to shared memory, for the case
+// every row is whole 16-byte vectors (K % 8 == V % 8 == 0, aligned tensors). Why: loaded tile by
+// tile, each 64 x 64 tile of kernels A and B was a memory round trip of its own before the
+// products could start (four or five a V tile; ncu: long-scoreboard stalls first in kernel A);
+// this way all of a V tile's loads are in flight together, and the next V tile's are issued
+// before this one's products run. Loads are branch-free: an invalid vector reads a valid address
+// of the same tensor (clamped row / column) and is zeroed when stored.
+
+// 16-byte vectors per thread of a 64 x 64 tile of element type E (kBwdThreads threads).
+template <typename E>
+constexpr int kTileVecs = 64 * 64 * static_cast<int>(sizeof(E)) / 16 / kBwdThreads;
+
+// Row and first column of vector u of this thread in a 64 x 64 tile of element type E.
+template <typename E>
+__device__ __forceinline__ void tile_vec_pos(int u, int& r, int& c) {
+  constexpr int nv = 64 * static_cast<int>(sizeof(E)) / 16, per = 16 / static_cast<int>(sizeof(E));
+  const int idx = static_cast<int>(threadIdx.x) + u * kBwdThreads;
+  r = idx / nv;
+  c = (idx % nv) * per;
+}
+
+// Rows [0, 64) x columns [v0, v0 + 64) of a token-major [*, HV, V] tensor at head hv, rows past
+// the chunk's len clamped to its last row.
+template <typename E>
+__device__ __forceinline__ void load_tok_tile(uint4 (&x)[kTileVecs<E>], const E* src, int64_t tok0,
+                                              int len, int64_t HV, int64_t hv, int64_t V, int64_t v0) {
+#pragma unroll
+  for (int u = 0; u < kTileVecs<E>; ++u) {
+    int r, c;
+    tile_vec_pos<E>(u, r, c);
+    const int64_t row = tok0 + (r < len ? r : len - 1), col = v0 + c < V ? v0 + c : v0;
+    x[u] = *reinterpret_cast<const uint4*>(src + (row * HV + hv) * V + col);
+  }
+}
+
+// Stores what load_tok_tile loaded (or a state tile with rows_ok(r) / cols past V) as fp32 into
+// dst[r * ld + c], zero outside; transposed (dst[c * ld + r]) when `transpose`.
+template <typename E, typename RowOk>
+__device__ __forceinline__ void store_tile(const uint4 (&x)[kTileVecs<E>], float* dst, int ld,
+                                           RowOk rows_ok, int64_t V, int64_t v0, bool transpose) {
+  constexpr int per = 16 / static_cast<int>(sizeof(E));
+#pragma unroll
+  for (int u = 0; u < kTileVecs<E>; ++u) {
+    int r, c;
+    tile_vec_pos<E>(u, r, c);
+    const bool in = rows_ok(r) && v0 + c < V;
+    const E* e = reinterpret_cast<const E*>(&x[u]);
+    if (transpose) {
+#pragma unroll
+      for (int j = 0; j < per; ++j) dst[(c + j) * ld + r] = in ? to_float<E>(e[j]) : 0.f;
+    } else {
+#pragma unroll
+      for (int j = 0; j < per; j += 4)
+        *reinterpret_cast<float4*>(dst + r * ld + c + j) =
+            in ? make_float4(to_float<E>(e[j]), to_float<E>(e[j + 1]), to_float<E>(e[j + 2]), to_float<E>(e[j + 3]))
+               : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+}
+
+// Kernel A's five tiles of one V tile: h and dh (state, K slice rows) and do, v_new, dvn.
+template <typename T>
+struct ATileRegs {
+  uint4 h[kTileVecs<T>], dout[kTileVecs<T>], vn[kTileVecs<T>];
+  uint4 dh[kTileVecs<float>], dvn[kTileVecs<float>];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_a_tiles(ATileRegs<T>& R, const ChunkKdaBwdParams& p,
+                                             int64_t sb, int64_t tok0, int len, int64_t hv,
+                                             int64_t k0, int64_t v0) {
+  const int64_t K = p.K, V = p.V, HV = p.HV;
+  const T* h = static_cast<const T*>(p.h);
+  const bool vf = p.state_v_first;
+  auto kcol = [&](int c) { return static_cast<int>(k0 + c < K ? k0 + c : k0); };
+  auto vcol = [&](int c) { return static_cast<int>(v0 + c < V ? v0 + c : v0); };
+#pragma unroll
+  for (int u = 0; u < kTileVecs<T>; ++u) {
+    int r, c;
+    tile_vec_pos<T>(u, r, c);
+    // h along its contiguous axis: [K, V] rows are k (r), [V, K] rows are v (r).
+    R.h[u] = *reinterpret_cast<const uint4*>(
+        h + (vf ? state_off(p, sb, kcol(c), vcol(r)) : state_off(p, sb, kcol(r), vcol(c))));
+  }
+#pragma unroll
+  for (int u = 0; u < kTileVecs<float>; ++u) {
+    int r, c;
+    tile_vec_pos<float>(u, r, c);
+    R.dh[u] = *reinterpret_cast<const uint4*>(p.dh + sb * K * V + kcol(r) * V + vcol(c));
+  }
+  load_tok_tile<T>(R.dout, static_cast<const T*>(p.dout), tok0, len, HV, hv, V, v0);
+  load_tok_tile<T>(R.vn, static_cast<const T*>(p.v_new), tok0, len, HV, hv, V, v0);
+  load_tok_tile<float>(R.dvn, p.dvn, tok0, len, HV, hv, V, v0);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_a_tiles(const ATileRegs<T>& R, const ChunkKdaBwdParams& p,
+                                              int len, int64_t k0, int64_t v0, float* S,
+                                              float* dSn, float* dout, float* dvn, float* vn,
+                                              int ld) {
+  const int64_t K = p.K, V = p.V;
+  auto tok_ok = [&](int r) { return r < len; };
+  auto k_ok = [&](int r) { return k0 + r < K; };
+  if (p.state_v_first)  // h rows are v, columns k: swap the roles of the two bounds
+    store_tile<T>(R.h, S, ld, [&](int r) { return v0 + r < V; }, K, k0, true);
+  else
+    store_tile<T>(R.h, S, ld, k_ok, V, v0, false);
+  store_tile<float>(R.dh, dSn, ld, k_ok, V, v0, false);
+  store_tile<T>(R.dout, dout, ld, tok_ok, V, v0, false);
+  store_tile<T>(R.vn, vn, ld, tok_ok, V, v0, false);
+  store_tile<float>(R.dvn, dvn, ld, tok_ok, V, v0, false);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
@@ -73,14 +186,18 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   const T* dO = static_cast<const T*>(p.dout);
   const T* vnew = static_cast<const T*>(p.v_new);
 
+  const int64_t sb = slot * HV + hv;
+  const bool whole_vectors = K % 8 == 0 && V % 8 == 0 && aligned16(h) && aligned16(p.dh) &&
+                             aligned16(dO) && aligned16(p.dvn) && aligned16(vnew);
+  ATileRegs<T> next;  // the first V tile's loads go out before anything else
+  if (whole_vectors) load_a_tiles<T>(next, p, sb, tok0, len, hv, k0, 0);
   for (int idx = threadIdx.x; idx < 64 * ld; idx += blockDim.x) aq[idx] = ak[idx] = aw[idx] = 0.f;
   static_assert(kBwdThreads == 512, "row_sum_8 maps 8 threads to each of 64 rows");
   float sds = 0.f;  // sum_v S[kk, v] dSn[kk, v] for kk = threadIdx.x / 8
-  for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
-    __syncthreads();  // previous tiles fully consumed
+  // Any other K, V or alignment: tile by tile, element-wise where the rows are not whole vectors.
+  auto load_v_tile_scalar = [&](int64_t v0) {
     // h follows the state layout: walk it along its contiguous axis so that loads coalesce.
     const bool vf = p.state_v_first;
-    const int64_t sb = slot * HV + hv;
     if ((vf ? K % 8 == 0 : V % 8 == 0) && aligned16(h)) {
       staged_for<1, F8>(
           64 * 8,
@@ -119,6 +236,15 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
     load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
     load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
+  };
+  for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
+    __syncthreads();  // previous tiles fully consumed
+    if (whole_vectors) {
+      store_a_tiles<T>(next, p, len, k0, v0, S, dSn, dout, dvn, vn, ld);
+      if (v0 + kBwdVTile < V) load_a_tiles<T>(next, p, sb, tok0, len, hv, k0, v0 + kBwdVTile);
+    } else {
+      load_v_tile_scalar(v0);
+    }
     __syncthreads();
     sds += row_sum_8(64, [&](int kk, int vv) { return S[kk * ld + vv] * dSn[kk * ld + vv]; });
     smem_gemm<false, true, kHalf<T>, kHalf<T>>(aq, ld, dout, ld, S, ld, BT, 64, 64, true);
@@ -292,12 +418,33 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
         });
   }
   float dbv = 0.f;  // sum_v (Akk^T dvn)[r, v] v[r, v] for r = threadIdx.x / 8
+  // The four V-tile operands through registers when rows are whole vectors (see load_tok_tile),
+  // the next V tile's loads in flight while this one's products run.
+  const bool whole_vectors = V % 8 == 0 && aligned16(p.dvn) && aligned16(v) && aligned16(dO) &&
+                             aligned16(vnew);
+  uint4 r_dvn[kTileVecs<float>], r_v[kTileVecs<T>], r_do[kTileVecs<T>], r_vn[kTileVecs<T>];
+  auto load_b_tiles = [&](int64_t v0) {
+    load_tok_tile<float>(r_dvn, p.dvn, tok0, len, HV, hv, V, v0);
+    load_tok_tile<T>(r_v, v, tok0, len, HV, hv, V, v0);
+    load_tok_tile<T>(r_do, dO, tok0, len, HV, hv, V, v0);
+    load_tok_tile<T>(r_vn, vnew, tok0, len, HV, hv, V, v0);
+  };
+  if (whole_vectors) load_b_tiles(0);
   for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
     __syncthreads();
-    load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
-    load_tile<T>(vr, ld, BT, 64, v, tok0, len, HV, hv, V, v0);
-    load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
-    load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
+    if (whole_vectors) {
+      auto tok_ok = [&](int r) { return r < len; };
+      store_tile<float>(r_dvn, dvn, ld, tok_ok, V, v0, false);
+      store_tile<T>(r_v, vr, ld, tok_ok, V, v0, false);
+      store_tile<T>(r_do, dout, ld, tok_ok, V, v0, false);
+      store_tile<T>(r_vn, vn, ld, tok_ok, V, v0, false);
+      if (v0 + kBwdVTile < V) load_b_tiles(v0 + kBwdVTile);
+    } else {
+      load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
+      load_tile<T>(vr, ld, BT, 64, v, tok0, len, HV, hv, V, v0);
+      load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
+      load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
+    }
     __syncthreads();
     for (int idx = threadIdx.x; idx < BT * 64; idx += blockDim.x) {
       const int r = idx / 64, c = idx % 64;
