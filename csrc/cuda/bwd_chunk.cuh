@@ -191,6 +191,27 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
                              aligned16(dO) && aligned16(p.dvn) && aligned16(vnew);
   ATileRegs<T> next;  // the first V tile's loads go out before anything else
   if (whole_vectors) load_a_tiles<T>(next, p, sb, tok0, len, hv, k0, 0);
+  // Per-row scalars first: their loads wait for memory row by row, and here they overlap the
+  // first V tile's. One CTA per row (K slice 0, first value head of the group) keeps the l2norm
+  // rstd for kernel C, which would otherwise load whole q/k rows again for each of its K slices.
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const bool keep_rstd = p.rstd_qk != nullptr && ks == 0 && hv % (HV / H) == 0;
+  for (int r = warp; r < BT; r += nwarps) {
+    float rq = 1.f, rk = 1.f;
+    if (r < len && p.use_qk_l2norm) {
+      rq = row_rstd_warp<T>(q, (tok0 + r) * H + hq, K);
+      rk = row_rstd_warp<T>(k, (tok0 + r) * H + hq, K);
+    }
+    if ((threadIdx.x & 31) == 0) {
+      vrq[r] = rq;
+      vrk[r] = rk;
+      vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
+      if (keep_rstd && r < len) {
+        p.rstd_qk[(tok0 + r) * H + hq] = rq;
+        p.rstd_qk[(p.B * p.T + tok0 + r) * H + hq] = rk;
+      }
+    }
+  }
   for (int idx = threadIdx.x; idx < 64 * ld; idx += blockDim.x) aq[idx] = ak[idx] = aw[idx] = 0.f;
   static_assert(kBwdThreads == 512, "row_sum_8 maps 8 threads to each of 64 rows");
   float sds = 0.f;  // sum_v S[kk, v] dSn[kk, v] for kk = threadIdx.x / 8
@@ -259,19 +280,6 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   float* kb = vn;
   float* qh = dvn;
   float* dkb = dout;
-  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int r = warp; r < BT; r += nwarps) {
-    float rq = 1.f, rk = 1.f;
-    if (r < len && p.use_qk_l2norm) {
-      rq = row_rstd_warp<T>(q, (tok0 + r) * H + hq, K);
-      rk = row_rstd_warp<T>(k, (tok0 + r) * H + hq, K);
-    }
-    if ((threadIdx.x & 31) == 0) {
-      vrq[r] = rq;
-      vrk[r] = rk;
-      vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
-    }
-  }
   load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
   __syncthreads();
   // Element (r, kk) of the slice from the raw q, k and G: l2norm, k*beta*e^G, and -dw.
@@ -560,18 +568,13 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
 
-  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int r = warp; r < BT; r += nwarps) {
-    float a = 1.f, b = 1.f;
-    if (r < len && p.use_qk_l2norm) {
-      a = row_rstd_warp<T>(q, (tok0 + r) * H + hq, K);
-      b = row_rstd_warp<T>(k, (tok0 + r) * H + hq, K);
-    }
-    if ((threadIdx.x & 31) == 0) {
-      vrq[r] = a;
-      vrk[r] = b;
-      vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
-    }
+  // The l2norm rstd of each row as kernel A computed it (bit-identical, and no second pass over
+  // whole q/k rows per K slice).
+  for (int r = threadIdx.x; r < BT; r += blockDim.x) {
+    const bool l2 = r < len && p.use_qk_l2norm;
+    vrq[r] = l2 ? p.rstd_qk[(tok0 + r) * H + hq] : 1.f;
+    vrk[r] = l2 ? p.rstd_qk[(p.B * p.T + tok0 + r) * H + hq] : 1.f;
+    vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
   }
   {
     const int nv = BT / 8;  // dAqk/dL rows are float32 [BT]: whole 8-vectors

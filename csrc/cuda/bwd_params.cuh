@@ -63,6 +63,7 @@ struct ChunkKdaBwdParams {
   float* dq_hv = nullptr;      // [B*T,HV,K]: dLoss/dq_hat per value head (zero-filled)
   float* dk_hv = nullptr;      // [B*T,HV,K] (zero-filled)
   float* dG = nullptr;         // [B*T,HV,K]: dLoss/dg_cum (before the reverse cumsum)
+  float* rstd_qk = nullptr;     // [2,B*T,H]: l2norm rstd of the q rows, then the k rows (A writes, C reads)
   float* dbeta_part = nullptr;  // [NKS+1,B*T,HV]: per-K-slice partials, slot NKS = V part (zero-filled)
   float* ddt_part = nullptr;   // [B*NT,HV,K]: per-chunk partial sums of dLoss/ddt_bias
   float* dA_part = nullptr;    // [B*NT,HV,NKS]: per-chunk, per-slice partials of dLoss/dA_log

@@ -228,6 +228,11 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   p.dk_hv = w_dk.data_ptr<float>();
   p.dG = w_dG.data_ptr<float>();
   p.dbeta_part = w_db.data_ptr<float>();
+  at::Tensor w_rstd;  // rows no chunk covers are never read: no fill needed
+  if (use_qk_l2norm) {
+    w_rstd = workspace(ws.rstd_qk, false);
+    p.rstd_qk = w_rstd.data_ptr<float>();
+  }
   run(cuda::BwdStage::kChunkA);
   w_dh.reset(), h.reset();
   p.dh = nullptr;
@@ -255,9 +260,9 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   }
   p.dg = dg.data_ptr();
   run(cuda::BwdStage::kChunkC);
-  g_cum.reset(), w_daqk.reset(), w_dl.reset(), w_dG.reset();
+  g_cum.reset(), w_daqk.reset(), w_dl.reset(), w_dG.reset(), w_rstd.reset();
   p.g_cum = nullptr;
-  p.dAqk = p.dL = p.dG = nullptr;
+  p.dAqk = p.dL = p.dG = p.rstd_qk = nullptr;
 
   at::Tensor dq = at::empty({B, T, H, K}, q.options());
   at::Tensor dk = at::empty({B, T, H, K}, k.options());
