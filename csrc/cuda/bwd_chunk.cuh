@@ -691,6 +691,27 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
         ym[i * ld + kk] = dgv;
       });
   __syncthreads();
+  // The gate backward's inputs go out now, all at once, and arrive while the dbeta sums and the
+  // reverse cumsum run: one load per element under a dtype switch (load_any) had waited for
+  // memory element by element. Every row this thread takes there has column kk_t (blockDim.x is
+  // a multiple of 64), so dt_bias and exp(A_log) are per-thread constants.
+  static_assert(kBwdThreads % 64 == 0, "a thread keeps one column in the gate backward");
+  constexpr int kGateRows = 64 * 64 / kBwdThreads;
+  const int kk_t = static_cast<int>(threadIdx.x) % 64, r_t = static_cast<int>(threadIdx.x) / 64;
+  float graw[kGateRows];
+  float gbias = 0.f, gscale = 1.f;
+  if (p.use_gate_in_kernel) {
+    const int64_t col = k0 + (kk_t < kw ? kk_t : 0);  // clamped: the value is unused past kw
+    int64_t off[kGateRows];
+#pragma unroll
+    for (int u = 0; u < kGateRows; ++u) {
+      const int r = r_t + u * (kBwdThreads / 64);
+      off[u] = ((tok0 + (r < len ? r : len - 1)) * HV + hv) * K + col;
+    }
+    gather_any(graw, p.g, p.g_dtype, off);
+    if (p.dt_bias != nullptr) gbias = load_any(p.dt_bias, p.dt_bias_dtype, hv * K + col);
+    if (p.A_log != nullptr) gscale = expf(load_any(p.A_log, p.a_log_dtype, hv));
+  }
   {
     const float acc = row_sum_8(kw, [&](int r, int kk) { return xm[r * ld + kk]; });
     const int r = threadIdx.x >> 3;
@@ -707,18 +728,19 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   }
   __syncthreads();
 
-  // Gate backward. xm <- dx (ddt_bias sums), rq <- dA_log contribution.
-  for (int idx = threadIdx.x; idx < len * 64; idx += blockDim.x) {
-    const int r = idx / 64, kk = idx % 64;
-    if (kk >= kw) continue;
+  // Gate backward. xm <- dx (ddt_bias sums), rq <- dA_log contribution. Row r_t + 8 u of column
+  // kk_t for u < kGateRows: the loads (raw g, dt_bias, A_log) were issued before the dbeta sums.
+  for (int u = 0; u < kGateRows; ++u) {
+    const int r = r_t + u * (kBwdThreads / 64), kk = kk_t;
+    if (r >= len || kk >= kw) continue;
     const float dgate = ym[r * ld + kk];
     const int64_t off = ((tok0 + r) * HV + hv) * K + k0 + kk;
     float out = dgate, dA = 0.f;
     if (p.use_gate_in_kernel) {
-      float x = load_any(p.g, p.g_dtype, off);
-      if (p.dt_bias != nullptr) x += load_any(p.dt_bias, p.dt_bias_dtype, hv * K + k0 + kk);
+      float x = graw[u];
+      if (p.dt_bias != nullptr) x += gbias;
       const bool has_a = p.A_log != nullptr;
-      const float a = has_a ? expf(load_any(p.A_log, p.a_log_dtype, hv)) : 1.f;
+      const float a = gscale;
       if (p.use_lower_bound_gate) {
         const float sg = sigmoidf_(a * x);
         out = dgate * p.lower_bound * sg * (1.f - sg) * a;

@@ -133,19 +133,6 @@ __device__ __forceinline__ float beta_of(const ChunkKdaFwdParams& p, float raw) 
 
 // ---- kernel 1 ------------------------------------------------------------------------------
 
-// dst[it] = src[off[it]] as floats. All N loads are issued before any conversion, in one basic
-// block: a load under an if is followed by its conversion in the same branch, which waits for it,
-// so N conditional loads cost N memory round trips instead of one. Callers pass in-bounds
-// offsets for every it (clamped to a valid element) and zero the invalid entries afterwards.
-template <typename U, int N>
-__device__ __forceinline__ void gather(float (&dst)[N], const U* src, const int64_t (&off)[N]) {
-  U raw[N];
-#pragma unroll
-  for (int it = 0; it < N; ++it) raw[it] = src[off[it]];
-#pragma unroll
-  for (int it = 0; it < N; ++it) dst[it] = to_float<U>(raw[it]);
-}
-
 struct PrepLayout {
   // pass 1 (fp32 slice tiles, and the per-warp column sums of the gate cumsum)
   int64_t qs, ks, gs, qop, kop, kc, tot, kc_src;

@@ -70,6 +70,41 @@ __device__ __forceinline__ float load_any(const void* p, DType dt, int64_t i) {
   }
 }
 
+// dst[it] = src[off[it]] as floats. All N loads are issued before any conversion, in one basic
+// block: a load under an if is followed by its conversion in the same branch, which waits for it,
+// so N conditional loads cost N memory round trips instead of one. Callers pass in-bounds
+// offsets for every it (clamped to a valid element) and zero the invalid entries afterwards.
+template <typename U, int N>
+__device__ __forceinline__ void gather(float (&dst)[N], const U* src, const int64_t (&off)[N]) {
+  U raw[N];
+#pragma unroll
+  for (int it = 0; it < N; ++it) raw[it] = src[off[it]];
+#pragma unroll
+  for (int it = 0; it < N; ++it) dst[it] = to_float<U>(raw[it]);
+}
+
+// gather() for a tensor whose dtype is known at run time only: one switch around all N loads
+// (a switch per load would put every load in a branch of its own, see above).
+template <int N>
+__device__ __forceinline__ void gather_any(float (&dst)[N], const void* src, DType dt,
+                                           const int64_t (&off)[N]) {
+  switch (dt) {
+    case DType::kFloat16:
+      gather(dst, static_cast<const __half*>(src), off);
+      break;
+    case DType::kBFloat16:
+      gather(dst, static_cast<const __nv_bfloat16*>(src), off);
+      break;
+    case DType::kFloat64:
+      gather(dst, static_cast<const double*>(src), off);
+      break;
+    case DType::kFloat32:
+    default:
+      gather(dst, static_cast<const float*>(src), off);
+      break;
+  }
+}
+
 // ---- wmma wrappers -------------------------------------------------------------------------
 
 template <typename T>
