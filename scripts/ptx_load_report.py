@@ -23,16 +23,28 @@ import check_cuda_compile as ccc  # noqa: E402
 LOAD = re.compile(r"\s*ld\.global\S*\s+(\{[^}]*\}|%\w+),")
 
 
-def kernel_report(ptx_text, patterns):
-    """(kernel name, global loads, serialising loads) for every .entry matching a pattern."""
+LOC = re.compile(r"\s*\.loc\s+(\d+)\s+(\d+)")
+
+
+def kernel_report(ptx_text, patterns, where=None):
+    """(kernel name, global loads, serialising loads) for every .entry matching a pattern. With
+    `where` (a dict), also counts the serialising loads per (file index, line) of the PTX's
+    .loc directives (present when compiled with -lineinfo) into where[name]."""
     rows = []
     for entry in re.finditer(r"\.entry\s+(\S+)\((.*?)\n\}\n", ptx_text, re.S):
         name = entry.group(1)
         if patterns and not any(p in name for p in patterns):
             continue
         total = lonely = 0
+        loc = None
         for block in re.split(r"\n\$L__BB\d+_\d+:", entry.group(0)):
             lines = block.split("\n")
+            locs = []  # the .loc in force at each line
+            for line in lines:
+                m = LOC.match(line)
+                if m:
+                    loc = (int(m.group(1)), int(m.group(2)))
+                locs.append(loc)
             loads = [i for i, line in enumerate(lines) if LOAD.match(line)]
             total += len(loads)
             if len(loads) > 2:
@@ -42,14 +54,24 @@ def kernel_report(ptx_text, patterns):
                 rest = "\n".join(lines[i + 1:])
                 if any(re.search(re.escape(r) + r"\b", rest) for r in regs):
                     lonely += 1
+                    if where is not None and locs[i] is not None:
+                        counts = where.setdefault(name, {})
+                        counts[locs[i]] = counts.get(locs[i], 0) + 1
         rows.append((name, total, lonely))
     return rows
+
+
+def ptx_files(ptx_text):
+    """File index -> path, from the PTX's .file directives."""
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r'\.file\s+(\d+)\s+"([^"]+)"', ptx_text)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("patterns", nargs="*", help="substrings of mangled kernel names (default: all)")
     ap.add_argument("--arch", default="90a")
+    ap.add_argument("--where", action="store_true",
+                    help="compile with -lineinfo and list the source lines of the one-at-a-time loads")
     args = ap.parse_args()
     nvcc = ccc.find_nvcc()
     if nvcc is None:
@@ -62,13 +84,20 @@ def main():
         ptx = os.path.join(out_dir, src + ".ptx")
         cmd = [x for x in ccc.nvcc_command(nvcc, os.path.join(ccc.ROOT, "csrc", "cuda", src), ptx,
                                            args.arch, stub) if x != "-c"] + ["-ptx"]
+        if args.where:
+            cmd.append("-lineinfo")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             return 1
         with open(ptx) as f:
-            for name, total, lonely in kernel_report(f.read(), args.patterns):
-                print(f"{name[:90]:<90} {total:>9} {lonely:>13}")
+            text = f.read()
+        where = {} if args.where else None
+        for name, total, lonely in kernel_report(text, args.patterns, where):
+            print(f"{name[:90]:<90} {total:>9} {lonely:>13}")
+            for (fi, line), n in sorted((where or {}).get(name, {}).items()):
+                path = os.path.relpath(ptx_files(text).get(fi, "?"), ccc.ROOT)
+                print(f"    {path}:{line}  x{n}")
     return 0
 
 
