@@ -565,8 +565,6 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   const int len = ch.len;
   const int64_t tok0 = ch.tok0, slot = ch.slot;
   const int64_t hq = hv / (HV / H);
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
 
   // The l2norm rstd of each row as kernel A computed it (bit-identical, and no second pass over
   // whole q/k rows per K slice).
