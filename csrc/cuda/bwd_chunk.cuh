@@ -404,17 +404,28 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
   {
     const int nv = BT / 8;  // partial rows are float32 [BT]: whole 8-vectors
-    staged_for<2, F8>(
+    staged_for<2, F8, true>(
         BT * nv,
         [&](int idx) {
+          // Slices summed in a fixed order. Branch-free, all slices' loads issued together: rows
+          // past len read the last row (zeroed by the body), slices past NKS re-read the last
+          // slice and add nothing.
           const int r = idx / nv, j0 = (idx - r * nv) * 8;
-          F8 acc = zero8();  // slices summed in a fixed order
-          if (r < len && j0 < len)
-            for (int s = 0; s < p.NKS; ++s) {
-              const F8 x = load8<float>(p.dAkk_part + ((s * ntok + tok0 + r) * HV + hv) * BT + j0);
+          const int64_t row = tok0 + (r < len ? r : len - 1);
+          F8 x[kBwdMaxKSlices];
 #pragma unroll
-              for (int j = 0; j < 8; ++j) acc.v[j] += x.v[j];
+          for (int s = 0; s < kBwdMaxKSlices; ++s) {
+            const int ss = s < p.NKS ? s : p.NKS - 1;
+            x[s] = load8<float>(p.dAkk_part + ((ss * ntok + row) * HV + hv) * BT + j0);
+          }
+          F8 acc = zero8();
+#pragma unroll
+          for (int s = 0; s < kBwdMaxKSlices; ++s) {
+            if (s < p.NKS) {
+#pragma unroll
+              for (int j = 0; j < 8; ++j) acc.v[j] += x[s].v[j];
             }
+          }
           return acc;
         },
         [&](int idx, F8 x) {
@@ -576,12 +587,13 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   }
   {
     const int nv = BT / 8;  // dAqk/dL rows are float32 [BT]: whole 8-vectors
-    staged_for<2, F8>(
+    staged_for<2, F8, true>(
         BT * nv * 2,
         [&](int idx) {
+          // Branch-free: rows past len read the last row (zeroed below with the columns past len).
           const int which = idx & 1, it = idx >> 1, r = it / nv, j0 = (it - r * nv) * 8;
-          return r < len && j0 < len ? load8<float>((which ? p.dL : p.dAqk) + ((tok0 + r) * HV + hv) * BT + j0)
-                                     : zero8();
+          const int rr = r < len ? r : len - 1;
+          return load8<float>((which ? p.dL : p.dAqk) + ((tok0 + rr) * HV + hv) * BT + j0);
         },
         [&](int idx, F8 x) {
           const int which = idx & 1, it = idx >> 1, r = it / nv, j0 = (it - r * nv) * 8;

@@ -113,7 +113,11 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int
 // keeps one load in flight per thread (the compiler cannot move a load above a store it cannot
 // prove independent), and with one or two blocks per SM that left the backward kernels waiting on
 // memory latency more than half of the time (ncu: long-scoreboard stalls, H100).
-template <int kUnroll, typename Val, typename Load, typename Body>
+// kAlwaysLoad: the loads run unconditionally (an index past the end loads element total - 1
+// again, and its body does not run), for loads that widen their value (load8): such a load under
+// `if (idx < total)` is converted inside the branch and waits for memory before the next one
+// issues. (Not the default: in bwd_state it made ptxas drop to 64 registers with spills.)
+template <int kUnroll, typename Val, bool kAlwaysLoad = false, typename Load, typename Body>
 __device__ __forceinline__ void staged_for(int total, Load load, Body body) {
   const int step = blockDim.x;
   for (int base = threadIdx.x; base < total; base += kUnroll * step) {
@@ -121,7 +125,8 @@ __device__ __forceinline__ void staged_for(int total, Load load, Body body) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int idx = base + u * step;
-      if (idx < total) vals[u] = load(idx);
+      if (kAlwaysLoad) vals[u] = load(idx < total ? idx : total - 1);
+      else if (idx < total) vals[u] = load(idx);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -189,11 +194,13 @@ __device__ __forceinline__ void load_chunk_matrix(float* dst, int ld, const T* s
   auto keep = [&](int i, int j) { return i < len && j < len && (strict ? j < i : j <= i); };
   if (aligned16(src) && ld % 4 == 0) {  // BT is 32 or 64: rows are whole vectors
     const int nv = BT / 8;
-    staged_for<2, F8>(
+    staged_for<2, F8, true>(
         BT * nv,
         [&](int idx) {
+          // Branch-free (a load under a condition waits for memory before the next one issues):
+          // rows past len read the last row, and keep() zeroes them and the columns past len.
           const int i = idx / nv, j0 = (idx - i * nv) * 8;
-          return i < len && j0 < len ? load8<T>(src + ((tok0 + i) * HV + hv) * BT + j0) : zero8();
+          return load8<T>(src + ((tok0 + (i < len ? i : len - 1)) * HV + hv) * BT + j0);
         },
         [&](int idx, F8 x) {
           const int i = idx / nv, j0 = (idx - i * nv) * 8;

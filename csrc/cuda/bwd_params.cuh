@@ -12,6 +12,7 @@ namespace cuda {
 // kernels, so K <= 256 never needs more than ~200 KB of shared memory); the reverse state pass
 // splits V into 32-column slices to give the sequential kernel more blocks.
 constexpr int kBwdKSlice = 64;
+constexpr int kBwdMaxKSlices = 4;  // K <= 256 (checked by the launch layer)
 constexpr int kBwdVTile = 64;
 constexpr int kBwdStateBV = 32;
 constexpr int kBwdThreads = 512;  // 64 rows x 8 threads: row_sum_8 relies on it
