@@ -54,7 +54,7 @@ if has build; then
       tail -n 60 "$OUT/build.log"; summary+=("build: FAILED"); printf '%s\n' "${summary[@]}"; exit 1
     fi
   fi
-  grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | sort -rn | head -n 5
+  [ -f "$OUT/build.log" ] && grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | sort -rn | head -n 5
 fi
 
 if has test; then
