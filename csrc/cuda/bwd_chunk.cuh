@@ -267,8 +267,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   for (int r = warp; r < BT; r += nwarps) {
     float rq = 1.f, rk = 1.f;
     if (r < len && p.use_qk_l2norm) {
-      rq = row_rstd_warp<T>(q, (tok0 + r) * H + hq, K);
-      rk = row_rstd_warp<T>(k, (tok0 + r) * H + hq, K);
+      row_rstd_warp_pair<T>(q, k, (tok0 + r) * H + hq, K, rq, rk);
     }
     if ((threadIdx.x & 31) == 0) {
       vrq[r] = rq;

@@ -300,24 +300,34 @@ __device__ __forceinline__ float beta_value(const ChunkKdaBwdParams& p, int64_t 
   return (p.allow_neg_eigval ? 2.f : 1.f) * sigmoidf_(b);
 }
 
-// rstd of row `row` of a [*, H, K] tensor (1 when l2norm is off): a warp-cooperative sum in a
-// fixed order, result broadcast to every lane.
+// rstd of row `row` of two [*, H, K] tensors (q and k; 1 when l2norm is off is the caller's
+// business): warp-cooperative sums in a fixed order, results broadcast to every lane. Both rows'
+// loads are issued before either sum, so the pair costs one memory round trip, not two.
 template <typename T>
-__device__ __forceinline__ float row_rstd_warp(const T* x, int64_t row, int64_t K) {
+__device__ __forceinline__ void row_rstd_warp_pair(const T* x, const T* y, int64_t row, int64_t K,
+                                                   float& rx, float& ry) {
   const int lane = threadIdx.x & 31;
   constexpr int kPer = 256 / 32;  // K <= 256: all of a lane's loads in flight at once
-  float vals[kPer];
+  float vx[kPer], vy[kPer];
 #pragma unroll
   for (int e = 0; e < kPer; ++e) {
     const int64_t c = lane + 32 * e;
-    vals[e] = c < K ? to_float<T>(x[row * K + c]) : 0.f;
+    vx[e] = c < K ? to_float<T>(x[row * K + c]) : 0.f;
+    vy[e] = c < K ? to_float<T>(y[row * K + c]) : 0.f;
   }
-  float s = 0.f;
+  float sx = 0.f, sy = 0.f;
 #pragma unroll
-  for (int e = 0; e < kPer; ++e) s += vals[e] * vals[e];
+  for (int e = 0; e < kPer; ++e) {
+    sx += vx[e] * vx[e];
+    sy += vy[e] * vy[e];
+  }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  return rsqrtf(s + 1e-6f);
+  for (int o = 16; o > 0; o >>= 1) {
+    sx += __shfl_xor_sync(0xffffffffu, sx, o);
+    sy += __shfl_xor_sync(0xffffffffu, sy, o);
+  }
+  rx = rsqrtf(sx + 1e-6f);
+  ry = rsqrtf(sy + 1e-6f);
 }
 
 }  // namespace bwd
