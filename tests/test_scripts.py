@@ -52,6 +52,15 @@ $L__BB0_3:
     assert ptx_load_report.kernel_report(ptx, []) == [("_Z6kernelv", 5, 1)]
     assert ptx_load_report.kernel_report(ptx, ["other"]) == []
 
+    # --where: the flagged load is attributed to the source line of the .loc in force before it.
+    ptx_lines = ptx.replace("\tld.global.u16 \t%rs1", "\t.loc\t3 177 9\n\tld.global.u16 \t%rs1")
+    ptx_lines = '.file\t3 "/src/csrc/cuda/bwd_common.cuh"\n' + ptx_lines.replace(
+        "\tld.global.u16 \t%rs2", "\t.loc\t3 210 5\n\tld.global.u16 \t%rs2")
+    where = {}
+    assert ptx_load_report.kernel_report(ptx_lines, [], where) == [("_Z6kernelv", 5, 1)]
+    assert where == {"_Z6kernelv": {(3, 177): 1}}
+    assert ptx_load_report.ptx_files(ptx_lines) == {3: "/src/csrc/cuda/bwd_common.cuh"}
+
 
 def test_ncu_stalls_summarises_a_saved_report():
     # scripts/ncu_stalls.py turns ncu's --csv metrics into one line per launch; its parser runs here
