@@ -46,8 +46,8 @@ struct ChunkKdaBwdParams {
   // Outputs.
   void* dq = nullptr;        // [B,T,H,K], dtype of q
   void* dk = nullptr;        // [B,T,H,K]
-  void* dv = nullptr;        // [B,T,HV,V]; zero-filled by the host (tokens outside cu_seqlens)
-  void* dg = nullptr;        // [B,T,HV,K], g_dtype; zero-filled by the host
+  void* dv = nullptr;        // [B,T,HV,V]; zero-filled by the host with cu_seqlens (tokens no sequence covers)
+  void* dg = nullptr;        // [B,T,HV,K], g_dtype; zero-filled by the host with cu_seqlens
   void* dbeta = nullptr;     // [B,T,HV], beta_dtype
   void* dA_log = nullptr;    // [HV], a_log_dtype; null: not wanted
   void* ddt_bias = nullptr;  // [HV*K], dt_bias_dtype; null: not wanted
@@ -61,11 +61,11 @@ struct ChunkKdaBwdParams {
   float* dAkk_part = nullptr;  // [NKS,B*T,HV,BT]: per-K-slice partials of dLoss/dAkk
   float* dAqk = nullptr;       // [B*T,HV,BT]: scale * masked dLoss/dAqk
   float* dL = nullptr;         // [B*T,HV,BT]: masked dLoss/dLkk
-  float* dq_hv = nullptr;      // [B*T,HV,K]: dLoss/dq_hat per value head (zero-filled)
-  float* dk_hv = nullptr;      // [B*T,HV,K] (zero-filled)
+  float* dq_hv = nullptr;      // [B*T,HV,K]: dLoss/dq_hat per value head (zero-filled with cu_seqlens)
+  float* dk_hv = nullptr;      // [B*T,HV,K] (zero-filled with cu_seqlens)
   float* dG = nullptr;         // [B*T,HV,K]: dLoss/dg_cum (before the reverse cumsum)
-  float* rstd_qk = nullptr;     // [2,B*T,H]: l2norm rstd of the q rows, then the k rows (A writes, C reads)
-  float* dbeta_part = nullptr;  // [NKS+1,B*T,HV]: per-K-slice partials, slot NKS = V part (zero-filled)
+  float* rstd_qk = nullptr;    // [2,B*T,H]: l2norm rstd of the q rows, then the k rows (A writes, C reads)
+  float* dbeta_part = nullptr;  // [NKS+1,B*T,HV]: per-K-slice partials, slot NKS = V part (zero-filled with cu_seqlens)
   float* ddt_part = nullptr;   // [B*NT,HV,K]: per-chunk partial sums of dLoss/ddt_bias
   float* dA_part = nullptr;    // [B*NT,HV,NKS]: per-chunk, per-slice partials of dLoss/dA_log
 
