@@ -134,6 +134,27 @@ def test_uncovered_tokens_are_zero_with_unchecked_device_offsets():
     assert torch.equal(o[:, 40:], torch.zeros_like(o[:, 40:]))
 
 
+@requires_cuda
+def test_uncovered_tokens_get_zero_gradients_with_unchecked_device_offsets():
+    # The backward's per-token buffers (dv, dg, the dq/dk/dbeta partials) follow the same rule:
+    # tokens past cu_seqlens[-1] do not reach the output, so their gradients are exactly zero,
+    # never leftovers of earlier allocations.
+    case = Case(cu_seqlens=[0, 5, 40], H=1, HV=2, K=32, V=32, dtype=torch.bfloat16, recipe="varlen")
+    x = make_inputs(case, "cuda")
+    q, k, v, g, beta = (torch.cat([x[n].detach(), torch.randn_like(x[n][:, :10])], dim=1)
+                        for n in ("q", "k", "v", "g", "beta"))
+    g, beta = g.clamp(max=0), beta.sigmoid()
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta)]
+    garbage = [torch.full((4 * q.numel(),), float("nan"), device="cuda") for _ in range(16)]
+    del garbage
+    o, _ = kda_ext.chunk_kda(*leaves, cu_seqlens=x["cu_seqlens"], initial_state=x["h0"].detach())
+    o.backward(torch.randn_like(o))
+    for name, t in zip(("q", "k", "v", "g", "beta"), leaves):
+        tail = t.grad[:, 40:]
+        assert torch.equal(tail, torch.zeros_like(tail)), f"d{name} of uncovered tokens is not zero"
+        assert torch.isfinite(t.grad).all(), f"d{name} is not finite"
+
+
 def test_varlen_equals_separate_calls(device):
     bounds = [0, 7, 70, 71, 200]
     case = Case(cu_seqlens=bounds, H=2, HV=4, K=32, V=16, dtype=torch.float32, recipe="varlen",
