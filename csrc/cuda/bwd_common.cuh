@@ -300,9 +300,9 @@ __device__ __forceinline__ float beta_value(const ChunkKdaBwdParams& p, int64_t 
   return (p.allow_neg_eigval ? 2.f : 1.f) * sigmoidf_(b);
 }
 
-// rstd of row `row` of two [*, H, K] tensors (q and k; 1 when l2norm is off is the caller's
-// business): warp-cooperative sums in a fixed order, results broadcast to every lane. Both rows'
-// loads are issued before either sum, so the pair costs one memory round trip, not two.
+// l2norm rstd of row `row` of two [*, H, K] tensors (q and k; callers skip it when l2norm is
+// off): warp-cooperative sums in a fixed order, results broadcast to every lane. Both rows' loads
+// are issued before either sum, so the pair costs one memory round trip, not two.
 template <typename T>
 __device__ __forceinline__ void row_rstd_warp_pair(const T* x, const T* y, int64_t row, int64_t K,
                                                    float& rx, float& ry) {
