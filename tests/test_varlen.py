@@ -117,20 +117,30 @@ def test_more_sequences_than_scan_threads(device):
     compare(run_reference(case, x), run_kernel(case, x), FLA_VARLEN_TOL)
 
 
-@requires_cuda
-def test_uncovered_tokens_are_zero_with_unchecked_device_offsets():
-    # Device offsets without a host copy are not validated (no sync); tokens past cu_seqlens[-1]
-    # must come out as zeros, not uninitialised memory.
+def _inputs_with_uncovered_tail():
+    """q, k, v, g, beta of 50 tokens on CUDA whose device offsets [0, 5, 40] (no host copy, so
+    not validated) leave the last 10 tokens to no sequence; plus the offsets and h0."""
     case = Case(cu_seqlens=[0, 5, 40], H=1, HV=2, K=32, V=32, dtype=torch.bfloat16, recipe="varlen")
     x = make_inputs(case, "cuda")
     q, k, v, g, beta = (torch.cat([x[n].detach(), torch.randn_like(x[n][:, :10])], dim=1)
                         for n in ("q", "k", "v", "g", "beta"))
-    # Leave NaN garbage in the caching allocator in blocks of o's size, so an output the kernels do
-    # not write cannot pass as zeros by luck.
-    garbage = [torch.full_like(v, float("nan")) for _ in range(16)]
+    return [q, k, v, g.clamp(max=0), beta.sigmoid()], x["cu_seqlens"], x["h0"].detach()
+
+
+def _leave_nan_in_allocator(numel, dtype):
+    # Freed NaN blocks stay in the caching allocator, so a buffer the kernels do not write cannot
+    # pass as zeros by luck.
+    garbage = [torch.full((numel,), float("nan"), device="cuda", dtype=dtype) for _ in range(16)]
     del garbage
-    o, _ = kda_ext.chunk_kda(q, k, v, g.clamp(max=0), beta.sigmoid(), cu_seqlens=x["cu_seqlens"],
-                             initial_state=x["h0"].detach())
+
+
+@requires_cuda
+def test_uncovered_tokens_are_zero_with_unchecked_device_offsets():
+    # Device offsets without a host copy are not validated (no sync); tokens past cu_seqlens[-1]
+    # must come out as zeros, not uninitialised memory.
+    inputs, cu, h0 = _inputs_with_uncovered_tail()
+    _leave_nan_in_allocator(inputs[2].numel(), inputs[2].dtype)  # blocks of o's size
+    o, _ = kda_ext.chunk_kda(*inputs, cu_seqlens=cu, initial_state=h0)
     assert torch.equal(o[:, 40:], torch.zeros_like(o[:, 40:]))
 
 
@@ -139,15 +149,10 @@ def test_uncovered_tokens_get_zero_gradients_with_unchecked_device_offsets():
     # The backward's per-token buffers (dv, dg, the dq/dk/dbeta partials) follow the same rule:
     # tokens past cu_seqlens[-1] do not reach the output, so their gradients are exactly zero,
     # never leftovers of earlier allocations.
-    case = Case(cu_seqlens=[0, 5, 40], H=1, HV=2, K=32, V=32, dtype=torch.bfloat16, recipe="varlen")
-    x = make_inputs(case, "cuda")
-    q, k, v, g, beta = (torch.cat([x[n].detach(), torch.randn_like(x[n][:, :10])], dim=1)
-                        for n in ("q", "k", "v", "g", "beta"))
-    g, beta = g.clamp(max=0), beta.sigmoid()
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta)]
-    garbage = [torch.full((4 * q.numel(),), float("nan"), device="cuda") for _ in range(16)]
-    del garbage
-    o, _ = kda_ext.chunk_kda(*leaves, cu_seqlens=x["cu_seqlens"], initial_state=x["h0"].detach())
+    inputs, cu, h0 = _inputs_with_uncovered_tail()
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    _leave_nan_in_allocator(4 * inputs[0].numel(), torch.float32)  # fp32 workspaces too
+    o, _ = kda_ext.chunk_kda(*leaves, cu_seqlens=cu, initial_state=h0)
     o.backward(torch.randn_like(o))
     for name, t in zip(("q", "k", "v", "g", "beta"), leaves):
         tail = t.grad[:, 40:]
