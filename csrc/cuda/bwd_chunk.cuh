@@ -259,12 +259,22 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   float* kb = vn;
   float* qh = dvn;
   float* dkb = dout;
-  // Per-row scalars. One CTA per row (K slice 0, first value head of the group) keeps the l2norm
-  // rstd for kernel C, which would otherwise load whole q/k rows again for each of its K slices.
-  // (Computed here rather than before the V loop: there, A measured 4% slower on an H100.)
+  // Per-row scalars. The l2norm rstd comes from the recompute's chunk_prepare when it ran (the
+  // same values the recompute normalised q and k with); otherwise (saved intermediates) one CTA
+  // per row (K slice 0, first value head of the group) computes it and keeps it for kernel C,
+  // which would otherwise load whole q/k rows again for each of its K slices. (Computed here
+  // rather than before the V loop: there, A measured 4% slower on an H100.)
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  if (p.rstd_ready) {
+    for (int r = threadIdx.x; r < BT; r += blockDim.x) {
+      const bool l2 = r < len && p.use_qk_l2norm;
+      vrq[r] = l2 ? p.rstd_qk[(tok0 + r) * H + hq] : 1.f;
+      vrk[r] = l2 ? p.rstd_qk[(p.B * p.T + tok0 + r) * H + hq] : 1.f;
+      vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
+    }
+  }
   const bool keep_rstd = p.rstd_qk != nullptr && ks == 0 && hv % (HV / H) == 0;
-  for (int r = warp; r < BT; r += nwarps) {
+  for (int r = warp; r < BT && !p.rstd_ready; r += nwarps) {
     float rq = 1.f, rk = 1.f;
     if (r < len && p.use_qk_l2norm) {
       row_rstd_warp_pair<T>(q, k, (tok0 + r) * H + hq, K, rq, rk);

@@ -12,7 +12,7 @@ namespace cuda {
 
 // Workspace element counts the caller allocates for ChunkKdaBwdParams (see bwd_params.cuh).
 struct BwdWorkspaceSizes {
-  int64_t bounds, dh, dvn, dAkk_part, dA, dq_hv, dbeta_part, ddt_part, dA_part, rstd_qk;
+  int64_t bounds, dh, dvn, dAkk_part, dA, dq_hv, dbeta_part, ddt_part, dA_part;
 };
 BwdWorkspaceSizes bwd_workspace_sizes(const ChunkKdaBwdParams& p);
 
@@ -21,8 +21,8 @@ BwdWorkspaceSizes bwd_workspace_sizes(const ChunkKdaBwdParams& p);
 // caching allocator then reuses that memory for later stages on the same stream, which keeps
 // the peak well below the sum of all workspaces). What each stage reads and writes:
 //   kState:  g_cum, kg, qg, w, Aqk, dout, dht -> seq_bounds/chunk_offsets, dh, dvn, dh0
-//   kChunkA: q, k, g_cum, beta, h, dh, dout, dvn, v_new, Akk -> dAkk_part, dq_hv, dk_hv, dG,
-//            dbeta_part[0, NKS), rstd_qk (with l2norm)
+//   kChunkA: q, k, g_cum, beta, h, dh, dout, dvn, v_new, Akk, rstd_qk (when rstd_ready) ->
+//            dAkk_part, dq_hv, dk_hv, dG, dbeta_part[0, NKS), rstd_qk (with l2norm, unless ready)
 //   kChunkB: v, beta, dout, dvn, v_new, Akk, dAkk_part -> dv, dAqk, dL, dbeta_part[NKS]
 //   kChunkC: q, k, g, g_cum, beta, rstd_qk, dAqk, dL, gate parameters; dq_hv, dk_hv, dG (read-modify-
 //            write), dbeta_part (+=) -> dg, ddt_part, dA_part

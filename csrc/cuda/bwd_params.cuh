@@ -64,7 +64,8 @@ struct ChunkKdaBwdParams {
   float* dq_hv = nullptr;      // [B*T,HV,K]: dLoss/dq_hat per value head (zero-filled with cu_seqlens)
   float* dk_hv = nullptr;      // [B*T,HV,K] (zero-filled with cu_seqlens)
   float* dG = nullptr;         // [B*T,HV,K]: dLoss/dg_cum (before the reverse cumsum)
-  float* rstd_qk = nullptr;    // [2,B*T,H]: l2norm rstd of the q rows, then the k rows (A writes, C reads)
+  float* rstd_qk = nullptr;    // [2,B*T,H]: l2norm rstd of the q rows, then the k rows (C reads it)
+  bool rstd_ready = false;      // rstd_qk was filled by the recompute (A reads it); else A writes it
   float* dbeta_part = nullptr;  // [NKS+1,B*T,HV]: per-K-slice partials, slot NKS = V part (zero-filled with cu_seqlens)
   float* ddt_part = nullptr;   // [B*NT,HV,K]: per-chunk partial sums of dLoss/ddt_bias
   float* dA_part = nullptr;    // [B*NT,HV,NKS]: per-chunk, per-slice partials of dLoss/dA_log

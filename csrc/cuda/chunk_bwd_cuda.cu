@@ -83,6 +83,10 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
               "kda_ext: g_cum, w, u, qg, kg, v_new and h must be given together or not at all, "
               "got ", given, " of 7");
   at::Tensor g_cum, w, qg, kg, v_new, h;
+  // The l2norm rstd of every q/k row ([2, B*T, H] fp32; rows no chunk covers are never read):
+  // handed over by the recompute when it runs, else written by kernel A for kernel C.
+  at::Tensor w_rstd;
+  if (use_qk_l2norm) w_rstd = at::empty({2 * B * T * H}, q.options().dtype(at::kFloat));
   if (given == 7) {
     check_like(*g_cum_in, "g_cum", {B, T, HV, K}, at::kFloat, q);
     check_like(*w_in, "w", {B, T, HV, K}, io, q);
@@ -103,7 +107,8 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
     auto r = chunk_kda_recompute_cuda(q, k, v, g, beta, scale, initial_state, A_log, dt_bias,
                                       cu_seqlens, use_qk_l2norm, use_gate_in_kernel,
                                       use_beta_sigmoid, allow_neg_eigval, safe_gate, lower_bound,
-                                      state_v_first, chunk_size, Akk);
+                                      state_v_first, chunk_size, Akk,
+                                      w_rstd.defined() ? w_rstd.data_ptr<float>() : nullptr);
     g_cum = std::get<4>(r).contiguous();
     w = std::get<5>(r).contiguous();
     qg = std::get<7>(r).contiguous();
@@ -228,10 +233,9 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   p.dk_hv = w_dk.data_ptr<float>();
   p.dG = w_dG.data_ptr<float>();
   p.dbeta_part = w_db.data_ptr<float>();
-  at::Tensor w_rstd;  // rows no chunk covers are never read: no fill needed
-  if (use_qk_l2norm) {
-    w_rstd = workspace(ws.rstd_qk, false);
+  if (w_rstd.defined()) {
     p.rstd_qk = w_rstd.data_ptr<float>();
+    p.rstd_ready = given == 0;  // the recompute filled it
   }
   run(cuda::BwdStage::kChunkA);
   w_dh.reset(), h.reset();

@@ -24,6 +24,7 @@ using cuda::dtype_tag;
 struct FwdOptions {
   const at::Tensor* Akk_saved = nullptr;
   bool want_output = true;
+  float* rstd_qk = nullptr;  // [2, B*T, H] fp32 or null: receives the l2norm rstd of the q/k rows
 };
 
 FwdTensors run_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -122,6 +123,7 @@ FwdTensors run_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   p.kg = kg.data_ptr();
   p.v_new = save_intermediates ? v_new.data_ptr() : nullptr;
   p.h = want_h ? h.data_ptr() : nullptr;
+  p.rstd_qk = opt.rstd_qk;
   p.chunk_offsets = d.varlen ? offsets.data_ptr<int64_t>() : nullptr;
   p.B = B;
   p.T = T;
@@ -186,10 +188,11 @@ FwdTensors chunk_kda_recompute_cuda(
     const std::optional<at::Tensor>& cu_seqlens, bool use_qk_l2norm, bool use_gate_in_kernel,
     bool use_beta_sigmoid, bool allow_neg_eigval, bool safe_gate,
     std::optional<double> lower_bound, bool state_v_first, int64_t chunk_size,
-    const at::Tensor& Akk) {
+    const at::Tensor& Akk, float* rstd_qk) {
   FwdOptions opt;
   opt.Akk_saved = &Akk;
   opt.want_output = false;
+  opt.rstd_qk = rstd_qk;
   return run_forward(q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
                      use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval,
                      safe_gate, lower_bound, state_v_first, chunk_size,

@@ -304,6 +304,11 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     if (part == 0) {
       rq[i] = p.use_qk_l2norm ? 1.f / sqrtf(sq + 1e-6f) : 1.f;
       rk[i] = p.use_qk_l2norm ? 1.f / sqrtf(sk + 1e-6f) : 1.f;
+      // One CTA per q/k head (the group's first value head) hands the row's rstd on.
+      if (p.rstd_qk != nullptr && p.use_qk_l2norm && i < L && hv % (HV / H) == 0) {
+        p.rstd_qk[(row0 + i) * H + hq] = rq[i];
+        p.rstd_qk[(p.B * p.T + row0 + i) * H + hq] = rk[i];
+      }
     }
   }
   for (int i = tid; i < BT; i += kPrepThreads)

@@ -24,7 +24,6 @@ BwdWorkspaceSizes bwd_workspace_sizes(const ChunkKdaBwdParams& p) {
   s.dbeta_part = static_cast<int64_t>(p.NKS + 1) * ntok * p.HV;
   s.ddt_part = slots * p.HV * p.K;
   s.dA_part = slots * p.HV * p.NKS;
-  s.rstd_qk = 2 * ntok * p.H;
   return s;
 }
 

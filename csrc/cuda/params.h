@@ -41,6 +41,8 @@ struct ChunkKdaFwdParams {
   void* kg = nullptr;           // [B,T,HV,K], dtype of k
   void* v_new = nullptr;        // [B,T,HV,V], dtype of v
   void* h = nullptr;            // [B,NT,HV,K,V] or [B,NT,HV,V,K], dtype of k
+  float* rstd_qk = nullptr;     // [2,B*T,H] or null: chunk_prepare stores the l2norm rstd of every q
+                                //   row, then every k row (the backward's recompute hands it on)
   int64_t* chunk_offsets = nullptr;  // [N+1] workspace, varlen only: first h slot per sequence
 
   // Sizes. NT is the slot count of h per batch row (shape-only upper bound with cu_seqlens).
