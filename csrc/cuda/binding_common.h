@@ -2,8 +2,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <cuda_runtime.h>
 
 #include "cuda/params.h"
+#include "cuda/varlen_guard.h"
 
 namespace kda_ext {
 namespace cuda {
@@ -34,6 +36,25 @@ inline DType dtype_tag(const at::Tensor& t, const char* name) {
   TORCH_CHECK(false, "kda_ext: ", name, " must be float16, bfloat16, float32 or float64, got ",
               t.scalar_type());
 }
+
+// The varlen fill guard of one call (varlen_guard.h): checks the device offsets once, then
+// zero_unless_valid(t) zeroes t only when they do not cover every token exactly once.
+class VarlenFillGuard {
+ public:
+  VarlenFillGuard(const at::Tensor& cu, int64_t N, int64_t T, cudaStream_t stream)
+      : flag_(at::empty({1}, cu.options().dtype(at::kInt))), stream_(stream) {
+    launch_check_offsets(cu.data_ptr(), cu.scalar_type() == at::kLong, N, T,
+                         flag_.data_ptr<int>(), stream_);
+  }
+  void zero_unless_valid(const at::Tensor& t) const {
+    launch_zero_unless_valid(flag_.data_ptr<int>(), t.data_ptr(), static_cast<int64_t>(t.nbytes()),
+                             stream_);
+  }
+
+ private:
+  at::Tensor flag_;
+  cudaStream_t stream_;
+};
 
 }  // namespace cuda
 }  // namespace kda_ext

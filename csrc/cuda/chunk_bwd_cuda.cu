@@ -198,15 +198,24 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   // recomputed intermediates likewise (see BwdStage for who reads what); on one stream the
   // allocator hands released memory to later stages only after the earlier kernels. Peak at
   // (2, 8192, 32, 128): the sum of everything live at kChunkA instead of the sum of everything.
-  // With cu_seqlens, buffers that are read for every token are zero-filled: device offsets are
-  // not validated (no host sync), and tokens no sequence covers must read as 0, not as garbage.
-  // Without cu_seqlens every token belongs to exactly one chunk, so every element is written.
+  // With cu_seqlens, buffers that are read or returned for every token are zero-filled when
+  // the device check finds offsets that do not cover every token exactly once (they are not
+  // validated on the host: no sync), so that such tokens read as 0, not as garbage
+  // (VarlenFillGuard). Without cu_seqlens every token belongs to exactly one chunk and every
+  // element is written.
   const cuda::BwdWorkspaceSizes ws = cuda::bwd_workspace_sizes(p);
   const auto f32 = q.options().dtype(at::kFloat);
-  const bool fill = d.varlen;
-  auto workspace = [&](int64_t n, bool zero) { return zero ? at::zeros({n}, f32) : at::empty({n}, f32); };
+  std::optional<cuda::VarlenFillGuard> fill_guard;
+  if (d.varlen) fill_guard.emplace(cu, N, T, stream);
+  auto guarded = [&](at::Tensor t, bool read_per_token) {
+    if (read_per_token && fill_guard) fill_guard->zero_unless_valid(t);
+    return t;
+  };
+  auto workspace = [&](int64_t n, bool read_per_token) {
+    return guarded(at::empty({n}, f32), read_per_token);
+  };
   auto output = [&](at::IntArrayRef shape, const at::TensorOptions& opt) {
-    return fill ? at::zeros(shape, opt) : at::empty(shape, opt);
+    return guarded(at::empty(shape, opt), true);
   };
   auto run = [&](cuda::BwdStage stage) {
     if (HV > 0) cuda::launch_chunk_kda_bwd_stage(p, stage, stream);
@@ -224,10 +233,10 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   p.w = p.qg = p.kg = nullptr;
 
   at::Tensor w_dakk = workspace(ws.dAkk_part, false);
-  at::Tensor w_dq = workspace(ws.dq_hv, fill);
-  at::Tensor w_dk = workspace(ws.dq_hv, fill);
+  at::Tensor w_dq = workspace(ws.dq_hv, true);
+  at::Tensor w_dk = workspace(ws.dq_hv, true);
   at::Tensor w_dG = workspace(ws.dq_hv, false);
-  at::Tensor w_db = workspace(ws.dbeta_part, fill);
+  at::Tensor w_db = workspace(ws.dbeta_part, true);
   p.dAkk_part = w_dakk.data_ptr<float>();
   p.dq_hv = w_dq.data_ptr<float>();
   p.dk_hv = w_dk.data_ptr<float>();

@@ -60,11 +60,17 @@ FwdTensors run_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   const int64_t B = d.B, T = d.T, HV = d.HV, K = d.K, V = d.V, N = d.N, BT = d.BT, NT = d.NT;
 
   // Written by the kernels for every row of every real chunk, upper triangles included. With
-  // cu_seqlens on the device and no host copy, the offsets are not validated (that would need a
-  // sync): tokens no sequence covers then read as zeros rather than uninitialised memory, as the
-  // backward's zero-filled dv/dg do.
+  // cu_seqlens on the device and no host copy, the offsets are not validated on the host (that
+  // would need a sync): tokens no sequence covers then read as zeros rather than uninitialised
+  // memory, as the backward's dv/dg do. The fill runs only when the device check finds offsets
+  // that do not cover every token exactly once (VarlenFillGuard).
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  std::optional<cuda::VarlenFillGuard> fill_guard;
+  if (d.varlen) fill_guard.emplace(cu, N, T, stream);
   const auto alloc = [&](at::IntArrayRef shape, const at::TensorOptions& opt) {
-    return d.varlen ? at::zeros(shape, opt) : at::empty(shape, opt);
+    at::Tensor t = at::empty(shape, opt);
+    if (fill_guard) fill_guard->zero_unless_valid(t);
+    return t;
   };
   at::Tensor o = opt.want_output ? alloc({B, T, HV, V}, q.options()) : q.new_empty({0});
   const bool reuse_akk = opt.Akk_saved != nullptr;
@@ -150,7 +156,7 @@ FwdTensors run_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   TORCH_CHECK(!p.use_gate_in_kernel || p.use_lower_bound_gate || p.A_log != nullptr,
               "kda_ext: the in-kernel softplus gate needs A_log");
 
-  if (N > 0 && HV > 0) cuda::launch_chunk_kda_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  if (N > 0 && HV > 0) cuda::launch_chunk_kda_fwd(p, stream);
 
   if (!save_intermediates) {
     g_cum = q.new_empty({0}, f32);
