@@ -27,6 +27,14 @@ METRICS = [
     "launch__grid_size",
     "launch__block_size",
 ]
+# With --mix: executed warp instructions by pipeline and the shared/global load/store counts,
+# to tell index arithmetic (alu/fma integer work), shared-memory traffic (lsu) and tensor work apart.
+PIPE_PREFIX = "smsp__inst_executed_pipe_"
+OP_PREFIX = "smsp__sass_inst_executed_op_"
+MIX_METRICS = [
+    f"regex:{PIPE_PREFIX}[a-z0-9_]+\\.sum$",
+    f"regex:{OP_PREFIX}(shared|global)_(ld|st)\\.sum$",
+]
 
 
 def _num(text):
@@ -63,21 +71,54 @@ def summarize(csv_text, top=4):
     return out
 
 
+def summarize_mix(csv_text, top=7):
+    """Lines of a markdown table: instructions per warp by pipeline, and memory instructions."""
+    lines = csv_text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        return []
+    launches = {}
+    for row in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
+        key = (int(row["ID"]), row["Kernel Name"])
+        launches.setdefault(key, {})[row["Metric Name"]] = _num(row["Metric Value"])
+    out = ["| launch | kernel | instr./warp | by pipeline (per warp) | shared ld/st, global ld/st (per warp) |",
+           "|---|---|---|---|---|"]
+    for (launch_id, name), m in sorted(launches.items()):
+        warps = m.get("launch__grid_size", float("nan")) * m.get("launch__block_size", float("nan")) / 32
+        pipes = {k[len(PIPE_PREFIX):-len(".sum")]: v / warps for k, v in m.items()
+                 if k.startswith(PIPE_PREFIX) and k.endswith(".sum")}
+        ops = {k[len(OP_PREFIX):-len(".sum")]: v / warps for k, v in m.items()
+               if k.startswith(OP_PREFIX) and k.endswith(".sum")}
+        if not pipes:
+            continue
+        ranked = sorted(pipes.items(), key=lambda kv: -kv[1])[:top]
+        short = name.split("(")[0].replace("void ", "")
+        out.append(
+            f"| {launch_id} | {short} | {m.get('smsp__inst_executed.sum', float('nan')) / warps:.0f} | "
+            + ", ".join(f"{k} {v:.0f}" for k, v in ranked) + " | "
+            + ", ".join(f"{ops.get(k, float('nan')):.0f}" for k in ("shared_ld", "shared_st", "global_ld", "global_st"))
+            + " |")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--csv", help="summarise this saved ncu --csv output instead of profiling")
     ap.add_argument("--kernels", default="chunk_prepare|chunk_state|bwd_chunk|bwd_state|bwd_dqk")
     ap.add_argument("--count", type=int, default=8, help="kernel launches to profile")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--mix", action="store_true",
+                    help="also count instructions by pipeline and shared/global loads and stores")
     a, rest = ap.parse_known_args()  # the rest goes to profile_kernels.py
     if a.csv:
         with open(a.csv) as f:
-            print("\n".join(summarize(f.read())))
+            text = f.read()
+        print("\n".join(summarize(text) + [""] + summarize_mix(text)))
         return 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     prof = [sys.executable, os.path.join(root, "benchmarks", "profile_kernels.py"), "--once"] + rest
     cmd = ["ncu", "--clock-control", "none", "-k", f"regex:{a.kernels}", "--launch-count", str(a.count),
-           "--metrics", ",".join(METRICS), "--csv"] + prof
+           "--metrics", ",".join(METRICS + (MIX_METRICS if a.mix else [])), "--csv"] + prof
     proc = subprocess.run(cmd, capture_output=True, text=True)
     raw = os.path.join(a.out, "ncu_stalls.csv")
     with open(raw, "w") as f:
@@ -85,7 +126,7 @@ def main():
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
-    print("\n".join(summarize(proc.stdout)))
+    print("\n".join(summarize(proc.stdout) + [""] + summarize_mix(proc.stdout)))
     return 0
 
 

@@ -83,3 +83,14 @@ def test_ncu_stalls_summarises_a_saved_report():
     assert table[2] == ("| 3 | kda_ext::cuda::k<float> | 2.500 | 100 | 96 | 40.5 | 5.2 | "
                         "long_scoreboard 3.50, wait 1.50 |"), table
     assert ncu_stalls.summarize("no report here") == ["no ncu metrics in this output"]
+    # --mix: instructions per warp by pipeline (largest first) and the memory instruction counts.
+    mix = [("smsp__inst_executed_pipe_alu.sum", "inst", "1,600"), ("smsp__inst_executed_pipe_lsu.sum", "inst", "800"),
+           ("smsp__inst_executed_pipe_fma.sum", "inst", "1,200"),
+           ("smsp__sass_inst_executed_op_shared_ld.sum", "inst", "400"),
+           ("smsp__sass_inst_executed_op_shared_st.sum", "inst", "200"),
+           ("smsp__sass_inst_executed_op_global_ld.sum", "inst", "64"),
+           ("smsp__sass_inst_executed_op_global_st.sum", "inst", "32")]
+    text += "\n" + "\n".join(kern + f'"{n}","{u}","{v}"' for n, u, v in mix)
+    assert ncu_stalls.summarize_mix(text, top=2)[2] == (
+        "| 3 | kda_ext::cuda::k<float> | 100 | alu 50, fma 38 | 12, 6, 2, 1 |")
+    assert ncu_stalls.summarize_mix("no report here") == []
