@@ -4,7 +4,7 @@
 # parallel builds cost little more than one), then each runs device_check.sh's steps in turn: the
 # timings come from one machine in one run, so their ratios are ones the perf notes may quote.
 #
-#   bash scripts/device_ab.sh PATCH [PATCH ...]
+#   bash scripts/device_ab.sh PATCH[@STEPS] [PATCH[@STEPS] ...]
 #
 # PATCH: a `git diff` of the change, e.g. `git diff main wip/x -- csrc > ab/x.patch`, with `/ab/` in
 # .git/info/exclude and `ab` named in the device call's carry. Environment: OUT; BENCH_ARGS (as
@@ -26,14 +26,18 @@ A_STEPS="${A_STEPS:-build,bench}"
 names=(A); dirs=("$ROOT"); steps=("$A_STEPS")
 rm -rf "$AB_DIR"
 rc=0
-for patch in "$@"; do
+for arg in "$@"; do
+  # PATCH@STEPS runs STEPS for that patch instead of B_STEPS (e.g. ab/x.patch@build,bench).
+  patch="${arg%%@*}"
+  this_steps="$B_STEPS"
+  [ "$arg" != "$patch" ] && this_steps="${arg#*@}"
   name=$(basename "$patch" .patch)
   dir="$AB_DIR/$name"
   mkdir -p "$dir"
   tar -C "$ROOT" --exclude=./.git --exclude=./ab --exclude=./build --exclude=./.triton_cache -cf - . | tar -C "$dir" -xf -
   patch_file="$(cd "$(dirname "$patch")" && pwd)/$(basename "$patch")"
   if (cd "$dir" && if command -v patch >/dev/null; then patch -p1 -s < "$patch_file"; else git apply "$patch_file"; fi); then
-    names+=("$name"); dirs+=("$dir"); steps+=("$B_STEPS")
+    names+=("$name"); dirs+=("$dir"); steps+=("$this_steps")
   else
     echo "== $name: the patch does not apply"; rc=1
   fi
