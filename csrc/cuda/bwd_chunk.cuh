@@ -292,6 +292,9 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
   __syncthreads();
   // Element (r, kk) of the slice from the raw q, k and G: l2norm, k*beta*e^G, and -dw.
+  // Exponentials of G in kernels A and C are __expf (ex2.approx of x log2e: ~2 ulp plus |x| 2^-24
+  // relative), as in the forward's chunk_prepare that made qg/kg/w from the same G: expf's range
+  // reduction costs ~6 more instructions each, and these kernels are issue-bound.
   auto emit_a = [&](int r, int kk, float qv, float kv, float gv) {
     if (p.use_qk_l2norm && r < len) {
       qv = round_to<T>(qv * vrq[r]);
@@ -300,7 +303,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     qh[r * ld + kk] = qv;
     kh[r * ld + kk] = kv;
     G[r * ld + kk] = gv;
-    kb[r * ld + kk] = vbeta[r] * kv * expf(gv);
+    kb[r * ld + kk] = vbeta[r] * kv * __expf(gv);
     aw[r * ld + kk] = -aw[r * ld + kk];
   };
   load_slice_qkg<T>(p, tok0, len, hv, hq, k0, BT, emit_a);
@@ -323,11 +326,11 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     const bool leader = (threadIdx.x & 7) == 0;
     const float gl = G[(len - 1) * ld + row];
     const float col = row_sum_8(len, [&](int kk, int r) {
-      return ak[r * ld + kk] * kh[r * ld + kk] * expf(gl - G[r * ld + kk]);
+      return ak[r * ld + kk] * kh[r * ld + kk] * __expf(gl - G[r * ld + kk]);
     });
-    if (leader) vgl[row] = row < kw ? expf(gl) * sds + col : 0.f;
+    if (leader) vgl[row] = row < kw ? __expf(gl) * sds + col : 0.f;
     const float db = row_sum_8(kw, [&](int r, int kk) {
-      return dkb[r * ld + kk] * kh[r * ld + kk] * expf(G[r * ld + kk]);
+      return dkb[r * ld + kk] * kh[r * ld + kk] * __expf(G[r * ld + kk]);
     });
     if (leader && row < len) p.dbeta_part[(ks * p.B * p.T + tok0 + row) * HV + hv] = db;
   }
@@ -336,7 +339,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     const int r = idx / 64, kk = idx % 64;
     if (kk >= kw) continue;
     const float gv = G[r * ld + kk], gl = G[(len - 1) * ld + kk];
-    const float eg = expf(gv), egl = expf(gl - gv);
+    const float eg = __expf(gv), egl = __expf(gl - gv);
     const float dqg = p.scale * aq[r * ld + kk];
     const float dkg = ak[r * ld + kk];
     const float dkbv = dkb[r * ld + kk];
@@ -635,7 +638,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     const int i0 = 16 * I;
     for (int idx = threadIdx.x; idx < i0 * 64; idx += blockDim.x) {
       const int j = idx / 64, kk = idx % 64;
-      xm[j * ld + kk] = kh[j * ld + kk] * expf(G[i0 * ld + kk] - G[j * ld + kk]);
+      xm[j * ld + kk] = kh[j * ld + kk] * __expf(G[i0 * ld + kk] - G[j * ld + kk]);
     }
     __syncthreads();
     smem_gemm<false, false>(rq + i0 * ld, ld, daqk + i0 * ldA, ldA, xm, ld, 16, 64, i0, false);
@@ -648,7 +651,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     for (int idx = threadIdx.x; idx < (BT - j1) * 64; idx += blockDim.x) {
       const int i = j1 + idx / 64, kk = idx % 64;
       float e = 0.f;
-      if (i < len) e = expf(G[i * ld + kk] - G[r * ld + kk]);
+      if (i < len) e = __expf(G[i * ld + kk] - G[r * ld + kk]);
       xm[i * ld + kk] = qh[i * ld + kk] * e;
       ym[i * ld + kk] = vbeta[i] * kh[i * ld + kk] * e;
     }
@@ -684,11 +687,11 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
           const float gi = G[i * ld + kk];
           float vq = 0.f, vl = 0.f, vc = 0.f;
           if (s > 0) {
-            const float f = expf(gi - G[b0 * ld + kk]);
+            const float f = __expf(gi - G[b0 * ld + kk]);
             vq = rq[i * ld + kk] * f;
             vl = rl[i * ld + kk] * f;
           }
-          if (b0 + 16 < len) vc = cc[i * ld + kk] * expf(G[(b0 + 15) * ld + kk] - gi);
+          if (b0 + 16 < len) vc = cc[i * ld + kk] * __expf(G[(b0 + 15) * ld + kk] - gi);
           // Every exponent here is <= 0, where the fast exp's error stays at a few ulp.
           for (int j = b0; j <= i; ++j) {
             const float e = __expf(gi - G[j * ld + kk]) * kh[j * ld + kk];
