@@ -113,15 +113,20 @@ __device__ __forceinline__ ChunkLoc locate_chunk(const ChunkKdaFwdParams& p, int
 // The in-kernel gate of one element: lower_bound * sigmoid(a (g + bias)) (the a factor only with
 // A_log) or -a softplus(g + bias). bias = dt_bias[hv, col] (0 without one) and a = exp(A_log[hv])
 // (1 without) are computed by the caller once per slice / block.
+// __expf and __fdividef (a few ulp) instead of expf and IEEE division: those cost ~20 more
+// instructions per element in a loop that is issue-bound, and a relative error of a few ulp in a
+// gate is far below what the bf16/fp16 rounding of qg/kg/w introduces downstream. sigmoid still
+// tends to 0 as x -> -inf (__fdividef by an infinite denominator gives 0). softplus keeps log1pf:
+// __logf near 1 has an absolute error (~4e-7) that is large relative to softplus of x << 0.
 __device__ __forceinline__ float gate_of(const ChunkKdaFwdParams& p, float graw,
                                                  float bias, float a) {
   if (!p.use_gate_in_kernel) return graw;
   float x = graw + bias;
   if (p.use_lower_bound_gate) {
     if (p.A_log != nullptr) x *= a;
-    return p.lower_bound / (1.f + expf(-x));
+    return __fdividef(p.lower_bound, 1.f + __expf(-x));
   }
-  const float sp = x > 20.f ? x : log1pf(expf(x));
+  const float sp = x > 20.f ? x : log1pf(__expf(x));
   return -a * sp;
 }
 
