@@ -1,6 +1,8 @@
 // kda_ext CUDA backward: per-chunk gradient kernels (A: state/WY terms per K slice; B: dAkk->dL, dAqk, dv; C: intra-chunk terms, reverse cumsum and gate backward per K slice).
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/bwd_common.cuh"
 
 namespace kda_ext {
@@ -523,8 +525,9 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
 //   CC_j = sum_{i>=j} (sAqk'_ij q_i + dL_ij beta_i k_i) e^{G_i-G_j};
 //   dq += RQ, dk += beta RL + CC, dG += q RQ + k (beta RL - CC), dbeta += sum_k k RL.
 // Off-diagonal 16x16 blocks go through a reference row between i and j (both factors <= 1) and
-// tensor cores; diagonal blocks are element-wise. Then the reverse within-chunk cumsum of dG and
-// the in-kernel gate backward, with per-chunk partials of dA_log / ddt_bias.
+// tensor cores; diagonal blocks go pair by pair (one exp per pair, see the diagonal units). Then
+// the reverse within-chunk cumsum of dG and the in-kernel gate backward, with per-chunk partials
+// of dA_log / ddt_bias.
 // ---------------------------------------------------------------------------------------------
 struct BwdChunkCSmem {
   int64_t qh, kh, G, daqk, dl, xm, ym, rq, rl, cc, vec, total;
@@ -633,6 +636,10 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   __syncthreads();
 
   const int nsub = (len + 15) / 16;
+  // Every exp below (reference-row fills, pair factors, reference-row scalings) is of G_i - G_j
+  // with row i at or after row j: <= 0 for the kimi/softplus gates (g_cum does not increase),
+  // where __expf (ex2.approx of x*log2e: ~2 ulp plus |x|*2^-24 relative) is as good as the
+  // diagonal blocks need, at about half of expf's instructions (the kernel is issue-bound).
   // Row side: sub-chunk I against all earlier rows through its first row.
   for (int I = 1; I < nsub; ++I) {
     const int i0 = 16 * I;
@@ -664,8 +671,95 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     __syncthreads();
   }
 
-  // Reference-row factors, diagonal blocks, and the combination. xm <- k RL (dbeta row sums),
-  // ym <- complete dG of the slice.
+  // Diagonal 16x16 blocks, pair by pair. A pair (a, b), b <= a, of one block and one column has
+  // one factor e = exp(G_a - G_b) and two uses of it:
+  //   row side of a:    RQ_a += sAqk'_ab k_b e,  RL_a += dL_ab k_b e,
+  //   column side of b: CC_b += (sAqk'_ab q_a + dL_ab beta_a k_a) e.
+  // Why: walked element by element (every row against its block, both sides) each factor and
+  // its shared-memory loads came twice, ~17 exp and ~60 loads an element; the combination was
+  // the largest part of the kernel, which is issue-bound. Unit (block s, column kk) is two
+  // threads of different warps: pairs with a - b even (the diagonal too) and odd, so a warp is
+  // one block and one parity (no divergence, and sAqk'/dL rows are same-address broadcasts).
+  // The even thread writes first: RQ/RL/CC with the reference-row parts of rq/rl/cc scaled in;
+  // the odd thread puts its RQ/RL in xm/ym and adds its CC after a barrier (fixed order:
+  // reproducible). Rows past len are safe to walk: their sAqk'/dL rows are zero and their q, k,
+  // beta, G finite (load_slice_qkg), so they add exact zeros.
+  static_assert(kBwdThreads == 2 * 4 * 64, "a diagonal unit is two threads; 4 blocks x 64 columns");
+  const int tid = static_cast<int>(threadIdx.x);
+  const int unit_parity = tid >> 8, ub0 = 16 * ((tid >> 6) & 3), unit_kk = tid & 63;
+  const bool unit_on = ub0 < len;  // len <= BT: no unit past the chunk's blocks when BT = 32
+  float cc_odd[16];
+  auto diag_unit = [&](auto parity) {
+    constexpr int P = decltype(parity)::value;
+    const int kk = unit_kk;
+    const bool has_prev = ub0 > 0, has_next = ub0 + 16 < len;  // rq/rl or cc hold off-block sums
+    float g[16], kv[16], cs[16];
+#pragma unroll
+    for (int a = 0; a < 16; ++a) {
+      const int r = ub0 + a;
+      g[a] = G[r * ld + kk];
+      kv[a] = kh[r * ld + kk];
+      float sa[16], sl[16];  // row a of the block's sAqk' and dL, columns 0..a
+#pragma unroll
+      for (int m = 0; m <= a / 4; ++m) {
+        const float4 x = *reinterpret_cast<const float4*>(daqk + r * ldA + ub0 + 4 * m);
+        const float4 y = *reinterpret_cast<const float4*>(dl + r * ldA + ub0 + 4 * m);
+        sa[4 * m] = x.x, sa[4 * m + 1] = x.y, sa[4 * m + 2] = x.z, sa[4 * m + 3] = x.w;
+        sl[4 * m] = y.x, sl[4 * m + 1] = y.y, sl[4 * m + 2] = y.z, sl[4 * m + 3] = y.w;
+      }
+      const float qa = qh[r * ld + kk], bka = vbeta[r] * kv[a];
+      float vq = 0.f, vl = 0.f;
+      if (P == 0) {  // the diagonal: e = 1, dL_aa = 0
+        vq = sa[a] * kv[a];
+        cs[a] = sa[a] * qa;
+      } else {
+        cs[a] = 0.f;
+      }
+#pragma unroll
+      for (int b = a - 2 + P; b >= 0; b -= 2) {
+        const float e = __expf(g[a] - g[b]), ek = e * kv[b];
+        vq += sa[b] * ek;
+        vl += sl[b] * ek;
+        cs[b] += (sa[b] * qa + sl[b] * bka) * e;
+      }
+      if (P == 0) {
+        if (has_prev) {
+          // Even a: pair (a, 0)'s e, computed once; a = 0: exp(0) = 1 exactly.
+          const float f = a == 0 ? 1.f : __expf(g[a] - g[0]);
+          vq += rq[r * ld + kk] * f;
+          vl += rl[r * ld + kk] * f;
+        }
+        rq[r * ld + kk] = vq;
+        rl[r * ld + kk] = vl;
+      } else {
+        xm[r * ld + kk] = vq;
+        ym[r * ld + kk] = vl;
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < 16; ++b) {
+      const int r = ub0 + b;
+      if (P == 0) {
+        // Odd b: pair (15, b)'s e, computed once; b = 15: exp(0) = 1 exactly.
+        if (has_next) cs[b] += cc[r * ld + kk] * (b == 15 ? 1.f : __expf(g[15] - g[b]));
+        cc[r * ld + kk] = cs[b];
+      } else {
+        cc_odd[b] = cs[b];
+      }
+    }
+  };
+  if (unit_on) {
+    if (unit_parity == 0) diag_unit(std::integral_constant<int, 0>{});
+    else diag_unit(std::integral_constant<int, 1>{});
+  }
+  __syncthreads();
+  if (unit_on && unit_parity == 1) {
+#pragma unroll
+    for (int b = 0; b < 16; ++b) cc[(ub0 + b) * ld + unit_kk] += cc_odd[b];
+  }
+  __syncthreads();
+
+  // The combination. xm <- k RL (dbeta row sums), ym <- complete dG of the slice.
   // The partial dq/dk/dG written by kernel A are read-modify-written: their loads are staged.
   staged_for<4, float3>(
       BT * 64,
@@ -682,27 +776,9 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
         const int i = idx / 64, kk = idx % 64;
         float dgv = 0.f, kr = 0.f;
         if (i < len && kk < kw) {
-          const int s = i >> 4, b0 = s << 4;
-          const int b1 = b0 + 16 < len ? b0 + 16 : len;
-          const float gi = G[i * ld + kk];
-          float vq = 0.f, vl = 0.f, vc = 0.f;
-          if (s > 0) {
-            const float f = __expf(gi - G[b0 * ld + kk]);
-            vq = rq[i * ld + kk] * f;
-            vl = rl[i * ld + kk] * f;
-          }
-          if (b0 + 16 < len) vc = cc[i * ld + kk] * __expf(G[(b0 + 15) * ld + kk] - gi);
-          // Every exponent here is <= 0, where the fast exp's error stays at a few ulp.
-          for (int j = b0; j <= i; ++j) {
-            const float e = __expf(gi - G[j * ld + kk]) * kh[j * ld + kk];
-            vq += daqk[i * ldA + j] * e;
-            vl += dl[i * ldA + j] * e;  // dl[i][i] == 0
-          }
-          for (int i2 = i; i2 < b1; ++i2) {
-            const float e = __expf(G[i2 * ld + kk] - gi);
-            vc += (daqk[i2 * ldA + i] * qh[i2 * ld + kk] + dl[i2 * ldA + i] * vbeta[i2] * kh[i2 * ld + kk]) * e;
-          }
-          const float qv = qh[i * ld + kk], kv = kh[i * ld + kk], bb = vbeta[i];
+          const int o = i * ld + kk;
+          const float vq = rq[o] + xm[o], vl = rl[o] + ym[o], vc = cc[o];  // even + odd units
+          const float qv = qh[o], kv = kh[o], bb = vbeta[i];
           const int64_t off = ((tok0 + i) * HV + hv) * K + k0 + kk;
           p.dq_hv[off] = prev.x + vq;
           p.dk_hv[off] = prev.y + (bb * vl + vc);
