@@ -6,7 +6,7 @@
 // - K is processed in slices of 32 columns. The gate cumsum runs along time and is independent
 //   per column, so gate, cumsum, qg, kg, g_cum and the Aqk/Lkk contributions of a slice need only
 //   that slice; K therefore is a run-time size (no head-dim template), K = 60/100 are masked
-//   columns of the last slice, and shared memory stays ~105 KB (bf16, BT = 64) for any K. The
+//   columns of the last slice, and shared memory stays ~106 KB (bf16, BT = 64) for any K. The
 //   l2norm rstd (which needs whole rows) is computed first, straight from global memory.
 // - A slice costs four barriers: warp w owns BT/8 consecutive rows, so the gate cumsum is a
 //   running sum in registers plus the sums of the warps before it (one exchange through shared
@@ -140,7 +140,7 @@ __device__ __forceinline__ float beta_of(const ChunkKdaFwdParams& p, float raw) 
 
 struct PrepLayout {
   // pass 1 (fp32 slice tiles, and the per-warp column sums of the gate cumsum)
-  int64_t qs, ks, gs, qop, kop, kc, tot, kc_src;
+  int64_t qs, ks, gs, qop, kop, kc, tot, kc_src, diag_src;
   // pass 2, aliasing pass 1: Akk in T, and the w/u operand and result tiles, double-buffered
   int64_t akk, kbw[2], kbu[2], stw[2], stu[2];
   // persistent
@@ -185,6 +185,7 @@ __host__ __device__ inline PrepLayout prep_layout() {
   l.kc = c1.take<float>(D::kKcRows * kLdf);
   l.tot = c1.take<float>(D::kWarps * kSlice);
   l.kc_src = c1.take<int>(D::kKcRows);
+  l.diag_src = c1.take<int>(PrepDims<T, BT, false>::kDiagPairs);
   SmemCarver c2;
   l.akk = c2.take<T>(BT * D::kLdk);
   for (int b = 0; b < 2; ++b) {
@@ -229,6 +230,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   float* kc = reinterpret_cast<float*>(smem + lay.kc);
   float* tot = reinterpret_cast<float*>(smem + lay.tot);
   int* kc_src = reinterpret_cast<int*>(smem + lay.kc_src);
+  int* diag_src = reinterpret_cast<int*>(smem + lay.diag_src);
   T* akk = reinterpret_cast<T*>(smem + lay.akk);
   float* aacc = reinterpret_cast<float*>(smem + lay.aacc);
   float* lacc = reinterpret_cast<float*>(smem + lay.lacc);
@@ -238,38 +240,43 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   static_assert(kSlice == 32, "slice loops map one column per lane");
-  const int64_t HV = p.HV, K = p.K, V = p.V, H = p.H;
-  const int64_t hv = blockIdx.y;  // grid (NT, HV, B)
+  const int64_t HV = p.HV, H = p.H;
+  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);  // <= 256 (host-checked)
   const int64_t b = blockIdx.z;
-  const int64_t hq = hv / (HV / H);
+  // Head indices in int (HV <= 65535, the grid's y limit): a 64-bit division is a subroutine of
+  // dozens of instructions.
+  const int hv = blockIdx.y;  // grid (NT, HV, B)
+  const int heads_per_q = static_cast<int>(HV) / static_cast<int>(H);
+  const int hq = hv / heads_per_q;
   const ChunkLoc loc = locate_chunk(p, blockIdx.x, b);
   const int L = loc.L;
   if (L <= 0) return;  // uniform across the block
   const int64_t row0 = loc.row0;
 
-  const T* __restrict__ q = static_cast<const T*>(p.q);
-  const T* __restrict__ k = static_cast<const T*>(p.k);
-  const T* __restrict__ v = static_cast<const T*>(p.v);
-  T* Aqk = static_cast<T*>(p.Aqk);
-  T* Akk = static_cast<T*>(p.Akk);
-  T* w = static_cast<T*>(p.w);
-  T* u = static_cast<T*>(p.u);
-  T* qg = static_cast<T*>(p.qg);
-  T* kg = static_cast<T*>(p.kg);
-  float* g_cum = p.g_cum;  // written here and read back below: no __restrict__/const
+  // Addressing: each tensor's pointer below is advanced once, in 64-bit arithmetic, to the
+  // chunk's first row of this head; element (i, col) of the chunk is then i * stride + col in
+  // int, one 32-bit multiply-add and a widening address add per load or store instead of a chain
+  // of 64-bit integer instructions (the kernel is issue-bound). launch_fwd.cu checks that
+  // BT * stride < 2^31 for every stride here.
+  const int64_t qk0 = (row0 * H + hq) * K;   // q, k: rows of H * K
+  const int64_t hk0 = (row0 * HV + hv) * K;  // g, g_cum, qg, kg, w: rows of HV * K
+  const int64_t hv0 = (row0 * HV + hv) * V;  // v, u: rows of HV * V
+  const int64_t ha0 = (row0 * HV + hv) * BT; // Aqk, Akk, the saved Akk: rows of HV * BT
+  const int qks = static_cast<int>(H * K), hks = static_cast<int>(HV * K);
+  const int hvs = static_cast<int>(HV * V), has = static_cast<int>(HV * BT);
+  const T* __restrict__ q = static_cast<const T*>(p.q) + qk0;
+  const T* __restrict__ k = static_cast<const T*>(p.k) + qk0;
+  const T* __restrict__ v = static_cast<const T*>(p.v) + hv0;
+  T* w = static_cast<T*>(p.w) + hk0;
+  T* u = static_cast<T*>(p.u) + hv0;
+  T* qg = static_cast<T*>(p.qg) + hk0;
+  T* kg = static_cast<T*>(p.kg) + hk0;
+  float* g_cum = p.g_cum + hk0;  // written here and read back below: no __restrict__/const
+  // (Aqk and Akk are null in the recompute: their chunk pointers are formed where they are used.)
 
-  // Element offsets of row i of the chunk: base + i * row stride.
-  const int64_t qk0 = (row0 * H + hq) * K, qks = H * K;
-  const int64_t hk0 = (row0 * HV + hv) * K, hks = HV * K;
-  const int64_t hv0 = (row0 * HV + hv) * V, hvs = HV * V;
-  const int64_t ha0 = (row0 * HV + hv) * BT, has = HV * BT;
   // Uniform across the grid: the recompute of the backward, with Akk known.
   const bool reuse_akk = p.Akk_saved != nullptr;
   constexpr bool safe = kSafe;
-  auto qk_off = [&](int i) { return qk0 + i * qks; };
-  auto hk_off = [&](int i) { return hk0 + i * hks; };
-  auto hv_off = [&](int i) { return hv0 + i * hvs; };
-  auto ha_off = [&](int i) { return ha0 + i * has; };
 
   // ---- per-row scalars: l2norm rstd, beta -------------------------------------------------
   // kTpr threads per row, each summing a strided part of the row (16-byte loads where rows are
@@ -279,11 +286,11 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     const int i = tid / kTpr, part = tid % kTpr;
     float sq = 0.f, sk = 0.f;
     if (p.use_qk_l2norm && i < L) {
-      const T* qr = q + qk_off(i);
-      const T* kr = k + qk_off(i);
+      const T* qr = q + i * qks;
+      const T* kr = k + i * qks;
       if (K % 8 == 0 && aligned16(q) && aligned16(k)) {
 #pragma unroll 4
-        for (int64_t c = part * 8; c < K; c += kTpr * 8) {
+        for (int c = part * 8; c < K; c += kTpr * 8) {
           const F8 a = load8<T>(qr + c), e = load8<T>(kr + c);
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
@@ -293,7 +300,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
         }
       } else {
 #pragma unroll 8
-        for (int64_t c = part; c < K; c += kTpr) {
+        for (int c = part; c < K; c += kTpr) {
           const float a = to_float<T>(qr[c]);
           const float e = to_float<T>(kr[c]);
           sq += a * a;
@@ -310,7 +317,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       rq[i] = p.use_qk_l2norm ? 1.f / sqrtf(sq + 1e-6f) : 1.f;
       rk[i] = p.use_qk_l2norm ? 1.f / sqrtf(sk + 1e-6f) : 1.f;
       // One CTA per q/k head (the group's first value head) hands the row's rstd on.
-      if (p.rstd_qk != nullptr && p.use_qk_l2norm && i < L && hv % (HV / H) == 0) {
+      if (p.rstd_qk != nullptr && p.use_qk_l2norm && i < L && hv % heads_per_q == 0) {
         p.rstd_qk[(row0 + i) * H + hq] = rq[i];
         p.rstd_qk[(p.B * p.T + row0 + i) * H + hq] = rk[i];
       }
@@ -368,18 +375,28 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 #pragma unroll
   for (int s = 0; s < D::kMaxJobs; ++s) wmma::fill_fragment(acc[s], 0.f);
   // Element-wise diagonal entries (no safe_gate): entry s of this thread is pair tid + s * threads
-  // of the NC * 136 (i >= j) pairs, summed in registers across the slices.
+  // of the NC * 136 (i >= j) pairs, summed in registers across the slices. The pairs are decoded
+  // once into shared memory, packed as i + 256 * j (read after the first barrier of pass 1):
+  // decoded in the slice loop, the compiler hoists the per-thread square roots out of it and,
+  // at the register limit, spills them.
+  const bool elementwise_diag = !safe && !reuse_akk;
+  if (elementwise_diag) {
+    for (int pidx = tid; pidx < D::kDiagPairs; pidx += kPrepThreads) {
+      const int blk = pidx / 136, t = pidx % 136;
+      int ii = static_cast<int>((sqrtf(8.f * t + 1.f) - 1.f) * 0.5f);
+      while ((ii + 1) * (ii + 2) / 2 <= t) ++ii;
+      while (ii * (ii + 1) / 2 > t) --ii;
+      diag_src[pidx] = (16 * blk + ii) + 256 * (16 * blk + t - ii * (ii + 1) / 2);
+    }
+  }
   auto diag_entry = [&](int s, int& i, int& j) {
     const int pidx = tid + s * kPrepThreads;
-    const int blk = pidx / 136, t = pidx % 136;
-    int ii = static_cast<int>((sqrtf(8.f * t + 1.f) - 1.f) * 0.5f);
-    while ((ii + 1) * (ii + 2) / 2 <= t) ++ii;
-    while (ii * (ii + 1) / 2 > t) --ii;
-    i = 16 * blk + ii;
-    j = 16 * blk + t - ii * (ii + 1) / 2;
-    return pidx < D::kDiagPairs;
+    if (pidx >= D::kDiagPairs) return false;
+    const int src = diag_src[pidx];
+    i = src % 256;
+    j = src / 256;
+    return true;
   };
-  const bool elementwise_diag = !safe && !reuse_akk;
   float diag_a[D::kDiagPer], diag_l[D::kDiagPer];
 #pragma unroll
   for (int s = 0; s < D::kDiagPer; ++s) diag_a[s] = diag_l[s] = 0.f;
@@ -395,18 +412,19 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   };
   // Loads are branch-free (see gather): an invalid (row, column) reads the chunk's first element
   // of that tensor, always valid, and is zeroed after. q and k stay raw until g's loads are out.
-  auto load_slice = [&](int64_t k0) {
+  auto load_slice = [&](int k0) {
     SliceIn r;
-    const int64_t col = k0 + lane;
+    const int col = k0 + lane;
     r.bias = (p.use_gate_in_kernel && p.dt_bias != nullptr && col < K) ? p.dt_bias[hv * K + col]
                                                                         : 0.f;
-    int64_t oqk[kRows], ohk[kRows];
+    int oqk[kRows], ohk[kRows];
     bool ok[kRows];
 #pragma unroll
     for (int it = 0; it < kRows; ++it) {
-      ok[it] = r0 + it < L && col < K;
-      oqk[it] = ok[it] ? qk_off(r0 + it) + col : qk0;
-      ohk[it] = ok[it] ? hk_off(r0 + it) + col : hk0;
+      const int i = r0 + it;
+      ok[it] = i < L && col < K;
+      oqk[it] = ok[it] ? i * qks + col : 0;
+      ohk[it] = ok[it] ? i * hks + col : 0;
     }
     T rawq[kRows], rawk[kRows];
 #pragma unroll
@@ -416,17 +434,17 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     }
     switch (p.g_dtype) {
       case DType::kBFloat16:
-        gather(r.g, static_cast<const __nv_bfloat16*>(p.g), ohk);
+        gather(r.g, static_cast<const __nv_bfloat16*>(p.g) + hk0, ohk);
         break;
       case DType::kFloat16:
-        gather(r.g, static_cast<const __half*>(p.g), ohk);
+        gather(r.g, static_cast<const __half*>(p.g) + hk0, ohk);
         break;
       case DType::kFloat64:
-        gather(r.g, static_cast<const double*>(p.g), ohk);
+        gather(r.g, static_cast<const double*>(p.g) + hk0, ohk);
         break;
       case DType::kFloat32:
       default:  // the host validated the tag
-        gather(r.g, static_cast<const float*>(p.g), ohk);
+        gather(r.g, static_cast<const float*>(p.g) + hk0, ohk);
         break;
     }
 #pragma unroll
@@ -440,9 +458,9 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   SliceIn in = load_slice(0);
   // The in-kernel gate's per-head factor exp(A_log) once per block.
   const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
-  for (int64_t k0 = 0; k0 < K; k0 += kSlice) {
+  for (int k0 = 0; k0 < K; k0 += kSlice) {
     const int c = lane;
-    const int64_t col = k0 + c;
+    const int col = k0 + c;
     const bool col_ok = col < K;
     // A. inputs, gate, and the cumsum of the warp's own rows in registers. Rows past L carry
     // gate 0, so their G equals G_last: every exp(G_i - G_r) below with i >= r stays <= 1.
@@ -488,7 +506,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
         kop[i * kLdf + c] = e * x;
       }
       if (i < L && col_ok) {
-        const int64_t o = hk_off(i) + col;
+        const int o = i * hks + col;
         g_cum[o] = G;
         qg[o] = from_float<T>(a * __expf(G));
         kg[o] = from_float<T>(e * __expf(glast - G));
@@ -550,13 +568,13 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     // Akk rows of the chunk as the forward stored them (the same rounded values the forward put
     // in `akk` below, so w and u come out bit-identical); rows past the chunk are never stored.
     // All loads first (branch-free, as load_slice), then the stores.
-    const T* saved = static_cast<const T*>(p.Akk_saved);
+    const T* saved = static_cast<const T*>(p.Akk_saved) + ha0;
     constexpr int kPer = BT * BT / kPrepThreads;
     T raw[kPer];
 #pragma unroll
     for (int it = 0; it < kPer; ++it) {
       const int idx = tid + it * kPrepThreads, i = idx / BT, j = idx % BT;
-      raw[it] = saved[i < L ? ha_off(i) + j : ha0];
+      raw[it] = saved[i < L ? i * has + j : 0];
     }
 #pragma unroll
     for (int it = 0; it < kPer; ++it) {
@@ -566,11 +584,13 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     __syncthreads();
   } else {
   // ---- Aqk (stored), Lkk masked and row-scaled by beta --------------------------------------
+  T* Aqk = static_cast<T*>(p.Aqk) + ha0;
+  T* Akk = static_cast<T*>(p.Akk) + ha0;
   const float scale = p.scale;
   for (int idx = tid; idx < BT * BT; idx += kPrepThreads) {
     const int i = idx / BT, j = idx % BT;
     const bool row_ok = i < L;
-    if (row_ok) Aqk[ha_off(i) + j] = from_float<T>(j <= i ? scale * aacc[i * LDA + j] : 0.f);
+    if (row_ok) Aqk[i * has + j] = from_float<T>(j <= i ? scale * aacc[i * LDA + j] : 0.f);
     lacc[i * LDA + j] = (row_ok && j < i) ? beta_s[i] * lacc[i * LDA + j] : 0.f;
   }
   __syncthreads();
@@ -619,7 +639,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     const int i = idx / BT, j = idx % BT;
     const T x = from_float<T>(j <= i ? aacc[i * LDA + j] : 0.f);
     akk[i * LDK + j] = x;
-    if (i < L) Akk[ha_off(i) + j] = x;
+    if (i < L) Akk[i * has + j] = x;
   }
   __syncthreads();
   }  // !reuse_akk
@@ -630,23 +650,23 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   // next slice's loads are in flight during this slice's products.
   {
     constexpr int kIt2 = BT * kSlice / kPrepThreads;
-    const int64_t nslices = ((K > V ? K : V) + kSlice - 1) / kSlice;
+    const int nslices = ((K > V ? K : V) + kSlice - 1) / kSlice;
     struct SliceWU {
       float k[kIt2], g[kIt2], v[kIt2];
     };
-    auto load_wu = [&](int64_t s) {  // branch-free, as load_slice
+    auto load_wu = [&](int s) {  // branch-free, as load_slice
       SliceWU r;
-      const int64_t col = s * kSlice + lane;
-      int64_t ok_off[kIt2], hk_o[kIt2], hv_o[kIt2];
+      const int col = s * kSlice + lane;
+      int ok_off[kIt2], hk_o[kIt2], hv_o[kIt2];
       bool okk[kIt2], okv[kIt2];
 #pragma unroll
       for (int it = 0; it < kIt2; ++it) {
         const int i = warp + it * kWarps;
         okk[it] = i < L && col < K;
         okv[it] = i < L && col < V;
-        ok_off[it] = okk[it] ? qk_off(i) + col : qk0;
-        hk_o[it] = okk[it] ? hk_off(i) + col : hk0;
-        hv_o[it] = okv[it] ? hv_off(i) + col : hv0;
+        ok_off[it] = okk[it] ? i * qks + col : 0;
+        hk_o[it] = okk[it] ? i * hks + col : 0;
+        hv_o[it] = okv[it] ? i * hvs + col : 0;
       }
       T rawk[kIt2], rawv[kIt2];
 #pragma unroll
@@ -664,14 +684,14 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       return r;
     };
     SliceWU in2 = load_wu(0);
-    for (int64_t s = 0; s < nslices; ++s) {
+    for (int s = 0; s < nslices; ++s) {
       // (selects, not lay.x[s & 1]: a run-time index into the layout would put it in local memory)
       const bool odd = (s & 1) != 0;
       T* kbw = reinterpret_cast<T*>(smem + (odd ? lay.kbw[1] : lay.kbw[0]));
       T* kbu = reinterpret_cast<T*>(smem + (odd ? lay.kbu[1] : lay.kbu[0]));
       float* stw = reinterpret_cast<float*>(smem + (odd ? lay.stw[1] : lay.stw[0]));
       float* stu = reinterpret_cast<float*>(smem + (odd ? lay.stu[1] : lay.stu[0]));
-      const int64_t c0 = s * kSlice;
+      const int c0 = s * kSlice;
 #pragma unroll
       for (int it = 0; it < kIt2; ++it) {
         const int i = warp + it * kWarps, c = lane;
@@ -697,9 +717,9 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 #pragma unroll
       for (int it = 0; it < kIt2; ++it) {
         const int i = warp + it * kWarps, c = lane;
-        const int64_t col = c0 + c;
-        if (i < L && col < K) w[hk_off(i) + col] = from_float<T>(stw[i * kLdf + c]);
-        if (i < L && col < V) u[hv_off(i) + col] = from_float<T>(stu[i * kLdf + c]);
+        const int col = c0 + c;
+        if (i < L && col < K) w[i * hks + col] = from_float<T>(stw[i * kLdf + c]);
+        if (i < L && col < V) u[i * hvs + col] = from_float<T>(stu[i * kLdf + c]);
       }
     }
   }

@@ -5,6 +5,8 @@
 // shared-memory limit is raised (and checked against the device's opt-in maximum) per kernel.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
@@ -28,6 +30,14 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
   TORCH_CHECK(p.B <= 65535, "kda_ext: the CUDA kernels support batch sizes up to 65535, got ", p.B);
   TORCH_CHECK(p.NT <= 0x7fffffffLL && p.N * cdiv(p.V, kBV) <= 0x7fffffffLL,
               "kda_ext: too many chunks or sequences for the CUDA kernels: NT=", p.NT, ", N=", p.N);
+  // chunk_prepare and chunk_state_output address a chunk's elements as int offsets
+  // row * stride + col (row < BT) from a per-chunk base pointer; the widest row stride is
+  // HV * max(K, V, BT) (HV >= H). The limits above (HV <= 65535, K, V <= 256) keep this below
+  // 2^31; the check keeps a change of those limits from overflowing silently.
+  const int64_t widest_row = p.HV * std::max({p.K, p.V, static_cast<int64_t>(BT)});
+  TORCH_CHECK(BT * widest_row <= 0x7fffffffLL,
+              "kda_ext: the CUDA forward kernels need chunk_size * HV * max(K, V, chunk_size) < "
+              "2^31, got chunk_size=", BT, ", HV=", p.HV, ", K=", p.K, ", V=", p.V);
 
   if (p.varlen) {
     chunk_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(p);

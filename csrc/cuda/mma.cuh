@@ -74,8 +74,10 @@ __device__ __forceinline__ float load_any(const void* p, DType dt, int64_t i) {
 // block: a load under an if is followed by its conversion in the same branch, which waits for it,
 // so N conditional loads cost N memory round trips instead of one. Callers pass in-bounds
 // offsets for every it (clamped to a valid element) and zero the invalid entries afterwards.
-template <typename U, int N>
-__device__ __forceinline__ void gather(float (&dst)[N], const U* src, const int64_t (&off)[N]) {
+// Offset is int64_t, or int where src already points at the rows that are read (cheaper
+// addressing, see chunk_prepare).
+template <typename U, typename Offset, int N>
+__device__ __forceinline__ void gather(float (&dst)[N], const U* src, const Offset (&off)[N]) {
   U raw[N];
 #pragma unroll
   for (int it = 0; it < N; ++it) raw[it] = src[off[it]];
