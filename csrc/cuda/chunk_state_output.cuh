@@ -118,7 +118,8 @@ __global__ void __launch_bounds__(kStateThreads, 2)
   constexpr int kWarps = kStateThreads / 32;
   constexpr int kVec = 16 / sizeof(T);
   extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t HV = p.HV, K = p.K, V = p.V;
+  const int64_t HV = p.HV;
+  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);  // <= 256 (host-checked)
   const StateLayout lay = state_layout<T, BT>(K);
   float* S = reinterpret_cast<float*>(smem + lay.S);
   T* Sh = reinterpret_cast<T*>(smem + lay.Sh);
@@ -252,7 +253,10 @@ __global__ void __launch_bounds__(kStateThreads, 2)
     // 1. decay factors; Sh = S rounded; h[slot] = Sh.
     for (int kr = tid; kr < KP; kr += kStateThreads) dec[kr] = kr < K ? __expf(graw[kr]) : 0.f;
     const bool store_h = h != nullptr && slot < slot_limit;
-    const int64_t h_base = slot * HV * K * V + hv * K * V;
+    // The slot's state at column v0 (h is [K, V] per head, or [V, K] with state_v_first): the
+    // offsets inside it are below K * V and stay int, as in chunk_prepare.
+    T* h_tile = store_h ? h + slot * HV * K * V + hv * K * V + (p.state_v_first ? v0 * K : v0)
+                        : nullptr;
     if (p.state_v_first && !store_h) {
       // Nothing goes to h: the plain (row, column) order, no division (as below).
       for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
@@ -265,21 +269,21 @@ __global__ void __launch_bounds__(kStateThreads, 2)
       for (int c = sv_c0; c < kBV; c += sv_cstep) {
         const T x = from_float<T>(S[sv_kr * kLds + c]);
         Sh[sv_kr * kLdh + c] = x;
-        if (sv_kr < K && c < vcols) h[h_base + (v0 + c) * K + sv_kr] = x;
+        if (sv_kr < K && c < vcols) h_tile[c * K + sv_kr] = x;
       }
     } else if (p.state_v_first) {
       for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
         const int c = idx / KP, kr = idx % KP;
         const T x = from_float<T>(S[kr * kLds + c]);
         Sh[kr * kLdh + c] = x;
-        if (store_h && kr < K && c < vcols) h[h_base + (v0 + c) * K + kr] = x;
+        if (store_h && kr < K && c < vcols) h_tile[c * K + kr] = x;
       }
     } else {
       for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
         const int kr = idx / kBV, c = idx % kBV;
         const T x = from_float<T>(S[kr * kLds + c]);
         Sh[kr * kLdh + c] = x;
-        if (store_h && kr < K && c < vcols) h[h_base + kr * V + v0 + c] = x;
+        if (store_h && kr < K && c < vcols) h_tile[kr * V + c] = x;
       }
     }
     __syncthreads();
@@ -305,11 +309,16 @@ __global__ void __launch_bounds__(kStateThreads, 2)
       issue_q(ci);
       cp_async_commit();
     }
+    // The chunk's v_new and o rows at column v0 (null where not wanted); row i, column c is
+    // i * HV * V + c in int from there (launch_fwd.cu checks BT * HV * V < 2^31).
+    const int vs = static_cast<int>(HV * V);
+    const int64_t tile0 = (row0 * HV + hv) * V + v0;
+    T* vn_tile = v_new != nullptr ? v_new + tile0 : nullptr;
     for (int idx = tid; idx < BT * kBV; idx += kStateThreads) {
       const int i = idx / kBV, c = idx % kBV;
       const T x = from_float<T>(to_float<T>(ubuf[i * kLdh + c]) - pb[i * kLds + c]);
       vn[i * kLdh + c] = x;
-      if (v_new != nullptr && i < L && c < vcols) v_new[((row0 + i) * HV + hv) * V + v0 + c] = x;
+      if (vn_tile != nullptr && i < L && c < vcols) vn_tile[i * vs + c] = x;
     }
     for (int idx = tid; idx < KP * kBV; idx += kStateThreads) {
       const int kr = idx / kBV, c = idx % kBV;
@@ -344,10 +353,10 @@ __global__ void __launch_bounds__(kStateThreads, 2)
       issue_k(ci);
       cp_async_commit();
     }
-    for (int idx = tid; o != nullptr && idx < BT * kBV; idx += kStateThreads) {
+    T* o_tile = o != nullptr ? o + tile0 : nullptr;
+    for (int idx = tid; o_tile != nullptr && idx < BT * kBV; idx += kStateThreads) {
       const int i = idx / kBV, c = idx % kBV;
-      if (i < L && c < vcols)
-        o[((row0 + i) * HV + hv) * V + v0 + c] = from_float<T>(pb[i * kLds + c]);
+      if (i < L && c < vcols) o_tile[i * vs + c] = from_float<T>(pb[i * kLds + c]);
     }
     if (triple) cp_async_wait<2>(); else cp_async_wait<0>();  // KG(c)
     __syncthreads();
@@ -376,7 +385,7 @@ __global__ void __launch_bounds__(kStateThreads, 2)
   if (p.final_state != nullptr) {
     if (p.state_v_first) {
       for (int idx = tid; idx < K * kBV; idx += kStateThreads) {
-        const int c = static_cast<int>(idx / K), kr = static_cast<int>(idx % K);
+        const int c = idx / K, kr = idx % K;
         if (c < vcols) p.final_state[state_base + (v0 + c) * K + kr] = S[kr * kLds + c];
       }
     } else {
