@@ -150,11 +150,12 @@ __device__ __forceinline__ void store_a_tiles(const ATileRegs<T>& R, const Chunk
   store_tile<float>(R.dvn, dvn, ld, tok_ok, V, v0, false);
 }
 
-template <typename T>
+// BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
+// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound).
+template <typename T, int BT>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const int BT = p.BT;
   const BwdChunkASmem Lay(BT);
   float* S = reinterpret_cast<float*>(smem_raw + Lay.S);
   float* dSn = reinterpret_cast<float*>(smem_raw + Lay.dSn);
@@ -171,14 +172,14 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   float* vrk = vrq + 64;                                         // [64] rstd of k rows
   float* vgl = vrk + 64;                                         // [64] dLoss/dG_last
   constexpr int ld = kTileLd;
-  const int ldA = BT + 4;
+  constexpr int ldA = BT + 4;
 
   const int64_t HV = p.HV, H = p.H, K = p.K, V = p.V;
   const int64_t hv = blockIdx.y, ks = blockIdx.z;
   const int64_t k0 = ks * kBwdKSlice;
   if (hv >= HV || k0 >= K) return;
   BwdChunk ch;
-  if (!bwd_chunk_of_slot(p, blockIdx.x, ch)) return;
+  if (!bwd_chunk_of_slot<BT>(p, blockIdx.x, ch)) return;
   const int len = ch.len;
   const int64_t tok0 = ch.tok0, slot = ch.slot;
   const int64_t hq = hv / (HV / H);
@@ -291,7 +292,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
       }
     }
   }
-  load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
+  load_chunk_matrix<T, BT>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, false);
   __syncthreads();
   // Element (r, kk) of the slice from the raw q, k and G: l2norm, k*beta*e^G, and -dw.
   // Exponentials of G in kernels A and C are __expf (ex2.approx of x log2e: ~2 ulp plus |x| 2^-24
@@ -308,7 +309,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     kb[r * ld + kk] = vbeta[r] * kv * __expf(gv);
     aw[r * ld + kk] = -aw[r * ld + kk];
   };
-  load_slice_qkg<T>(p, tok0, len, hv, hq, k0, BT, emit_a);
+  load_slice_qkg<T, BT>(p, tok0, len, hv, hq, k0, emit_a);
   __syncthreads();
   smem_gemm<true, false, kHalf<T>, false>(dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
   smem_gemm<false, true>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
@@ -380,11 +381,12 @@ struct BwdChunkBSmem {
   }
 };
 
-template <typename T>
+// BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
+// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound).
+template <typename T, int BT>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const int BT = p.BT;
   const BwdChunkBSmem Lay(BT);
   float* akk = reinterpret_cast<float*>(smem_raw + Lay.akk);
   float* dakk = reinterpret_cast<float*>(smem_raw + Lay.dakk);
@@ -398,13 +400,13 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   float* dvo = reinterpret_cast<float*>(smem_raw + Lay.dvo);
   float* vbeta = reinterpret_cast<float*>(smem_raw + Lay.vec);
   constexpr int ld = kTileLd;
-  const int ldA = BT + 4;
+  constexpr int ldA = BT + 4;
 
   const int64_t HV = p.HV, V = p.V;
   const int64_t hv = blockIdx.y;
   if (hv >= HV) return;
   BwdChunk ch;
-  if (!bwd_chunk_of_slot(p, blockIdx.x, ch)) return;
+  if (!bwd_chunk_of_slot<BT>(p, blockIdx.x, ch)) return;
   const int len = ch.len;
   const int64_t tok0 = ch.tok0;
   const int64_t ntok = p.B * p.T;
@@ -415,9 +417,9 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
 
   for (int r = threadIdx.x; r < BT; r += blockDim.x)
     vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
-  load_chunk_matrix<T>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, BT, false);
+  load_chunk_matrix<T, BT>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, false);
   {
-    const int nv = BT / 8;  // partial rows are float32 [BT]: whole 8-vectors
+    constexpr int nv = BT / 8;  // partial rows are float32 [BT]: whole 8-vectors
     staged_for<2, F8, true>(
         BT * nv,
         [&](int idx) {
@@ -549,11 +551,12 @@ struct BwdChunkCSmem {
   }
 };
 
-template <typename T>
+// BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
+// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound).
+template <typename T, int BT>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const int BT = p.BT;
   const BwdChunkCSmem Lay(BT);
   float* qh = reinterpret_cast<float*>(smem_raw + Lay.qh);
   float* kh = reinterpret_cast<float*>(smem_raw + Lay.kh);
@@ -570,7 +573,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   float* vrk = vrq + 64;
   float* vred = vrk + 64;
   constexpr int ld = kTileLd;
-  const int ldA = BT + 4;
+  constexpr int ldA = BT + 4;
 
   const int64_t HV = p.HV, H = p.H, K = p.K;
   const int64_t hv = blockIdx.y, ks = blockIdx.z;
@@ -579,7 +582,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   const int kw = static_cast<int>(K - k0 < 64 ? K - k0 : 64);
   const bool gate_partials = p.use_gate_in_kernel && p.ddt_part != nullptr;
   BwdChunk ch;
-  if (!bwd_chunk_of_slot(p, blockIdx.x, ch)) {
+  if (!bwd_chunk_of_slot<BT>(p, blockIdx.x, ch)) {
     // Unused varlen slots still own their partial entries: zero them for the final reduction.
     if (gate_partials && blockIdx.x < p.B * p.NT) {
       for (int kk = threadIdx.x; kk < kw; kk += blockDim.x)
@@ -601,7 +604,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     vbeta[r] = r < len ? beta_value(p, (tok0 + r) * HV + hv) : 0.f;
   }
   {
-    const int nv = BT / 8;  // dAqk/dL rows are float32 [BT]: whole 8-vectors
+    constexpr int nv = BT / 8;  // dAqk/dL rows are float32 [BT]: whole 8-vectors
     staged_for<2, F8, true>(
         BT * nv * 2,
         [&](int idx) {
@@ -632,7 +635,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     G[r * ld + kk] = gv;
     rq[r * ld + kk] = rl[r * ld + kk] = cc[r * ld + kk] = 0.f;
   };
-  load_slice_qkg<T>(p, tok0, len, hv, hq, k0, BT, emit_c);
+  load_slice_qkg<T, BT>(p, tok0, len, hv, hq, k0, emit_c);
   __syncthreads();
 
   const int nsub = (len + 15) / 16;

@@ -48,7 +48,9 @@ struct BwdChunk {
 };
 
 // Maps an h slot to its chunk through the prefix sums written by bwd_prep_kernel. Slots past the
-// last real chunk (the varlen upper bound) and empty chunks return false.
+// last real chunk (the varlen upper bound) and empty chunks return false. BT (== p.BT) is the
+// kernels' compile-time chunk size.
+template <int BT>
 __device__ __forceinline__ bool bwd_chunk_of_slot(const ChunkKdaBwdParams& p, int64_t slot,
                                                   BwdChunk& c) {
   const int64_t total = p.chunk_offsets[p.N];
@@ -62,10 +64,10 @@ __device__ __forceinline__ bool bwd_chunk_of_slot(const ChunkKdaBwdParams& p, in
   }
   const int64_t i = slot - p.chunk_offsets[lo];
   const int64_t bos = p.seq_bounds[lo], eos = p.seq_bounds[lo + 1];
-  c.tok0 = bos + i * p.BT;
+  c.tok0 = bos + i * BT;
   const int64_t len = eos - c.tok0;
   if (len <= 0) return false;
-  c.len = static_cast<int>(len < p.BT ? len : p.BT);
+  c.len = static_cast<int>(len < BT ? len : BT);
   c.slot = slot;
   return true;
 }
@@ -187,13 +189,14 @@ __device__ __forceinline__ void load_tile(float* dst, int ld, int rows, int cols
 
 // Loads the saved [BT x BT] chunk matrix (Aqk or Akk rows of this chunk), keeping only the valid
 // square and the lower triangle (strict when `strict`); everything else is zero.
-template <typename T>
+// BT is a template parameter: the per-element divisions by BT / BT/8 fold to shifts and masks
+// (with a run-time BT each was a ~20-instruction integer division; the kernels are issue-bound).
+template <typename T, int BT>
 __device__ __forceinline__ void load_chunk_matrix(float* dst, int ld, const T* src, int64_t tok0,
-                                                  int len, int64_t HV, int64_t hv, int BT,
-                                                  bool strict) {
+                                                  int len, int64_t HV, int64_t hv, bool strict) {
   auto keep = [&](int i, int j) { return i < len && j < len && (strict ? j < i : j <= i); };
   if (aligned16(src) && ld % 4 == 0) {  // BT is 32 or 64: rows are whole vectors
-    const int nv = BT / 8;
+    constexpr int nv = BT / 8;
     staged_for<2, F8, true>(
         BT * nv,
         [&](int idx) {
@@ -238,11 +241,11 @@ __device__ __forceinline__ float row_sum_8(int n, F f) {
 
 // Calls emit(r, kk, q, k, G) for every element (r < BT, kk < 64) of the K slice [k0, k0 + 64)
 // of one chunk: the raw q and k (0 outside the chunk or past K) and G = g_cum (rows past the
-// chunk repeat the last row's G, so every exp(G_i - G_j) stays finite; 0 past K).
-template <typename T, typename Emit>
+// chunk repeat the last row's G, so every exp(G_i - G_j) stays finite; 0 past K). BT is the
+// compile-time chunk size (the loop bounds fold to constants).
+template <typename T, int BT, typename Emit>
 __device__ __forceinline__ void load_slice_qkg(const ChunkKdaBwdParams& p, int64_t tok0, int len,
-                                               int64_t hv, int64_t hq, int64_t k0, int BT,
-                                               Emit emit) {
+                                               int64_t hv, int64_t hq, int64_t k0, Emit emit) {
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const int64_t K = p.K, H = p.H, HV = p.HV;

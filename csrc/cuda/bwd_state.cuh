@@ -32,11 +32,13 @@ struct BwdStateSmem {
 // them is copied (cp.async, raw) into a staging tile while the current products run and is
 // widened to fp32 when its turn comes: the plain loads left each of the three a full memory
 // round trip per chunk on the sequential path (ncu: long-scoreboard stalls).
-template <typename T>
+// BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
+// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound: ncu, H200,
+// ~6.4K instructions per warp per chunk, ~400 of them MMAs).
+template <typename T, int BT>
 __global__ void __launch_bounds__(kBwdStateThreads)
 bwd_state_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const int BT = p.BT;
   const int64_t K = p.K, V = p.V, HV = p.HV;
   const int Kp = static_cast<int>(align_up(K, 16));
   const BwdStateSmem L(BT, Kp);
@@ -47,7 +49,8 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
   float* dvn = reinterpret_cast<float*>(smem_raw + L.dvn);
   float* gam = reinterpret_cast<float*>(smem_raw + L.gam);
   constexpr int BV = kBwdStateBV, ldS = kBwdStateBV + 4;
-  const int ldO = Kp + 4, ldA = BT + 4;
+  const int ldO = Kp + 4;
+  constexpr int ldA = BT + 4;
 
   const int64_t n = blockIdx.x, hv = blockIdx.y;
   const int64_t v0 = static_cast<int64_t>(blockIdx.z) * BV;
@@ -82,6 +85,14 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
   const bool prefetch = sizeof(T) == 2 && K % 8 == 0 && aligned16(kg) && aligned16(qg) &&
                         aligned16(w);
   const int nv = Kp / 8;  // 16-byte vectors per row of raw
+  // When the block's threads are a multiple of nv (Kp = 16, 32, 64, 128, 256), each thread keeps
+  // one vector column (c8v) and walks rows rstep apart from r0v: the loops below then need no
+  // division per vector (a division by the run-time nv is ~20 integer instructions, and this
+  // kernel is issue-bound). Other Kp take the general idx / nv path.
+  const bool col_walk = blockDim.x % nv == 0;
+  const int c8v = static_cast<int>(threadIdx.x % nv) * 8;
+  const int r0v = static_cast<int>(threadIdx.x / nv);
+  const int rstep = static_cast<int>(blockDim.x / nv);
   auto chunk_len = [&](int64_t c) {
     const int64_t t0 = bos + c * BT;
     return static_cast<int>(eos - t0 < BT ? eos - t0 : BT);
@@ -90,10 +101,18 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
   auto issue = [&](const T* src, int64_t c) {
     const int64_t t0 = bos + c * BT;
     const int len_c = chunk_len(c);
-    for (int idx = threadIdx.x; idx < BT * nv; idx += blockDim.x) {
-      const int r = idx / nv, c8 = (idx - r * nv) * 8;
-      const bool ok = r < len_c && c8 < K;
-      cp_async16(raw + r * Kp + c8, ok ? src + ((t0 + r) * HV + hv) * K + c8 : src, ok);
+    if (col_walk) {
+      const bool col_ok = c8v < K;
+      for (int r = r0v; r < BT; r += rstep) {
+        const bool ok = r < len_c && col_ok;
+        cp_async16(raw + r * Kp + c8v, ok ? src + ((t0 + r) * HV + hv) * K + c8v : src, ok);
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < BT * nv; idx += blockDim.x) {
+        const int r = idx / nv, c8 = (idx - r * nv) * 8;
+        const bool ok = r < len_c && c8 < K;
+        cp_async16(raw + r * Kp + c8, ok ? src + ((t0 + r) * HV + hv) * K + c8 : src, ok);
+      }
     }
     cp_async_commit();
   };
@@ -101,8 +120,7 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
   auto land = [&]() {
     cp_async_wait<0>();
     __syncthreads();
-    for (int idx = threadIdx.x; idx < BT * nv; idx += blockDim.x) {
-      const int r = idx / nv, c8 = (idx - r * nv) * 8;
+    auto widen = [&](int r, int c8) {
       const uint4 x = *reinterpret_cast<const uint4*>(raw + r * Kp + c8);
       const T* e = reinterpret_cast<const T*>(&x);
       float* d = op + r * ldO + c8;
@@ -110,6 +128,14 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
                                                   to_float<T>(e[2]), to_float<T>(e[3]));
       *reinterpret_cast<float4*>(d + 4) = make_float4(to_float<T>(e[4]), to_float<T>(e[5]),
                                                       to_float<T>(e[6]), to_float<T>(e[7]));
+    };
+    if (col_walk) {
+      for (int r = r0v; r < BT; r += rstep) widen(r, c8v);
+    } else {
+      for (int idx = threadIdx.x; idx < BT * nv; idx += blockDim.x) {
+        const int r = idx / nv;
+        widen(r, (idx - r * nv) * 8);
+      }
     }
     __syncthreads();
   };
@@ -144,7 +170,7 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     }
     if (prefetch) land();  // op <- kg (the previous chunk's last product has finished reading op)
     else load_tile<T>(op, ldO, BT, Kp, kg, tok0, len, HV, hv, K, 0);
-    load_chunk_matrix<T>(aqk, ldA, Aqk, tok0, len, HV, hv, BT, false);
+    load_chunk_matrix<T, BT>(aqk, ldA, Aqk, tok0, len, HV, hv, false);
     load_tile<T>(dout, ldS, BT, BV, dO, tok0, len, HV, hv, V, v0);
     for (int kk = threadIdx.x; kk < Kp; kk += blockDim.x)
       gam[kk] = kk < K ? expf(p.g_cum[((tok0 + len - 1) * HV + hv) * K + kk]) : 0.f;

@@ -7,6 +7,7 @@
 #include "cuda/bwd_launch.cuh"
 #include "cuda/bwd_state.cuh"
 #include "cuda/launch_common.h"
+#include "cuda/static_switch.h"
 
 
 namespace kda_ext {
@@ -32,7 +33,9 @@ namespace {
 using namespace bwd;
 
 
-template <typename T>
+// BT (== p.BT) is the compile-time chunk size of the state and chunk kernels (see
+// bwd_state_kernel); the finishing kernels do not depend on it.
+template <typename T, int BT>
 void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t stream) {
   const int limit = max_optin_smem();
   const int64_t slots = p.B * p.NT, ntok = p.B * p.T;
@@ -43,34 +46,34 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (p.N > 0) {
         const int64_t Kp = align_up(p.K, 16);
-        const int64_t bytes = BwdStateSmem(p.BT, Kp).total;
-        set_dynamic_smem(bwd_state_kernel<T>, bytes, limit, "bwd_state_kernel");
+        const int64_t bytes = BwdStateSmem(BT, Kp).total;
+        set_dynamic_smem(bwd_state_kernel<T, BT>, bytes, limit, "bwd_state_kernel");
         const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
-        bwd_state_kernel<T><<<grid, kBwdStateThreads, bytes, stream>>>(p);
+        bwd_state_kernel<T, BT><<<grid, kBwdStateThreads, bytes, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       break;
     case BwdStage::kChunkA:
       if (slots > 0) {
-        const int64_t a = BwdChunkASmem(p.BT).total;
-        set_dynamic_smem(bwd_chunk_a_kernel<T>, a, limit, "bwd_chunk_a_kernel");
-        bwd_chunk_a_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, a, stream>>>(p);
+        const int64_t a = BwdChunkASmem(BT).total;
+        set_dynamic_smem(bwd_chunk_a_kernel<T, BT>, a, limit, "bwd_chunk_a_kernel");
+        bwd_chunk_a_kernel<T, BT><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, a, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       break;
     case BwdStage::kChunkB:
       if (slots > 0) {
-        const int64_t b = BwdChunkBSmem(p.BT).total;
-        set_dynamic_smem(bwd_chunk_b_kernel<T>, b, limit, "bwd_chunk_b_kernel");
-        bwd_chunk_b_kernel<T><<<dim3(static_cast<unsigned>(slots), hv), kBwdThreads, b, stream>>>(p);
+        const int64_t b = BwdChunkBSmem(BT).total;
+        set_dynamic_smem(bwd_chunk_b_kernel<T, BT>, b, limit, "bwd_chunk_b_kernel");
+        bwd_chunk_b_kernel<T, BT><<<dim3(static_cast<unsigned>(slots), hv), kBwdThreads, b, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       break;
     case BwdStage::kChunkC:
       if (slots > 0) {
-        const int64_t c = BwdChunkCSmem(p.BT).total;
-        set_dynamic_smem(bwd_chunk_c_kernel<T>, c, limit, "bwd_chunk_c_kernel");
-        bwd_chunk_c_kernel<T><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, c, stream>>>(p);
+        const int64_t c = BwdChunkCSmem(BT).total;
+        set_dynamic_smem(bwd_chunk_c_kernel<T, BT>, c, limit, "bwd_chunk_c_kernel");
+        bwd_chunk_c_kernel<T, BT><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, c, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       break;
@@ -101,13 +104,13 @@ void launch_chunk_kda_bwd_stage(const ChunkKdaBwdParams& p, BwdStage stage, cuda
               "kda_ext: too many chunks for one CUDA launch");
   switch (p.dtype) {
     case DType::kFloat32:
-      launch_typed<float>(p, stage, stream);
+      KDA_CHUNK_SWITCH(p.BT, BT, [&] { launch_typed<float, BT>(p, stage, stream); });
       break;
     case DType::kFloat16:
-      launch_typed<__half>(p, stage, stream);
+      KDA_CHUNK_SWITCH(p.BT, BT, [&] { launch_typed<__half, BT>(p, stage, stream); });
       break;
     case DType::kBFloat16:
-      launch_typed<__nv_bfloat16>(p, stage, stream);
+      KDA_CHUNK_SWITCH(p.BT, BT, [&] { launch_typed<__nv_bfloat16, BT>(p, stage, stream); });
       break;
     default:
       TORCH_CHECK(false, "kda_ext: the CUDA backward supports float32, float16 and bfloat16 inputs");
