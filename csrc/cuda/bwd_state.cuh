@@ -34,13 +34,16 @@ struct BwdStateSmem {
 // round trip per chunk on the sequential path (ncu: long-scoreboard stalls).
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
 // the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound: ncu, H200,
-// ~6.4K instructions per warp per chunk, ~400 of them MMAs).
-template <typename T, int BT>
+// ~6.4K instructions per warp per chunk, ~400 of them MMAs). kFixedKp, when not 0, is
+// align_up(K, 16) as a constant for the same reason (the host passes 128 for K in 113..128):
+// then the operand tile's leading dimension is one too, and a wmma load with a run-time leading
+// dimension costs an IMAD per element (chunk_state_output: static SASS -43% the same way).
+template <typename T, int BT, int kFixedKp = 0>
 __global__ void __launch_bounds__(kBwdStateThreads)
 bwd_state_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int64_t K = p.K, V = p.V, HV = p.HV;
-  const int Kp = static_cast<int>(align_up(K, 16));
+  const int Kp = kFixedKp > 0 ? kFixedKp : static_cast<int>(align_up(K, 16));
   const BwdStateSmem L(BT, Kp);
   float* dS = reinterpret_cast<float*>(smem_raw + L.dS);
   float* op = reinterpret_cast<float*>(smem_raw + L.op);

@@ -47,9 +47,11 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       if (p.N > 0) {
         const int64_t Kp = align_up(p.K, 16);
         const int64_t bytes = BwdStateSmem(BT, Kp).total;
-        set_dynamic_smem(bwd_state_kernel<T, BT>, bytes, limit, "bwd_state_kernel");
+        // K = 128 (the Kimi models' head size) gets the compile-time K build.
+        auto kernel = Kp == 128 ? bwd_state_kernel<T, BT, 128> : bwd_state_kernel<T, BT, 0>;
+        set_dynamic_smem(kernel, bytes, limit, "bwd_state_kernel");
         const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
-        bwd_state_kernel<T, BT><<<grid, kBwdStateThreads, bytes, stream>>>(p);
+        kernel<<<grid, kBwdStateThreads, bytes, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       break;
