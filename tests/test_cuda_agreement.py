@@ -22,6 +22,10 @@ AGREEMENT_CASES = [
          disable_recompute=True),
     Case(B=1, T=140, H=2, HV=2, K=32, V=48, dtype=F16, recipe="varlen", cu_seqlens=[0, 1, 64, 65, 140],
          mask_p=0.3, mask_value=-1000.0),
+    # K = 120 with chunk 64: chunk_state_output's compile-time K = 128 layout with masked columns,
+    # in the forward and in the backward's recompute.
+    Case(B=2, T=190, H=1, HV=2, K=120, V=72, dtype=F16, gate_in_kernel=True, safe_gate=True,
+         state_v_first=True),
 ]
 
 

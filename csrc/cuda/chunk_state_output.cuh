@@ -110,7 +110,13 @@ __device__ __forceinline__ void issue_tile(U* dst, int ld, const U* src, int64_t
   }
 }
 
-template <typename T, int BT>
+// kFixedKP: the padded K (align_up(K, 16)) as a compile-time constant, or 0 for any K. With it
+// the layout, the leading dimensions of the w/qg/kg tiles and the MMA trip counts are constants:
+// a wmma load with a run-time leading dimension costs an IMAD per element and the copies a
+// division per call, and this kernel is issue-bound (~2.3K instructions per warp per chunk, a
+// few percent of them tensor-core work). The host picks 128 for K in 113..128 with chunk 64
+// (static SASS of the bf16 kernel 5576 -> 3176 instructions) and 0 otherwise.
+template <typename T, int BT, int kFixedKP = 0>
 __global__ void __launch_bounds__(kStateThreads, 2)
     chunk_state_output_kernel(const ChunkKdaFwdParams p) {
   constexpr int NC = BT / 16;
@@ -120,7 +126,8 @@ __global__ void __launch_bounds__(kStateThreads, 2)
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t HV = p.HV;
   const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);  // <= 256 (host-checked)
-  const StateLayout lay = state_layout<T, BT>(K);
+  // (K only matters here through align_up(K, 16), which kFixedKP fixes when set.)
+  const StateLayout lay = state_layout<T, BT>(kFixedKP > 0 ? kFixedKP : K);
   float* S = reinterpret_cast<float*>(smem + lay.S);
   T* Sh = reinterpret_cast<T*>(smem + lay.Sh);
   T* bw = reinterpret_cast<T*>(smem + lay.bw);
@@ -132,7 +139,8 @@ __global__ void __launch_bounds__(kStateThreads, 2)
   float* pb = reinterpret_cast<float*>(smem + lay.pb);
   T* vn = reinterpret_cast<T*>(smem + lay.vn);
   float* dec = reinterpret_cast<float*>(smem + lay.dec);
-  const int KP = lay.KP, ldw = lay.ldw;
+  const int KP = kFixedKP > 0 ? kFixedKP : lay.KP;
+  const int ldw = kFixedKP > 0 ? kFixedKP + 8 : lay.ldw;
   const bool triple = lay.triple;
 
   const int tid = threadIdx.x, warp = tid / 32;

@@ -57,7 +57,12 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
 
   if (p.N > 0 && p.HV > 0 && p.V > 0) {
     const int64_t smem = state_layout<T, BT>(p.K).total;
-    auto kernel = chunk_state_output_kernel<T, BT>;
+    // K = 128 (the Kimi models' head size) with chunk 64 gets the compile-time K layout; the
+    // BT = 32 fp16 build of it spilled at the register cap, so chunk 32 keeps the general one.
+    auto kernel = chunk_state_output_kernel<T, BT, 0>;
+    if constexpr (BT == 64) {
+      if (align_up(p.K, 16) == 128) kernel = chunk_state_output_kernel<T, BT, 128>;
+    }
     set_dynamic_smem(kernel, smem, limit, "chunk_state_output");
     const dim3 grid(static_cast<unsigned>(p.N * cdiv(p.V, kBV)), static_cast<unsigned>(p.HV));
     kernel<<<grid, kStateThreads, smem, stream>>>(p);
