@@ -44,16 +44,24 @@ def _num(text):
         return float("nan")
 
 
-def summarize(csv_text, top=4):
-    """Lines of a markdown table from ncu's --csv output of the metrics above."""
+def _launches(csv_text):
+    """{(launch id, kernel name): {metric: value}} from ncu's --csv output, or None without any."""
     lines = csv_text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
     if start is None:
-        return ["no ncu metrics in this output"]
+        return None
     launches = {}
     for row in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
         key = (int(row["ID"]), row["Kernel Name"])
         launches.setdefault(key, {})[row["Metric Name"]] = _num(row["Metric Value"])
+    return launches
+
+
+def summarize(csv_text, top=4):
+    """Lines of a markdown table from ncu's --csv output of the metrics above."""
+    launches = _launches(csv_text)
+    if launches is None:
+        return ["no ncu metrics in this output"]
     out = ["| launch | kernel | ms | instr./warp | regs | issue active % | stall cycles / instr. | top stalls |",
            "|---|---|---|---|---|---|---|---|"]
     for (launch_id, name), m in sorted(launches.items()):
@@ -73,14 +81,9 @@ def summarize(csv_text, top=4):
 
 def summarize_mix(csv_text, top=7):
     """Lines of a markdown table: instructions per warp by pipeline, and memory instructions."""
-    lines = csv_text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
-    if start is None:
+    launches = _launches(csv_text)
+    if launches is None:
         return []
-    launches = {}
-    for row in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
-        key = (int(row["ID"]), row["Kernel Name"])
-        launches.setdefault(key, {})[row["Metric Name"]] = _num(row["Metric Value"])
     out = ["| launch | kernel | instr./warp | by pipeline (per warp) | shared ld/st, global ld/st (per warp) |",
            "|---|---|---|---|---|"]
     for (launch_id, name), m in sorted(launches.items()):
