@@ -33,6 +33,16 @@ namespace {
 using namespace bwd;
 
 
+// Raises kernel's dynamic shared memory to `smem` bytes (checked against the device), launches
+// it and checks the launch: the state kernel and the three per-chunk kernels start the same way.
+template <typename Kernel>
+void launch_with_smem(Kernel kernel, dim3 grid, int threads, int64_t smem, int limit,
+                      const char* name, const ChunkKdaBwdParams& p, cudaStream_t stream) {
+  set_dynamic_smem(kernel, smem, limit, name);
+  kernel<<<grid, threads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // BT (== p.BT) is the compile-time chunk size of the state and chunk kernels (see
 // bwd_state_kernel); the finishing kernels do not depend on it.
 template <typename T, int BT>
@@ -49,35 +59,24 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
         const int64_t bytes = BwdStateSmem(BT, Kp).total;
         // K = 128 (the Kimi models' head size) gets the compile-time K build.
         auto kernel = Kp == 128 ? bwd_state_kernel<T, BT, 128> : bwd_state_kernel<T, BT, 0>;
-        set_dynamic_smem(kernel, bytes, limit, "bwd_state_kernel");
         const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
-        kernel<<<grid, kBwdStateThreads, bytes, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_with_smem(kernel, grid, kBwdStateThreads, bytes, limit, "bwd_state_kernel", p, stream);
       }
       break;
     case BwdStage::kChunkA:
-      if (slots > 0) {
-        const int64_t a = BwdChunkASmem(BT).total;
-        set_dynamic_smem(bwd_chunk_a_kernel<T, BT>, a, limit, "bwd_chunk_a_kernel");
-        bwd_chunk_a_kernel<T, BT><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, a, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      if (slots > 0)
+        launch_with_smem(bwd_chunk_a_kernel<T, BT>, dim3(static_cast<unsigned>(slots), hv, nks),
+                         kBwdThreads, BwdChunkASmem(BT).total, limit, "bwd_chunk_a_kernel", p, stream);
       break;
     case BwdStage::kChunkB:
-      if (slots > 0) {
-        const int64_t b = BwdChunkBSmem(BT).total;
-        set_dynamic_smem(bwd_chunk_b_kernel<T, BT>, b, limit, "bwd_chunk_b_kernel");
-        bwd_chunk_b_kernel<T, BT><<<dim3(static_cast<unsigned>(slots), hv), kBwdThreads, b, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      if (slots > 0)
+        launch_with_smem(bwd_chunk_b_kernel<T, BT>, dim3(static_cast<unsigned>(slots), hv),
+                         kBwdThreads, BwdChunkBSmem(BT).total, limit, "bwd_chunk_b_kernel", p, stream);
       break;
     case BwdStage::kChunkC:
-      if (slots > 0) {
-        const int64_t c = BwdChunkCSmem(BT).total;
-        set_dynamic_smem(bwd_chunk_c_kernel<T, BT>, c, limit, "bwd_chunk_c_kernel");
-        bwd_chunk_c_kernel<T, BT><<<dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, c, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      if (slots > 0)
+        launch_with_smem(bwd_chunk_c_kernel<T, BT>, dim3(static_cast<unsigned>(slots), hv, nks),
+                         kBwdThreads, BwdChunkCSmem(BT).total, limit, "bwd_chunk_c_kernel", p, stream);
       break;
     case BwdStage::kFinish:
       if (ntok > 0) {
@@ -104,19 +103,9 @@ void launch_chunk_kda_bwd_stage(const ChunkKdaBwdParams& p, BwdStage stage, cuda
   TORCH_CHECK(p.HV >= 1 && p.HV <= 65535, "kda_ext: CUDA backward supports up to 65535 value heads, got ", p.HV);
   TORCH_CHECK(p.B * p.NT < (int64_t(1) << 31) && p.N < (int64_t(1) << 31),
               "kda_ext: too many chunks for one CUDA launch");
-  switch (p.dtype) {
-    case DType::kFloat32:
-      KDA_CHUNK_SWITCH(p.BT, BT, [&] { launch_typed<float, BT>(p, stage, stream); });
-      break;
-    case DType::kFloat16:
-      KDA_CHUNK_SWITCH(p.BT, BT, [&] { launch_typed<__half, BT>(p, stage, stream); });
-      break;
-    case DType::kBFloat16:
-      KDA_CHUNK_SWITCH(p.BT, BT, [&] { launch_typed<__nv_bfloat16, BT>(p, stage, stream); });
-      break;
-    default:
-      TORCH_CHECK(false, "kda_ext: the CUDA backward supports float32, float16 and bfloat16 inputs");
-  }
+  KDA_DTYPE_SWITCH(p.dtype, T, [&] {
+    KDA_CHUNK_SWITCH(p.BT, BT, [&] { launch_typed<T, BT>(p, stage, stream); });
+  });
 }
 
 }  // namespace cuda
