@@ -26,6 +26,13 @@ AGREEMENT_CASES = [
     # in the forward and in the backward's recompute.
     Case(B=2, T=190, H=1, HV=2, K=120, V=72, dtype=F16, gate_in_kernel=True, safe_gate=True,
          state_v_first=True),
+    # K = V = 128 with chunk 32: the backward's compile-time K = V = 128 builds of the per-chunk
+    # kernels at BT = 32 (fp32; bf16 varlen with a partial chunk and the [V, K] state layout).
+    # The chunk-64 builds run in the K = V = 128 cases here and in test_backward.py.
+    Case(B=1, T=150, H=2, HV=4, K=128, V=128, dtype=F32, chunk_size=32, gate_in_kernel=True,
+         l2norm_in_kernel=True, safe_gate=True, lower_bound=-5.0),
+    Case(B=1, T=140, H=1, HV=2, K=128, V=128, dtype=BF16, chunk_size=32, recipe="varlen",
+         cu_seqlens=[0, 1, 70, 140], beta_sigmoid=True, state_v_first=True),
 ]
 
 

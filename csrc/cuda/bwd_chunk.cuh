@@ -59,22 +59,24 @@ __device__ __forceinline__ void tile_vec_pos(int u, int& r, int& c) {
 }
 
 // Rows [0, 64) x columns [v0, v0 + 64) of a token-major [*, HV, V] tensor at head hv, rows past
-// the chunk's len clamped to its last row.
-template <typename E>
+// the chunk's len clamped to its last row (columns past V too, unless kFixedKV: see kv_size).
+template <typename E, int kFixedKV = 0>
 __device__ __forceinline__ void load_tok_tile(uint4 (&x)[kTileVecs<E>], const E* src, int64_t tok0,
                                               int len, int64_t HV, int64_t hv, int64_t V, int64_t v0) {
 #pragma unroll
   for (int u = 0; u < kTileVecs<E>; ++u) {
     int r, c;
     tile_vec_pos<E>(u, r, c);
-    const int64_t row = tok0 + (r < len ? r : len - 1), col = v0 + c < V ? v0 + c : v0;
+    const int64_t row = tok0 + (r < len ? r : len - 1);
+    const int64_t col = kWholeKV<kFixedKV> || v0 + c < V ? v0 + c : v0;
     x[u] = *reinterpret_cast<const uint4*>(src + (row * HV + hv) * V + col);
   }
 }
 
 // Stores what load_tok_tile loaded (or a state tile with rows_ok(r) / cols past V) as fp32 into
-// dst[r * ld + c], zero outside; transposed (dst[c * ld + r]) when `transpose`.
-template <typename E, typename RowOk>
+// dst[r * ld + c], zero outside; transposed (dst[c * ld + r]) when `transpose`. kFixedKV: the
+// columns are all inside (see kv_size).
+template <typename E, int kFixedKV = 0, typename RowOk>
 __device__ __forceinline__ void store_tile(const uint4 (&x)[kTileVecs<E>], float* dst, int ld,
                                            RowOk rows_ok, int64_t V, int64_t v0, bool transpose) {
   constexpr int per = 16 / static_cast<int>(sizeof(E));
@@ -82,7 +84,7 @@ __device__ __forceinline__ void store_tile(const uint4 (&x)[kTileVecs<E>], float
   for (int u = 0; u < kTileVecs<E>; ++u) {
     int r, c;
     tile_vec_pos<E>(u, r, c);
-    const bool in = rows_ok(r) && v0 + c < V;
+    const bool in = rows_ok(r) && (kWholeKV<kFixedKV> || v0 + c < V);
     const E* e = reinterpret_cast<const E*>(&x[u]);
     if (transpose) {
 #pragma unroll
@@ -104,22 +106,23 @@ struct ATileRegs {
   uint4 dh[kTileVecs<float>], dvn[kTileVecs<float>];
 };
 
-template <typename T>
+template <typename T, int kFixedKV>
 __device__ __forceinline__ void load_a_tiles(ATileRegs<T>& R, const ChunkKdaBwdParams& p,
                                              int64_t sb, int64_t tok0, int len, int64_t hv,
                                              int64_t k0, int64_t v0) {
-  const int64_t K = p.K, V = p.V, HV = p.HV;
+  constexpr bool kWhole = kWholeKV<kFixedKV>;
+  const int64_t K = kv_size<kFixedKV>(p.K), V = kv_size<kFixedKV>(p.V), HV = p.HV;
   const T* h = static_cast<const T*>(p.h);
   const bool vf = p.state_v_first;
-  auto kcol = [&](int c) { return static_cast<int>(k0 + c < K ? k0 + c : k0); };
-  auto vcol = [&](int c) { return static_cast<int>(v0 + c < V ? v0 + c : v0); };
+  auto kcol = [&](int c) { return static_cast<int>(kWhole || k0 + c < K ? k0 + c : k0); };
+  auto vcol = [&](int c) { return static_cast<int>(kWhole || v0 + c < V ? v0 + c : v0); };
 #pragma unroll
   for (int u = 0; u < kTileVecs<T>; ++u) {
     int r, c;
     tile_vec_pos<T>(u, r, c);
     // h along its contiguous axis: [K, V] rows are k (r), [V, K] rows are v (r).
     R.h[u] = *reinterpret_cast<const uint4*>(
-        h + (vf ? state_off(p, sb, kcol(c), vcol(r)) : state_off(p, sb, kcol(r), vcol(c))));
+        h + (vf ? state_off(p, sb, kcol(c), vcol(r), K, V) : state_off(p, sb, kcol(r), vcol(c), K, V)));
   }
 #pragma unroll
   for (int u = 0; u < kTileVecs<float>; ++u) {
@@ -127,32 +130,36 @@ __device__ __forceinline__ void load_a_tiles(ATileRegs<T>& R, const ChunkKdaBwdP
     tile_vec_pos<float>(u, r, c);
     R.dh[u] = *reinterpret_cast<const uint4*>(p.dh + sb * K * V + kcol(r) * V + vcol(c));
   }
-  load_tok_tile<T>(R.dout, static_cast<const T*>(p.dout), tok0, len, HV, hv, V, v0);
-  load_tok_tile<T>(R.vn, static_cast<const T*>(p.v_new), tok0, len, HV, hv, V, v0);
-  load_tok_tile<float>(R.dvn, p.dvn, tok0, len, HV, hv, V, v0);
+  load_tok_tile<T, kFixedKV>(R.dout, static_cast<const T*>(p.dout), tok0, len, HV, hv, V, v0);
+  load_tok_tile<T, kFixedKV>(R.vn, static_cast<const T*>(p.v_new), tok0, len, HV, hv, V, v0);
+  load_tok_tile<float, kFixedKV>(R.dvn, p.dvn, tok0, len, HV, hv, V, v0);
 }
 
-template <typename T>
+template <typename T, int kFixedKV>
 __device__ __forceinline__ void store_a_tiles(const ATileRegs<T>& R, const ChunkKdaBwdParams& p,
                                               int len, int64_t k0, int64_t v0, float* S,
                                               float* dSn, float* dout, float* dvn, float* vn,
                                               int ld) {
-  const int64_t K = p.K, V = p.V;
+  constexpr bool kWhole = kWholeKV<kFixedKV>;
+  const int64_t K = kv_size<kFixedKV>(p.K), V = kv_size<kFixedKV>(p.V);
   auto tok_ok = [&](int r) { return r < len; };
-  auto k_ok = [&](int r) { return k0 + r < K; };
+  auto k_ok = [&](int r) { return kWhole || k0 + r < K; };
   if (p.state_v_first)  // h rows are v, columns k: swap the roles of the two bounds
-    store_tile<T>(R.h, S, ld, [&](int r) { return v0 + r < V; }, K, k0, true);
+    store_tile<T, kFixedKV>(R.h, S, ld, [&](int r) { return kWhole || v0 + r < V; }, K, k0, true);
   else
-    store_tile<T>(R.h, S, ld, k_ok, V, v0, false);
-  store_tile<float>(R.dh, dSn, ld, k_ok, V, v0, false);
-  store_tile<T>(R.dout, dout, ld, tok_ok, V, v0, false);
-  store_tile<T>(R.vn, vn, ld, tok_ok, V, v0, false);
-  store_tile<float>(R.dvn, dvn, ld, tok_ok, V, v0, false);
+    store_tile<T, kFixedKV>(R.h, S, ld, k_ok, V, v0, false);
+  store_tile<float, kFixedKV>(R.dh, dSn, ld, k_ok, V, v0, false);
+  store_tile<T, kFixedKV>(R.dout, dout, ld, tok_ok, V, v0, false);
+  store_tile<T, kFixedKV>(R.vn, vn, ld, tok_ok, V, v0, false);
+  store_tile<float, kFixedKV>(R.dvn, dvn, ld, tok_ok, V, v0, false);
 }
 
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
-// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound).
-template <typename T, int BT>
+// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound). kFixedKV
+// (0, or 128 for K == V == 128, see kv_size) likewise makes K and V constants: the V-tile loop's
+// trip count, the K-slice width (64), the slice / V-tile masks and clamps of every load and store,
+// the K % 8 / V % 8 tests and the multiplies by K and V of the offsets.
+template <typename T, int BT, int kFixedKV = 0>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -174,7 +181,8 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   constexpr int ld = kTileLd;
   constexpr int ldA = BT + 4;
 
-  const int64_t HV = p.HV, H = p.H, K = p.K, V = p.V;
+  constexpr bool kWhole = kWholeKV<kFixedKV>;
+  const int64_t HV = p.HV, H = p.H, K = kv_size<kFixedKV>(p.K), V = kv_size<kFixedKV>(p.V);
   const int64_t hv = blockIdx.y, ks = blockIdx.z;
   const int64_t k0 = ks * kBwdKSlice;
   if (hv >= HV || k0 >= K) return;
@@ -193,7 +201,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   const bool whole_vectors = K % 8 == 0 && V % 8 == 0 && aligned16(h) && aligned16(p.dh) &&
                              aligned16(dO) && aligned16(p.dvn) && aligned16(vnew);
   ATileRegs<T> next;  // the first V tile's loads go out before anything else
-  if (whole_vectors) load_a_tiles<T>(next, p, sb, tok0, len, hv, k0, 0);
+  if (whole_vectors) load_a_tiles<T, kFixedKV>(next, p, sb, tok0, len, hv, k0, 0);
   for (int idx = threadIdx.x; idx < 64 * ld; idx += blockDim.x) aq[idx] = ak[idx] = aw[idx] = 0.f;
   static_assert(kBwdThreads == 512, "row_sum_8 maps 8 threads to each of 64 rows");
   float sds = 0.f;  // sum_v S[kk, v] dSn[kk, v] for kk = threadIdx.x / 8
@@ -207,8 +215,8 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
           [&](int idx) {  // idx = outer * 8 + group along the contiguous axis
             const int o = idx >> 3, g = (idx & 7) * 8;
             const int kk = vf ? g : o, vv = vf ? o : g;
-            return (k0 + kk < K && v0 + vv < V)
-                       ? load8<T>(h + state_off(p, sb, static_cast<int>(k0 + kk), static_cast<int>(v0 + vv)))
+            return (kWhole || (k0 + kk < K && v0 + vv < V))
+                       ? load8<T>(h + state_off(p, sb, static_cast<int>(k0 + kk), static_cast<int>(v0 + vv), K, V))
                        : zero8();
           },
           [&](int idx, const F8& x) {
@@ -225,8 +233,8 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
           64 * 64,
           [&](int idx) {
             const int kk = vf ? idx % 64 : idx / 64, vv = vf ? idx / 64 : idx % 64;
-            return (k0 + kk < K && v0 + vv < V)
-                       ? to_float<T>(h[state_off(p, sb, static_cast<int>(k0 + kk), static_cast<int>(v0 + vv))])
+            return (kWhole || (k0 + kk < K && v0 + vv < V))
+                       ? to_float<T>(h[state_off(p, sb, static_cast<int>(k0 + kk), static_cast<int>(v0 + vv), K, V)])
                        : 0.f;
           },
           [&](int idx, float x) {
@@ -243,8 +251,8 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
     __syncthreads();  // previous tiles fully consumed
     if (whole_vectors) {
-      store_a_tiles<T>(next, p, len, k0, v0, S, dSn, dout, dvn, vn, ld);
-      if (v0 + kBwdVTile < V) load_a_tiles<T>(next, p, sb, tok0, len, hv, k0, v0 + kBwdVTile);
+      store_a_tiles<T, kFixedKV>(next, p, len, k0, v0, S, dSn, dout, dvn, vn, ld);
+      if (v0 + kBwdVTile < V) load_a_tiles<T, kFixedKV>(next, p, sb, tok0, len, hv, k0, v0 + kBwdVTile);
     } else {
       load_v_tile_scalar(v0);
     }
@@ -309,7 +317,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     kb[r * ld + kk] = vbeta[r] * kv * __expf(gv);
     aw[r * ld + kk] = -aw[r * ld + kk];
   };
-  load_slice_qkg<T, BT>(p, tok0, len, hv, hq, k0, emit_a);
+  load_slice_qkg<T, BT, kFixedKV>(p, tok0, len, hv, hq, k0, emit_a);
   __syncthreads();
   smem_gemm<true, false, kHalf<T>, false>(dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
   smem_gemm<false, true>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
@@ -323,7 +331,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     }
   }
   // Column sums over rows (dG_last) and row sums over the slice (dbeta), each in a fixed order.
-  const int kw = static_cast<int>(K - k0 < 64 ? K - k0 : 64);
+  const int kw = kWhole ? 64 : static_cast<int>(K - k0 < 64 ? K - k0 : 64);
   {
     const int row = threadIdx.x >> 3;  // column kk for dG_last, row r for dbeta
     const bool leader = (threadIdx.x & 7) == 0;
@@ -382,8 +390,11 @@ struct BwdChunkBSmem {
 };
 
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
-// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound).
-template <typename T, int BT>
+// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound). kFixedKV
+// (0, or 128 for K == V == 128, see kv_size) likewise makes K and V constants: the V-tile loop's
+// trip count, the V-tile masks and clamps of the loads and dv stores, the V % 8 test, the
+// multiplies by V of the offsets and the number of K-slice partials summed (2).
+template <typename T, int BT, int kFixedKV = 0>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -402,7 +413,12 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   constexpr int ld = kTileLd;
   constexpr int ldA = BT + 4;
 
-  const int64_t HV = p.HV, V = p.V;
+  constexpr bool kWhole = kWholeKV<kFixedKV>;
+  const int64_t HV = p.HV, V = kv_size<kFixedKV>(p.V);
+  // K slices of kernel A (whose dAkk partials are summed below). Not folded for fp32: with its
+  // V-tile registers twice as wide, the constant made ptxas spill at BT = 32 (52 bytes, 128
+  // registers); fp16/bf16 keep 119 registers.
+  const int nks = kWhole && sizeof(T) == 2 ? kFixedKV / kBwdKSlice : p.NKS;
   const int64_t hv = blockIdx.y;
   if (hv >= HV) return;
   BwdChunk ch;
@@ -431,13 +447,13 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
           F8 x[kBwdMaxKSlices];
 #pragma unroll
           for (int s = 0; s < kBwdMaxKSlices; ++s) {
-            const int ss = s < p.NKS ? s : p.NKS - 1;
+            const int ss = s < nks ? s : nks - 1;
             x[s] = load8<float>(p.dAkk_part + ((ss * ntok + row) * HV + hv) * BT + j0);
           }
           F8 acc = zero8();
 #pragma unroll
           for (int s = 0; s < kBwdMaxKSlices; ++s) {
-            if (s < p.NKS) {
+            if (s < nks) {
 #pragma unroll
               for (int j = 0; j < 8; ++j) acc.v[j] += x[s].v[j];
             }
@@ -459,20 +475,20 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
                              aligned16(vnew);
   uint4 r_dvn[kTileVecs<float>], r_v[kTileVecs<T>], r_do[kTileVecs<T>], r_vn[kTileVecs<T>];
   auto load_b_tiles = [&](int64_t v0) {
-    load_tok_tile<float>(r_dvn, p.dvn, tok0, len, HV, hv, V, v0);
-    load_tok_tile<T>(r_v, v, tok0, len, HV, hv, V, v0);
-    load_tok_tile<T>(r_do, dO, tok0, len, HV, hv, V, v0);
-    load_tok_tile<T>(r_vn, vnew, tok0, len, HV, hv, V, v0);
+    load_tok_tile<float, kFixedKV>(r_dvn, p.dvn, tok0, len, HV, hv, V, v0);
+    load_tok_tile<T, kFixedKV>(r_v, v, tok0, len, HV, hv, V, v0);
+    load_tok_tile<T, kFixedKV>(r_do, dO, tok0, len, HV, hv, V, v0);
+    load_tok_tile<T, kFixedKV>(r_vn, vnew, tok0, len, HV, hv, V, v0);
   };
   if (whole_vectors) load_b_tiles(0);
   for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
     __syncthreads();
     if (whole_vectors) {
       auto tok_ok = [&](int r) { return r < len; };
-      store_tile<float>(r_dvn, dvn, ld, tok_ok, V, v0, false);
-      store_tile<T>(r_v, vr, ld, tok_ok, V, v0, false);
-      store_tile<T>(r_do, dout, ld, tok_ok, V, v0, false);
-      store_tile<T>(r_vn, vn, ld, tok_ok, V, v0, false);
+      store_tile<float, kFixedKV>(r_dvn, dvn, ld, tok_ok, V, v0, false);
+      store_tile<T, kFixedKV>(r_v, vr, ld, tok_ok, V, v0, false);
+      store_tile<T, kFixedKV>(r_do, dout, ld, tok_ok, V, v0, false);
+      store_tile<T, kFixedKV>(r_vn, vn, ld, tok_ok, V, v0, false);
       if (v0 + kBwdVTile < V) load_b_tiles(v0 + kBwdVTile);
     } else {
       load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
@@ -492,7 +508,7 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
     __syncthreads();
     for (int idx = threadIdx.x; idx < len * 64; idx += blockDim.x) {
       const int r = idx / 64, c = idx % 64;
-      if (v0 + c < V)
+      if (kWhole || v0 + c < V)
         dv[((tok0 + r) * HV + hv) * V + v0 + c] = from_float<T>(vbeta[r] * dvo[r * ld + c]);
     }
     // Rows >= BT of the 64-row tiles may hold stale values; their sums are never stored.
@@ -500,7 +516,7 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   }
   __syncthreads();
   if ((threadIdx.x & 7) == 0 && (threadIdx.x >> 3) < len)
-    p.dbeta_part[(p.NKS * ntok + tok0 + (threadIdx.x >> 3)) * HV + hv] = dbv;
+    p.dbeta_part[(nks * ntok + tok0 + (threadIdx.x >> 3)) * HV + hv] = dbv;
 
   // Only the strict lower part of dAkk reaches Lkk; dAqk keeps the diagonal.
   for (int idx = threadIdx.x; idx < BT * BT; idx += blockDim.x) {
@@ -552,8 +568,11 @@ struct BwdChunkCSmem {
 };
 
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
-// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound).
-template <typename T, int BT>
+// the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound). kFixedKV
+// (0, or 128 for K == V == 128, see kv_size) likewise makes K and V constants: the K-slice
+// width (64: the masks of the combination, the dbeta sums, the reverse cumsum and the gate
+// backward fold), the K % 8 test, the multiplies by K of the offsets, NKS (2).
+template <typename T, int BT, int kFixedKV = 0>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -575,11 +594,13 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   constexpr int ld = kTileLd;
   constexpr int ldA = BT + 4;
 
-  const int64_t HV = p.HV, H = p.H, K = p.K;
+  constexpr bool kWhole = kWholeKV<kFixedKV>;
+  const int64_t HV = p.HV, H = p.H, K = kv_size<kFixedKV>(p.K);
+  const int nks = kWhole ? kFixedKV / kBwdKSlice : p.NKS;
   const int64_t hv = blockIdx.y, ks = blockIdx.z;
   const int64_t k0 = ks * kBwdKSlice;
   if (hv >= HV || k0 >= K) return;
-  const int kw = static_cast<int>(K - k0 < 64 ? K - k0 : 64);
+  const int kw = kWhole ? 64 : static_cast<int>(K - k0 < 64 ? K - k0 : 64);
   const bool gate_partials = p.use_gate_in_kernel && p.ddt_part != nullptr;
   BwdChunk ch;
   if (!bwd_chunk_of_slot<BT>(p, blockIdx.x, ch)) {
@@ -587,7 +608,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     if (gate_partials && blockIdx.x < p.B * p.NT) {
       for (int kk = threadIdx.x; kk < kw; kk += blockDim.x)
         p.ddt_part[(static_cast<int64_t>(blockIdx.x) * HV + hv) * K + k0 + kk] = 0.f;
-      if (threadIdx.x == 0) p.dA_part[(static_cast<int64_t>(blockIdx.x) * HV + hv) * p.NKS + ks] = 0.f;
+      if (threadIdx.x == 0) p.dA_part[(static_cast<int64_t>(blockIdx.x) * HV + hv) * nks + ks] = 0.f;
     }
     return;
   }
@@ -635,7 +656,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     G[r * ld + kk] = gv;
     rq[r * ld + kk] = rl[r * ld + kk] = cc[r * ld + kk] = 0.f;
   };
-  load_slice_qkg<T, BT>(p, tok0, len, hv, hq, k0, emit_c);
+  load_slice_qkg<T, BT, kFixedKV>(p, tok0, len, hv, hq, k0, emit_c);
   __syncthreads();
 
   const int nsub = (len + 15) / 16;
@@ -872,7 +893,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   if (threadIdx.x == 0) {
     float s = 0.f;
     for (int kk = 0; kk < kw; ++kk) s += vred[kk];
-    p.dA_part[(slot * HV + hv) * p.NKS + ks] = s;
+    p.dA_part[(slot * HV + hv) * nks + ks] = s;
   }
 }
 

@@ -72,11 +72,34 @@ __device__ __forceinline__ bool bwd_chunk_of_slot(const ChunkKdaBwdParams& p, in
   return true;
 }
 
-// Offset of state element (k, v) of a [K,V] / [V,K] state block.
+// Offset of state element (k, v) of a [K,V] / [V,K] state block; K and V passed in (compile-time
+// constants in the fixed-size chunk kernels, see kv_size) or taken from p.
+__device__ __forceinline__ int64_t state_off(const ChunkKdaBwdParams& p, int64_t base, int k, int v,
+                                             int64_t K, int64_t V) {
+  return p.state_v_first ? (base * V + v) * K + k : (base * K + k) * V + v;
+}
 __device__ __forceinline__ int64_t state_off(const ChunkKdaBwdParams& p, int64_t base, int k,
                                              int v) {
-  return p.state_v_first ? (base * p.V + v) * p.K + k : (base * p.K + k) * p.V + v;
+  return state_off(p, base, k, v, p.K, p.V);
 }
+
+// Compile-time K and V of the per-chunk kernels (bwd_chunk.cuh): kFixedKV = 0 builds take any K, V
+// from the parameters; kFixedKV != 0 builds are for K == V == kFixedKV exactly (the launch layer
+// dispatches K == V == 128 to them). Why: those kernels are issue-bound, mostly on integer
+// address arithmetic and fp32 element work rather than MMAs. With K and V constants the K-slice
+// width is 64, every `k0 + c < K` / `v0 + c < V` mask and clamp of a whole slice / V tile is true
+// (kWholeKV), K % 8 and V % 8 are known, the 64-bit multiplies by K and V of the offsets become
+// shifts, and the V-tile loops have a constant trip count. Only folding: results are bitwise the
+// same as the general build's.
+template <int kFixedKV>
+__device__ __forceinline__ int64_t kv_size(int64_t runtime) {
+  static_assert(kFixedKV >= 0 && kFixedKV % 64 == 0 && kFixedKV <= 256,
+                "kFixedKV: 0 (any) or a multiple of the 64-wide K slice / V tile up to 256");
+  return kFixedKV != 0 ? kFixedKV : runtime;
+}
+// Every K slice [k0, k0 + 64) and V tile [v0, v0 + 64) lies inside K and V.
+template <int kFixedKV>
+constexpr bool kWholeKV = kFixedKV != 0;
 
 // C[M x N] (+)= op(A)[M x kd] * op(B)[kd x N], fp32 shared-memory operands through 3xTF32 wmma
 // (mma_16x16_split_tf32: fp32-level accuracy, which the gate gradients need).
@@ -243,12 +266,14 @@ __device__ __forceinline__ float row_sum_8(int n, F f) {
 // of one chunk: the raw q and k (0 outside the chunk or past K) and G = g_cum (rows past the
 // chunk repeat the last row's G, so every exp(G_i - G_j) stays finite; 0 past K). BT is the
 // compile-time chunk size (the loop bounds fold to constants).
-template <typename T, int BT, typename Emit>
+// kFixedKV: see kv_size (K known, the slice whole).
+template <typename T, int BT, int kFixedKV = 0, typename Emit>
 __device__ __forceinline__ void load_slice_qkg(const ChunkKdaBwdParams& p, int64_t tok0, int len,
                                                int64_t hv, int64_t hq, int64_t k0, Emit emit) {
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
-  const int64_t K = p.K, H = p.H, HV = p.HV;
+  constexpr bool kWhole = kWholeKV<kFixedKV>;
+  const int64_t K = kv_size<kFixedKV>(p.K), H = p.H, HV = p.HV;
   if (K % 8 == 0 && aligned16(q) && aligned16(k) && aligned16(p.g_cum)) {
     struct QKG {
       F8 q, k, g;
@@ -260,7 +285,7 @@ __device__ __forceinline__ void load_slice_qkg(const ChunkKdaBwdParams& p, int64
           QKG x;
           x.q = x.k = x.g = zero8();
           const int rr = r < len ? r : len - 1;
-          if (k0 + c0 < K) {  // K % 8 == 0: the whole vector is inside
+          if (kWhole || k0 + c0 < K) {  // K % 8 == 0: the whole vector is inside
             x.g = load8<float>(p.g_cum + ((tok0 + rr) * HV + hv) * K + k0 + c0);
             if (r < len) {
               const int64_t off = ((tok0 + r) * H + hq) * K + k0 + c0;
@@ -283,7 +308,7 @@ __device__ __forceinline__ void load_slice_qkg(const ChunkKdaBwdParams& p, int64
         const int r = idx / 64, kk = idx % 64;
         float3 x = make_float3(0.f, 0.f, 0.f);  // q, k, G
         const int rr = r < len ? r : len - 1;
-        if (k0 + kk < K) {
+        if (kWhole || k0 + kk < K) {
           x.z = p.g_cum[((tok0 + rr) * HV + hv) * K + k0 + kk];
           if (r < len) {
             const int64_t off = ((tok0 + r) * H + hq) * K + k0 + kk;

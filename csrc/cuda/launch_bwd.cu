@@ -50,6 +50,9 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
   const int limit = max_optin_smem();
   const int64_t slots = p.B * p.NT, ntok = p.B * p.T;
   const unsigned hv = static_cast<unsigned>(p.HV), nks = static_cast<unsigned>(p.NKS);
+  // K == V == 128 (the Kimi models' head sizes) gets the compile-time K, V builds of the
+  // per-chunk kernels (see kv_size: the slice / tile masks, clamps and size arithmetic fold).
+  const bool kv128 = p.K == 128 && p.V == 128;
   switch (stage) {
     case BwdStage::kState:
       bwd_prep_kernel<<<1, kBwdPrepThreads, 0, stream>>>(p);
@@ -65,18 +68,21 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       break;
     case BwdStage::kChunkA:
       if (slots > 0)
-        launch_with_smem(bwd_chunk_a_kernel<T, BT>, dim3(static_cast<unsigned>(slots), hv, nks),
-                         kBwdThreads, BwdChunkASmem(BT).total, limit, "bwd_chunk_a_kernel", p, stream);
+        launch_with_smem(kv128 ? bwd_chunk_a_kernel<T, BT, 128> : bwd_chunk_a_kernel<T, BT, 0>,
+                         dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, BwdChunkASmem(BT).total, limit,
+                         "bwd_chunk_a_kernel", p, stream);
       break;
     case BwdStage::kChunkB:
       if (slots > 0)
-        launch_with_smem(bwd_chunk_b_kernel<T, BT>, dim3(static_cast<unsigned>(slots), hv),
-                         kBwdThreads, BwdChunkBSmem(BT).total, limit, "bwd_chunk_b_kernel", p, stream);
+        launch_with_smem(kv128 ? bwd_chunk_b_kernel<T, BT, 128> : bwd_chunk_b_kernel<T, BT, 0>,
+                         dim3(static_cast<unsigned>(slots), hv), kBwdThreads, BwdChunkBSmem(BT).total, limit,
+                         "bwd_chunk_b_kernel", p, stream);
       break;
     case BwdStage::kChunkC:
       if (slots > 0)
-        launch_with_smem(bwd_chunk_c_kernel<T, BT>, dim3(static_cast<unsigned>(slots), hv, nks),
-                         kBwdThreads, BwdChunkCSmem(BT).total, limit, "bwd_chunk_c_kernel", p, stream);
+        launch_with_smem(kv128 ? bwd_chunk_c_kernel<T, BT, 128> : bwd_chunk_c_kernel<T, BT, 0>,
+                         dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, BwdChunkCSmem(BT).total, limit,
+                         "bwd_chunk_c_kernel", p, stream);
       break;
     case BwdStage::kFinish:
       if (ntok > 0) {
