@@ -33,6 +33,10 @@ AGREEMENT_CASES = [
          l2norm_in_kernel=True, safe_gate=True, lower_bound=-5.0),
     Case(B=1, T=140, H=1, HV=2, K=128, V=128, dtype=BF16, chunk_size=32, recipe="varlen",
          cu_seqlens=[0, 1, 70, 140], beta_sigmoid=True, state_v_first=True),
+    # K = V = 128 with chunk 64: chunk_prepare's compile-time K/V build, with safe_gate here (the
+    # K = V = 128 case above runs it without), partial chunks, and the backward's recompute.
+    Case(H=1, HV=2, K=128, V=128, dtype=BF16, gate_in_kernel=True, l2norm_in_kernel=True,
+         beta_sigmoid=True, safe_gate=True, lower_bound=-5.0, recipe="varlen", cu_seqlens=[0, 37, 170]),
 ]
 
 

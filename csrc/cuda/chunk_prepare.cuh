@@ -214,7 +214,19 @@ __device__ __forceinline__ int median_ref_row(int blk, int L) {
 
 // kSafe == p.safe_gate: a template parameter so that each regime holds only its own
 // accumulators in registers (the kernel runs at the 128-register limit of two CTAs per SM).
-template <typename T, int BT, bool kSafe>
+// kFixedKV: 0 for any K and V, or a multiple of kSlice that K and V both equal exactly (the host
+// picks 128, the Kimi head size, with chunk 64 and 16-bit inputs). The kernel is issue-bound on
+// integer address arithmetic and fp32 element work, not on its MMAs, so folding sizes into
+// constants pays: the strides H*K, HV*K, HV*V and the per-head bases become shifts, the slice
+// counts of both passes are constants, every slice is whole (the `col < K` / `col < V` masks of the
+// loads, stores and the gate are always true, and pass 2's per-job slice check drops), K == V makes
+// the w and u offsets of pass 2 one expression, and the l2norm's scalar fallback (K % 8 != 0) is
+// dead code. Only constant folding: results are bitwise identical to the general build. The slice
+// loops stay rolled (unrolled they would raise register pressure at the 128-register cap). Most of
+// the static saving is in pass 2 (its slice loop 819 -> 645 SASS instructions, bf16 chunk 64); pass
+// 1's loop barely shrinks (~2%: its integer work is the MMA job and operand-row bookkeeping, which
+// does not depend on K).
+template <typename T, int BT, bool kSafe, int kFixedKV = 0>
 __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const ChunkKdaFwdParams p) {
   using D = PrepDims<T, BT, kSafe>;
   constexpr int NC = D::NC;
@@ -241,7 +253,12 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   static_assert(kSlice == 32, "slice loops map one column per lane");
   const int64_t HV = p.HV, H = p.H;
-  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);  // <= 256 (host-checked)
+  static_assert(kFixedKV >= 0 && kFixedKV % kSlice == 0, "kFixedKV: whole slices only");
+  // <= 256 (host-checked); with kFixedKV the host has checked K == V == kFixedKV.
+  const int K = kFixedKV > 0 ? kFixedKV : static_cast<int>(p.K);
+  const int V = kFixedKV > 0 ? kFixedKV : static_cast<int>(p.V);
+  // Every 32-column slice lies inside K and V: the column masks below fold to true.
+  constexpr bool kWhole = kFixedKV > 0;
   const int64_t b = blockIdx.z;
   // Head indices in int (HV <= 65535, the grid's y limit): a 64-bit division is a subroutine of
   // dozens of instructions.
@@ -415,14 +432,15 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   auto load_slice = [&](int k0) {
     SliceIn r;
     const int col = k0 + lane;
-    r.bias = (p.use_gate_in_kernel && p.dt_bias != nullptr && col < K) ? p.dt_bias[hv * K + col]
-                                                                        : 0.f;
+    r.bias = (p.use_gate_in_kernel && p.dt_bias != nullptr && (kWhole || col < K))
+                 ? p.dt_bias[hv * K + col]
+                 : 0.f;
     int oqk[kRows], ohk[kRows];
     bool ok[kRows];
 #pragma unroll
     for (int it = 0; it < kRows; ++it) {
       const int i = r0 + it;
-      ok[it] = i < L && col < K;
+      ok[it] = i < L && (kWhole || col < K);
       oqk[it] = ok[it] ? i * qks + col : 0;
       ohk[it] = ok[it] ? i * hks + col : 0;
     }
@@ -458,10 +476,12 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   SliceIn in = load_slice(0);
   // The in-kernel gate's per-head factor exp(A_log) once per block.
   const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
+  // (Rolled: one slice's registers at a time; with kFixedKV the trip count is a constant.)
+#pragma unroll 1
   for (int k0 = 0; k0 < K; k0 += kSlice) {
     const int c = lane;
     const int col = k0 + c;
-    const bool col_ok = col < K;
+    const bool col_ok = kWhole || col < K;
     // A. inputs, gate, and the cumsum of the warp's own rows in registers. Rows past L carry
     // gate 0, so their G equals G_last: every exp(G_i - G_r) below with i >= r stays <= 1.
     float Gv[kRows];
@@ -662,8 +682,8 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 #pragma unroll
       for (int it = 0; it < kIt2; ++it) {
         const int i = warp + it * kWarps;
-        okk[it] = i < L && col < K;
-        okv[it] = i < L && col < V;
+        okk[it] = i < L && (kWhole || col < K);
+        okv[it] = i < L && (kWhole || col < V);
         ok_off[it] = okk[it] ? i * qks + col : 0;
         hk_o[it] = okk[it] ? i * hks + col : 0;
         hv_o[it] = okv[it] ? i * hvs + col : 0;
@@ -684,6 +704,8 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       return r;
     };
     SliceWU in2 = load_wu(0);
+    // (Rolled as in pass 1; unrolled by 2 the buffer selects below would fold, at twice the code.)
+#pragma unroll 1
     for (int s = 0; s < nslices; ++s) {
       // (selects, not lay.x[s & 1]: a run-time index into the layout would put it in local memory)
       const bool odd = (s & 1) != 0;
@@ -704,7 +726,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       __syncthreads();
       for (int job = warp; job < 4 * NC; job += kWarps) {
         const bool is_u = job >= 2 * NC;
-        if (c0 >= (is_u ? V : K)) continue;
+        if (!kWhole && c0 >= (is_u ? V : K)) continue;  // (K == V: every slice is in both)
         const int jj = is_u ? job - 2 * NC : job;
         const int mi = jj / 2, ni = jj % 2;
         AccFrag<T> acc2;
@@ -718,8 +740,8 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       for (int it = 0; it < kIt2; ++it) {
         const int i = warp + it * kWarps, c = lane;
         const int col = c0 + c;
-        if (i < L && col < K) w[i * hks + col] = from_float<T>(stw[i * kLdf + c]);
-        if (i < L && col < V) u[i * hvs + col] = from_float<T>(stu[i * kLdf + c]);
+        if (i < L && (kWhole || col < K)) w[i * hks + col] = from_float<T>(stw[i * kLdf + c]);
+        if (i < L && (kWhole || col < V)) u[i * hvs + col] = from_float<T>(stu[i * kLdf + c]);
       }
     }
   }
