@@ -68,10 +68,37 @@ __global__ void __launch_bounds__(kBwdPrepThreads) bwd_prep_kernel(const ChunkKd
   }
 }
 
+// Four consecutive elements of x as floats: one 8-byte load for fp16/bf16, one 16-byte load for
+// fp32 (the caller checked the alignment).
+template <typename T>
+__device__ __forceinline__ float4 load4_as_float(const T* x) {
+  if constexpr (sizeof(T) == 2) {
+    const uint2 r = *reinterpret_cast<const uint2*>(x);
+    const T* e = reinterpret_cast<const T*>(&r);
+    return make_float4(to_float<T>(e[0]), to_float<T>(e[1]), to_float<T>(e[2]), to_float<T>(e[3]));
+  } else {
+    return *reinterpret_cast<const float4*>(x);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store4_from_float(T* out, float a, float b, float c, float d) {
+  if constexpr (sizeof(T) == 2) {
+    uint2 r;
+    T* e = reinterpret_cast<T*>(&r);
+    e[0] = from_float<T>(a), e[1] = from_float<T>(b), e[2] = from_float<T>(c), e[3] = from_float<T>(d);
+    *reinterpret_cast<uint2*>(out) = r;
+  } else {
+    *reinterpret_cast<float4*>(out) = make_float4(a, b, c, d);
+  }
+}
+
 // One warp per (token, q/k head, which): sums dq_hat (dk_hat) over the head's GVA group in a fixed
 // order, applies the l2norm backward dx = rstd (dy - (dy . y) y) with y the rounded normalized
-// row, and casts to the input dtype.
-template <typename T>
+// row, and casts to the input dtype. kPer elements per lane: 4 covers K <= 128, 8 covers K <= 256
+// (the host picks the smaller that fits: with 8 at K = 128 half of every lane's loads and stores
+// were of columns past K, read again and thrown away).
+template <typename T, int kPer>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_dqk_kernel(const ChunkKdaBwdParams p) {
   const int64_t gw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -85,10 +112,12 @@ bwd_dqk_kernel(const ChunkKdaBwdParams p) {
   const T* x = static_cast<const T*>(is_k ? p.k : p.q);
   const float* d = is_k ? p.dk_hv : p.dq_hv;
   T* out = static_cast<T*>(is_k ? p.dk : p.dq);
-  constexpr int kPer = 256 / 32;
-  // Lane element e is column col(e): 4 consecutive columns per 16-byte vector when the rows allow
-  // it (K % 4 == 0, aligned), else lane-strided scalars. Same per-element arithmetic either way.
-  const bool vec = K % 4 == 0 && aligned16(d) && reinterpret_cast<uintptr_t>(x) % (4 * sizeof(T)) == 0;
+  static_assert(kPer == 4 || kPer == 8, "32 lanes x kPer columns cover K <= 128 or K <= 256");
+  // Lane element e is column col(e): 4 consecutive columns per vector when the rows allow it
+  // (K % 4 == 0, aligned: one vector load of d and of x and one vector store per 4 columns), else
+  // lane-strided scalars. Same per-element arithmetic either way.
+  const bool vec = K % 4 == 0 && aligned16(d) && reinterpret_cast<uintptr_t>(x) % (4 * sizeof(T)) == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % (4 * sizeof(T)) == 0;
   auto col = [&](int e) -> int64_t { return vec ? 4 * lane + 128 * (e >> 2) + (e & 3) : lane + 32 * e; };
   float dy[kPer], y[kPer];
   float ss = 0.f;
@@ -97,14 +126,12 @@ bwd_dqk_kernel(const ChunkKdaBwdParams p) {
     // zeroed after), so a warp's row is one memory round trip; under `if (c0 < K)` each x load
     // was converted inside the branch and waited for memory before the next one issued (ncu:
     // long-scoreboard stalls 6 of this kernel's 13 cycles per instruction).
-    float4 acc[kPer / 4], a[kPer / 4];
-    T xr[kPer];
+    float4 acc[kPer / 4], a[kPer / 4], xr[kPer / 4];
 #pragma unroll
     for (int h4 = 0; h4 < kPer / 4; ++h4) {
       const int64_t c0 = 4 * lane + 128 * h4, cc = c0 < K ? c0 : 0;
       acc[h4] = *reinterpret_cast<const float4*>(d + (tok * HV + hq * G) * K + cc);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) xr[4 * h4 + j] = x[row * K + cc + j];
+      xr[h4] = load4_as_float<T>(x + row * K + cc);
     }
     for (int64_t g = 1; g < G; ++g) {  // the other value heads of the group, in order
 #pragma unroll
@@ -124,8 +151,10 @@ bwd_dqk_kernel(const ChunkKdaBwdParams p) {
       dy[4 * h4 + 1] = in ? acc[h4].y : 0.f;
       dy[4 * h4 + 2] = in ? acc[h4].z : 0.f;
       dy[4 * h4 + 3] = in ? acc[h4].w : 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) y[4 * h4 + j] = in ? to_float<T>(xr[4 * h4 + j]) : 0.f;
+      y[4 * h4 + 0] = in ? xr[h4].x : 0.f;
+      y[4 * h4 + 1] = in ? xr[h4].y : 0.f;
+      y[4 * h4 + 2] = in ? xr[h4].z : 0.f;
+      y[4 * h4 + 3] = in ? xr[h4].w : 0.f;
     }
 #pragma unroll
     for (int e = 0; e < kPer; ++e) ss += y[e] * y[e];
@@ -158,10 +187,19 @@ bwd_dqk_kernel(const ChunkKdaBwdParams p) {
 #pragma unroll
     for (int e = 0; e < kPer; ++e) dy[e] = rstd * (dy[e] - dot * y[e]);
   }
+  if (vec) {
 #pragma unroll
-  for (int e = 0; e < kPer; ++e) {
-    const int64_t c = col(e);
-    if (c < K) out[row * K + c] = from_float<T>(dy[e]);
+    for (int h4 = 0; h4 < kPer / 4; ++h4) {
+      const int64_t c0 = 4 * lane + 128 * h4;  // K % 4 == 0: the vector is whole or past K
+      if (c0 < K)
+        store4_from_float<T>(out + row * K + c0, dy[4 * h4], dy[4 * h4 + 1], dy[4 * h4 + 2], dy[4 * h4 + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      const int64_t c = col(e);
+      if (c < K) out[row * K + c] = from_float<T>(dy[e]);
+    }
   }
 }
 

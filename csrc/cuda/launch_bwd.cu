@@ -87,7 +87,8 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
     case BwdStage::kFinish:
       if (ntok > 0) {
         const int64_t warps = 2 * ntok * p.H;
-        bwd_dqk_kernel<T><<<static_cast<unsigned>(cdiv(warps * 32, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
+        auto dqk = p.K <= 128 ? bwd_dqk_kernel<T, 4> : bwd_dqk_kernel<T, 8>;
+        dqk<<<static_cast<unsigned>(cdiv(warps * 32, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         bwd_dbeta_kernel<<<static_cast<unsigned>(cdiv(ntok * p.HV, kBwdThreads)), kBwdThreads, 0, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
