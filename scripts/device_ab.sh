@@ -12,6 +12,8 @@
 # kda_ext only); B_STEPS (device_check.sh steps for each patch, default build,test,bench; add
 # margins,sanitize for a patch about to be merged, or build,bench to screen several patches);
 # A_STEPS (the same for the checkout, default build,bench); AB_DIR (where the copies go, default /tmp/kda_ab).
+# Per-variant settings: a file PATCH with .env in place of .patch (A: $A_ENV, if set) is sourced
+# before that variant's steps, e.g. BENCH_ARGS with the shapes only that patch is about.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -23,7 +25,7 @@ export BENCH_ARGS="${BENCH_ARGS:---shapes 2x8192x32x128 --modes kimi,softplus --
 B_STEPS="${B_STEPS:-build,test,bench}"
 A_STEPS="${A_STEPS:-build,bench}"
 
-names=(A); dirs=("$ROOT"); steps=("$A_STEPS")
+names=(A); dirs=("$ROOT"); steps=("$A_STEPS"); envs=("${A_ENV:-}")
 rm -rf "$AB_DIR"
 rc=0
 for arg in "$@"; do
@@ -38,6 +40,8 @@ for arg in "$@"; do
   patch_file="$(cd "$(dirname "$patch")" && pwd)/$(basename "$patch")"
   if (cd "$dir" && if command -v patch >/dev/null; then patch -p1 -s < "$patch_file"; else git apply "$patch_file"; fi); then
     names+=("$name"); dirs+=("$dir"); steps+=("$this_steps")
+    env_file="${patch_file%.patch}.env"; [ -f "$env_file" ] || env_file=""
+    envs+=("$env_file")
   else
     echo "== $name: the patch does not apply"; rc=1
   fi
@@ -54,7 +58,8 @@ wait
 echo "== ${#names[@]} builds in parallel: $(( $(date +%s) - t0 )) s"
 
 for i in "${!names[@]}"; do
-  OUT="$OUT/${names[$i]}" bash "${dirs[$i]}/scripts/device_check.sh" "${steps[$i]}" > "$OUT/${names[$i]}.txt" 2>&1 || rc=1
+  (if [ -n "${envs[$i]}" ]; then set -a; source "${envs[$i]}"; set +a; fi
+   OUT="$OUT/${names[$i]}" bash "${dirs[$i]}/scripts/device_check.sh" "${steps[$i]}") > "$OUT/${names[$i]}.txt" 2>&1 || rc=1
   echo "== ${names[$i]} (${steps[$i]})"
   grep -E "^\|" "$OUT/${names[$i]}/bench.md" 2>/dev/null || true
   sed -n '/==== summary/,$p' "$OUT/${names[$i]}.txt"
