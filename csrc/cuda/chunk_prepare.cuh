@@ -288,7 +288,9 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   T* u = static_cast<T*>(p.u) + hv0;
   T* qg = static_cast<T*>(p.qg) + hk0;
   T* kg = static_cast<T*>(p.kg) + hk0;
-  float* g_cum = p.g_cum + hk0;  // written here and read back below: no __restrict__/const
+  // w is written twice: pass 1 leaves the w operand beta * k-hat * e^G there and pass 2 reads it
+  // back and overwrites it with w (no __restrict__/const: same block, after barriers).
+  float* g_cum = p.g_cum + hk0;
   // (Aqk and Akk are null in the recompute: their chunk pointers are formed where they are used.)
 
   // Uniform across the grid: the recompute of the backward, with Akk known.
@@ -527,9 +529,13 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       }
       if (i < L && col_ok) {
         const int o = i * hks + col;
+        const float eg = __expf(G);
         g_cum[o] = G;
-        qg[o] = from_float<T>(a * __expf(G));
+        qg[o] = from_float<T>(a * eg);
         kg[o] = from_float<T>(e * __expf(glast - G));
+        // Pass 2's w operand, rounded as the operand tile stores it (bit-identical to computing
+        // it there from k and g_cum, which pass 2 then would have to read back).
+        w[o] = from_float<T>(beta_s[i] * e * eg);
       }
     }
     if (!reuse_akk) {
@@ -667,38 +673,39 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   // ---- pass 2: w = Akk_r (beta * k-hat * exp(G)), u = Akk_r (beta * v) ---------------------
   // One loop over 32-column slices of K and V together (two operand tiles, 4*NC products per
   // slice); operand and result tiles are double-buffered so a slice needs two barriers, and the
-  // next slice's loads are in flight during this slice's products.
+  // next slice's loads are in flight during this slice's products. The w operand comes from w
+  // itself (pass 1 stored it there): one 2-byte load per element instead of k and the fp32
+  // g_cum, and no exp or l2norm rounding here. A thread reads slice s + 1 of w before it writes
+  // slice s, and each element is read and then written by the same thread.
   {
     constexpr int kIt2 = BT * kSlice / kPrepThreads;
     const int nslices = ((K > V ? K : V) + kSlice - 1) / kSlice;
     struct SliceWU {
-      float k[kIt2], g[kIt2], v[kIt2];
+      T kb[kIt2];  // the w operand pass 1 left in w, as stored
+      float v[kIt2];
     };
     auto load_wu = [&](int s) {  // branch-free, as load_slice
       SliceWU r;
       const int col = s * kSlice + lane;
-      int ok_off[kIt2], hk_o[kIt2], hv_o[kIt2];
+      int hk_o[kIt2], hv_o[kIt2];
       bool okk[kIt2], okv[kIt2];
 #pragma unroll
       for (int it = 0; it < kIt2; ++it) {
         const int i = warp + it * kWarps;
         okk[it] = i < L && (kWhole || col < K);
         okv[it] = i < L && (kWhole || col < V);
-        ok_off[it] = okk[it] ? i * qks + col : 0;
         hk_o[it] = okk[it] ? i * hks + col : 0;
         hv_o[it] = okv[it] ? i * hvs + col : 0;
       }
-      T rawk[kIt2], rawv[kIt2];
+      T rawv[kIt2];
 #pragma unroll
       for (int it = 0; it < kIt2; ++it) {
-        rawk[it] = k[ok_off[it]];
+        r.kb[it] = w[hk_o[it]];
         rawv[it] = v[hv_o[it]];
-        r.g[it] = g_cum[hk_o[it]];
       }
 #pragma unroll
       for (int it = 0; it < kIt2; ++it) {
-        r.k[it] = okk[it] ? to_float<T>(rawk[it]) : 0.f;
-        r.g[it] = okk[it] ? r.g[it] : 0.f;
+        r.kb[it] = okk[it] ? r.kb[it] : from_float<T>(0.f);
         r.v[it] = okv[it] ? to_float<T>(rawv[it]) : 0.f;
       }
       return r;
@@ -717,9 +724,8 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 #pragma unroll
       for (int it = 0; it < kIt2; ++it) {
         const int i = warp + it * kWarps, c = lane;
-        const float e = p.use_qk_l2norm ? round_to<T>(in2.k[it] * rk[i]) : in2.k[it];
-        // rows/columns outside the chunk hold e = 0 (and G = 0), so x = 0 there
-        kbw[i * LDB + c] = from_float<T>(beta_s[i] * e * __expf(in2.g[it]));
+        // rows/columns outside the chunk hold 0
+        kbw[i * LDB + c] = in2.kb[it];
         kbu[i * LDB + c] = from_float<T>(beta_s[i] * in2.v[it]);
       }
       if (s + 1 < nslices) in2 = load_wu(s + 1);
