@@ -37,6 +37,9 @@ AGREEMENT_CASES = [
     # K = V = 128 case above runs it without), partial chunks, and the backward's recompute.
     Case(H=1, HV=2, K=128, V=128, dtype=BF16, gate_in_kernel=True, l2norm_in_kernel=True,
          beta_sigmoid=True, safe_gate=True, lower_bound=-5.0, recipe="varlen", cu_seqlens=[0, 37, 170]),
+    # K = 256 in bf16: the compile-time K = 256 builds of chunk_state_output and bwd_state (fp16
+    # K = 256 runs in test_varlen.py; K = 64 in the first case here).
+    Case(B=1, T=130, H=1, HV=2, K=256, V=64, dtype=BF16, gate_in_kernel=True, safe_gate=True),
 ]
 
 

@@ -35,11 +35,14 @@ struct BwdStateSmem {
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
 // the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound: ncu, H200,
 // ~6.4K instructions per warp per chunk, ~400 of them MMAs). kFixedKp, when not 0, is
-// align_up(K, 16) as a constant for the same reason (the host passes 128 for K in 113..128):
+// align_up(K, 16) as a constant for the same reason (the host passes 64, 128 or 256 for K in 49..64, 113..128, 241..256):
 // then the operand tile's leading dimension is one too, and a wmma load with a run-time leading
 // dimension costs an IMAD per element (chunk_state_output: static SASS -43% the same way).
+// Two blocks per SM is what the shared memory allows at K = 128 (~103 KB each); saying so lets
+// ptxas use up to 128 registers: without it, it gave the compile-time K builds 80 registers and
+// spilled (4 bytes at K = 128, 80 bytes of loads at K = 256).
 template <typename T, int BT, int kFixedKp = 0>
-__global__ void __launch_bounds__(kBwdStateThreads)
+__global__ void __launch_bounds__(kBwdStateThreads, 2)
 bwd_state_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int64_t K = p.K, V = p.V, HV = p.HV;

@@ -114,8 +114,9 @@ __device__ __forceinline__ void issue_tile(U* dst, int ld, const U* src, int64_t
 // the layout, the leading dimensions of the w/qg/kg tiles and the MMA trip counts are constants:
 // a wmma load with a run-time leading dimension costs an IMAD per element and the copies a
 // division per call, and this kernel is issue-bound (~2.3K instructions per warp per chunk, a
-// few percent of them tensor-core work). The host picks 128 for K in 113..128 with chunk 64
-// (static SASS of the bf16 kernel 5576 -> 3176 instructions) and 0 otherwise.
+// few percent of them tensor-core work). The host picks 64, 128 or 256 for K in 49..64,
+// 113..128 or 241..256 with chunk 64 (K = 128: static SASS of the bf16 kernel 5576 -> 3176
+// instructions) and 0 otherwise.
 template <typename T, int BT, int kFixedKP = 0>
 __global__ void __launch_bounds__(kStateThreads, 2)
     chunk_state_output_kernel(const ChunkKdaFwdParams p) {

@@ -60,8 +60,11 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       if (p.N > 0) {
         const int64_t Kp = align_up(p.K, 16);
         const int64_t bytes = BwdStateSmem(BT, Kp).total;
-        // K = 128 (the Kimi models' head size) gets the compile-time K build.
-        auto kernel = Kp == 128 ? bwd_state_kernel<T, BT, 128> : bwd_state_kernel<T, BT, 0>;
+        // The usual head sizes (K = 64, 128, 256) get a compile-time K build.
+        auto kernel = bwd_state_kernel<T, BT, 0>;
+        if (Kp == 64) kernel = bwd_state_kernel<T, BT, 64>;
+        if (Kp == 128) kernel = bwd_state_kernel<T, BT, 128>;
+        if (Kp == 256) kernel = bwd_state_kernel<T, BT, 256>;
         const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
         launch_with_smem(kernel, grid, kBwdStateThreads, bytes, limit, "bwd_state_kernel", p, stream);
       }

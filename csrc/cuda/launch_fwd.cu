@@ -69,11 +69,18 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
 
   if (p.N > 0 && p.HV > 0 && p.V > 0) {
     const int64_t smem = state_layout<T, BT>(p.K).total;
-    // K = 128 (the Kimi models' head size) with chunk 64 gets the compile-time K layout; the
-    // BT = 32 fp16 build of it spilled at the register cap, so chunk 32 keeps the general one.
+    // The usual head sizes (K = 64, 128, 256) with chunk 64 get a compile-time K layout; the
+    // BT = 32 fp16 build of the K = 128 one spilled at the register cap, so chunk 32 keeps the
+    // general one.
     auto kernel = chunk_state_output_kernel<T, BT, 0>;
     if constexpr (BT == 64) {
-      if (align_up(p.K, 16) == 128) kernel = chunk_state_output_kernel<T, BT, 128>;
+      const int64_t kp = align_up(p.K, 16);
+      if (kp == 64) kernel = chunk_state_output_kernel<T, BT, 64>;
+      if (kp == 128) kernel = chunk_state_output_kernel<T, BT, 128>;
+      // (The fp16 build of K = 256 spilled 12 bytes at the register cap: it keeps the general one.)
+      if constexpr (!std::is_same<T, __half>::value) {
+        if (kp == 256) kernel = chunk_state_output_kernel<T, BT, 256>;
+      }
     }
     set_dynamic_smem(kernel, smem, limit, "chunk_state_output");
     const dim3 grid(static_cast<unsigned>(p.N * cdiv(p.V, kBV)), static_cast<unsigned>(p.HV));
