@@ -258,9 +258,12 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
     }
     __syncthreads();
     sds += row_sum_8(64, [&](int kk, int vv) { return S[kk * ld + vv] * dSn[kk * ld + vv]; });
-    smem_gemm<false, true, kHalf<T>, kHalf<T>>(aq, ld, dout, ld, S, ld, BT, 64, 64, true);
-    smem_gemm<false, true, kHalf<T>, false>(ak, ld, vn, ld, dSn, ld, BT, 64, 64, true);
-    smem_gemm<false, true, false, kHalf<T>>(aw, ld, dvn, ld, S, ld, BT, 64, 64, true);
+    smem_gemm<false, true, kHalf<T>, kHalf<T>, kSplitTF32<T>>(
+        aq, ld, dout, ld, S, ld, BT, 64, 64, true);
+    smem_gemm<false, true, kHalf<T>, false, kSplitTF32<T>>(
+        ak, ld, vn, ld, dSn, ld, BT, 64, 64, true);
+    smem_gemm<false, true, false, kHalf<T>, kSplitTF32<T>>(
+        aw, ld, dvn, ld, S, ld, BT, 64, 64, true);
   }
   __syncthreads();
 
@@ -319,8 +322,9 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   };
   load_slice_qkg<T, BT, kFixedKV>(p, tok0, len, hv, hq, k0, emit_a);
   __syncthreads();
-  smem_gemm<true, false, kHalf<T>, false>(dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
-  smem_gemm<false, true>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
+  smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+      dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
+  smem_gemm<false, true, false, false, kSplitTF32<T>>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
   __syncthreads();
 
   {
@@ -502,9 +506,12 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
       vb[r * ld + c] = vbeta[r] * vr[r * ld + c];
     }
     __syncthreads();
-    smem_gemm<false, true>(dakk, ldA, dvn, ld, vb, ld, BT, BT, 64, true);
-    smem_gemm<false, true, kHalf<T>, kHalf<T>>(daqk, ldA, dout, ld, vn, ld, BT, BT, 64, true);
-    smem_gemm<true, false, kHalf<T>, false>(dvo, ld, akk, ldA, dvn, ld, BT, 64, BT, false);
+    smem_gemm<false, true, false, false, kSplitTF32<T>>(
+        dakk, ldA, dvn, ld, vb, ld, BT, BT, 64, true);
+    smem_gemm<false, true, kHalf<T>, kHalf<T>, kSplitTF32<T>>(
+        daqk, ldA, dout, ld, vn, ld, BT, BT, 64, true);
+    smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+        dvo, ld, akk, ldA, dvn, ld, BT, 64, BT, false);
     __syncthreads();
     for (int idx = threadIdx.x; idx < len * 64; idx += blockDim.x) {
       const int r = idx / 64, c = idx % 64;
@@ -527,9 +534,11 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
     if (r < len) p.dAqk[((tok0 + r) * HV + hv) * BT + j] = a;
   }
   __syncthreads();
-  smem_gemm<false, true, false, kHalf<T>>(tmp, ldA, dakk, ldA, akk, ldA, BT, BT, BT, false);
+  smem_gemm<false, true, false, kHalf<T>, kSplitTF32<T>>(
+      tmp, ldA, dakk, ldA, akk, ldA, BT, BT, BT, false);
   __syncthreads();
-  smem_gemm<true, false, kHalf<T>, false>(dakk, ldA, akk, ldA, tmp, ldA, BT, BT, BT, false);
+  smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+      dakk, ldA, akk, ldA, tmp, ldA, BT, BT, BT, false);
   __syncthreads();
   for (int idx = threadIdx.x; idx < len * BT; idx += blockDim.x) {
     const int r = idx / BT, j = idx % BT;

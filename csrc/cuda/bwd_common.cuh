@@ -101,15 +101,26 @@ __device__ __forceinline__ int64_t kv_size(int64_t runtime) {
 template <int kFixedKV>
 constexpr bool kWholeKV = kFixedKV != 0;
 
+// Which products take 3xTF32. Kernel C's always do: its intra-chunk terms feed the gate
+// gradient dG directly, and one tf32 pass there took dA_log / ddt_bias past FLA's tolerance
+// (error/tolerance 1.20 at fp16 with -1000 gates; 0.71 with the split). Kernels A, B and
+// bwd_state split only for fp32 inputs (the accuracy an fp32 caller asks for): with fp16/bf16
+// inputs one tf32 pass there left every margin as it was (worst 0.71 over FLA's chunk and varlen
+// matrices, H200) and the backward 5.7% faster. docs/perf-notes.md, session 6.
+template <typename T>
+constexpr bool kSplitTF32 = std::is_same<T, float>::value;
+
 // C[M x N] (+)= op(A)[M x kd] * op(B)[kd x N], fp32 shared-memory operands through 3xTF32 wmma
-// (mma_16x16_split_tf32: fp32-level accuracy, which the gate gradients need).
+// (mma_16x16_split_tf32: fp32-level accuracy, which the gate gradients need) or, with kSplit
+// false, one tf32 pass.
 // TA: A(m, kk) = A[kk*lda + m] (else A[m*lda + kk]); TB: B(kk, n) = B[n*ldb + kk] (else
 // B[kk*ldb + n]). M, N multiples of 16, kd a multiple of 8. Output tiles go round-robin over the
 // warps; a warp that accumulates re-reads only tiles it wrote itself (callers keep M, N fixed
 // between such calls) or tiles published by a __syncthreads.
 // kAExact / kBExact: that operand holds only values read from an fp16/bf16 tensor (see
 // mma_16x16_split_tf32); callers pass them through kHalf<T> so fp32 inputs keep all three MMAs.
-template <bool TA, bool TB, bool kAExact = false, bool kBExact = false>
+// kSplit = false: one tf32 pass (mma_16x16<float>) instead of 3xTF32 (see kSplitTF32).
+template <bool TA, bool TB, bool kAExact = false, bool kBExact = false, bool kSplit = true>
 __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int lda,
                                           const float* B, int ldb, int M, int N, int kd,
                                           bool accumulate) {
@@ -126,7 +137,11 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int
     else wmma::fill_fragment(acc, 0.f);
     const float* a = TA ? A + i * 16 : A + i * 16 * lda;
     const float* b = TB ? B + j * 16 * ldb : B + j * 16;
-    if (kd > 0) mma_16x16_split_tf32<LA, LB, kAExact, kBExact>(acc, a, lda, b, ldb, kd);
+    if constexpr (kSplit) {
+      if (kd > 0) mma_16x16_split_tf32<LA, LB, kAExact, kBExact>(acc, a, lda, b, ldb, kd);
+    } else {
+      if (kd > 0) mma_16x16<float, LA, LB>(acc, a, lda, b, ldb, kd);
+    }
     store_acc_shared<float>(c, acc, ldc);
   }
   __syncwarp();
