@@ -8,6 +8,8 @@ and writes it to --out (and a PNG chart with --png).
   python benchmarks/bench_chunk_kda.py                       # the default shape set, Kimi mode
   python benchmarks/bench_chunk_kda.py --shapes 2x8192x32x128 --modes kimi,softplus --what fwd
   python benchmarks/bench_chunk_kda.py --first-call          # adds fresh-process first-call times
+  python benchmarks/bench_chunk_kda.py --preset targets --copy-rate --first-call-impls ours --json t.json
+                                                             # what benchmarks/targets.py reads
 
 Modes: kimi = in-kernel lower-bound gate (lower_bound=-5) with safe_gate, q/k l2norm, beta sigmoid,
 state_v_first, fp32 h0 and final state; softplus = in-kernel softplus gate (unbounded), safe_gate
@@ -36,6 +38,18 @@ SHAPES = {
     "1x1024x16x128": (1, 1024, 16, 128),
     "4x4096x32x64": (4, 4096, 32, 64),
     "2x4096x16x256": (2, 4096, 16, 256),
+}
+
+# Named configuration lists that replace the --shapes x --modes product. "targets": exactly the
+# (shape, mode) pairs that issue 5's performance targets are stated at (benchmarks/targets.py).
+PRESETS = {
+    "targets": [
+        ("2x8192x32x128", "kimi"),
+        ("2x8192x32x128", "softplus"),
+        ("1x1024x16x128", "kimi"),
+        ("1x32768x16x128", "kimi"),
+        ("varlen16x32768x16x128", "kimi"),
+    ],
 }
 
 
@@ -161,6 +175,35 @@ def first_call(impl, shape_name, mode, timeout):
     return float("nan")
 
 
+COPY_BYTES = 1 << 30  # the --copy-rate tensor: 1 GiB, far larger than any card's L2
+
+
+def copy_gbps(nbytes, ms):
+    """Rate in GB/s (1e9 bytes/s) of a device-to-device copy of nbytes taking ms milliseconds.
+    Both the read and the write count, so it compares with a kernel's bytes moved."""
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def measure_copy_gbps(nbytes=COPY_BYTES):
+    """The card's device-to-device copy rate: median of triton do_bench over dst.copy_(src)."""
+    from triton.testing import do_bench
+
+    src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    del src, dst
+    torch.cuda.empty_cache()
+    return copy_gbps(nbytes, ms)
+
+
+def results_json(dev, rows, copy_rate=None):
+    """The --json payload: device name, rows, and copy_gbps only when it was measured."""
+    out = {"device": dev, "rows": rows}
+    if copy_rate is not None:
+        out["copy_gbps"] = copy_rate
+    return out
+
+
 def write_chart(rows, path, title):
     """Bar chart of FLA time / our time per (shape, mode) for fwd, bwd and fwd+bwd; 1.0 marked."""
     try:
@@ -198,19 +241,63 @@ def write_chart(rows, path, title):
     return True
 
 
-def main():
+def build_parser():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--modes", default="kimi")
+    # --shapes and --modes default to None so that --preset can tell whether they were given.
+    ap.add_argument("--shapes", default=None, help="comma list of SHAPES keys (default: all of them)")
+    ap.add_argument("--modes", default=None, help="comma list of modes (default: kimi)")
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                    help="run this preset's (shape, mode) list instead of the --shapes x --modes "
+                         "product; 'targets' = the configurations of issue 5's targets")
     ap.add_argument("--what", default="fwd,bwd,fwdbwd")
     ap.add_argument("--impls", default="ours,fla")
     ap.add_argument("--first-call", action="store_true")
+    ap.add_argument("--first-call-impls", default=None,
+                    help="comma list of the impls whose first call is timed (default: every timed "
+                         "impl; 'ours' skips FLA's multi-minute cold autotune); implies --first-call")
     ap.add_argument("--first-call-timeout", type=float, default=900.0,
                     help="seconds before a cold first call counts as 'inf' (FLA's autotune takes minutes)")
+    ap.add_argument("--copy-rate", action="store_true",
+                    help="also measure the card's device-to-device copy rate (1 GiB copy_, read + "
+                         "write bytes) and store it as copy_gbps in the JSON")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json", default=None, help="write raw results here")
     ap.add_argument("--png", default=None, help="write a bar chart of the FLA/ours ratios here (needs matplotlib)")
-    args = ap.parse_args()
+    return ap
+
+
+def parse_args(argv=None):
+    """Parsed arguments, with args.configs (the (shape, mode) list to run) and
+    args.first_call_impls (a list; empty without --first-call) resolved."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.preset is not None and (args.shapes is not None or args.modes is not None):
+        ap.error("--preset replaces --shapes and --modes: give one or the other")
+    args.configs = configurations(args.preset, args.shapes, args.modes)
+    impls = args.impls.split(",")
+    if args.first_call_impls is not None:
+        chosen = args.first_call_impls.split(",")
+        unknown = [i for i in chosen if i not in impls]
+        if unknown:
+            ap.error(f"--first-call-impls {','.join(unknown)}: not in --impls {args.impls}")
+        args.first_call = True
+        args.first_call_impls = chosen
+    else:
+        args.first_call_impls = impls if args.first_call else []
+    return args
+
+
+def configurations(preset=None, shapes=None, modes=None):
+    """The (shape, mode) pairs to run: a preset's list, or the --shapes x --modes product."""
+    if preset is not None:
+        return list(PRESETS[preset])
+    shapes = (",".join(SHAPES) if shapes is None else shapes).split(",")
+    modes = ("kimi" if modes is None else modes).split(",")
+    return [(shape, mode) for shape in shapes for mode in modes]
+
+
+def main(argv=None):
+    args = parse_args(argv)
     impls = args.impls.split(",")
     if "fla" in impls:
         try:
@@ -219,24 +306,30 @@ def main():
             print("flash-linear-attention not installed: timing kda_ext alone", file=sys.stderr)
             impls = [i for i in impls if i != "fla"]
     what = args.what.split(",")
+    copy_rate = None
+    if args.copy_rate:
+        copy_rate = measure_copy_gbps()
+        print(json.dumps({"copy_gbps": copy_rate}), flush=True)
     rows = []
-    for shape_name in args.shapes.split(","):
-        for mode in args.modes.split(","):
-            r = {"shape": shape_name, "mode": mode}
-            for impl in impls:
-                try:
-                    r[impl] = measure(impl, shape_name, mode, what)
-                    if args.first_call:
-                        r[impl]["first_call_s"] = first_call(impl, shape_name, mode, args.first_call_timeout)
-                except Exception as e:  # a failing configuration is reported, not hidden
-                    r[impl] = {"error": f"{type(e).__name__}: {e}"[:200]}
-                torch.cuda.empty_cache()
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+    for shape_name, mode in args.configs:
+        r = {"shape": shape_name, "mode": mode}
+        for impl in impls:
+            try:
+                r[impl] = measure(impl, shape_name, mode, what)
+                if impl in args.first_call_impls:
+                    r[impl]["first_call_s"] = first_call(impl, shape_name, mode, args.first_call_timeout)
+            except Exception as e:  # a failing configuration is reported, not hidden
+                r[impl] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            torch.cuda.empty_cache()
+        rows.append(r)
+        print(json.dumps(r), flush=True)
     dev = torch.cuda.get_device_name()
     head = (f"Card: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
             f"date {time.strftime('%Y-%m-%d')}; command: `python benchmarks/bench_chunk_kda.py "
-            + " ".join(sys.argv[1:]) + "`\n\n")
+            + " ".join(sys.argv[1:] if argv is None else argv) + "`\n\n")
+    if copy_rate is not None:
+        head += (f"Device copy rate: {copy_rate:.0f} GB/s (read + write bytes of a "
+                 f"{COPY_BYTES / 2**30:.0f} GiB copy_, median of do_bench)\n\n")
     cols = [w for w in ("fwd", "bwd", "fwdbwd", "peak_mib", "first_call_s")
             if any(w in r.get(i, {}) for r in rows for i in impls)]
     lines = ["| shape | mode | " + " | ".join(
@@ -263,7 +356,7 @@ def main():
             f.write(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev, "rows": rows}, f, indent=1)
+            json.dump(results_json(dev, rows, copy_rate), f, indent=1)
     if args.png:
         write_chart(rows, args.png, f"chunk_kda, {dev}, {time.strftime('%Y-%m-%d')}")
     return 1 if failed else 0

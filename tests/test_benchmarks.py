@@ -58,3 +58,50 @@ def test_kernel_models_name_real_kernels_and_scale_with_the_shape():
     fwd_floor, _, _ = profile_kernels.floors(2, 8192, 32, 128, 2)
     model = profile_kernels.traffic_model(2, 8192, 32, 128, 2)
     assert model["chunk_prepare"] + model["chunk_state_output"] >= fwd_floor * 0.9
+
+
+def test_targets_preset_lists_exactly_the_target_configurations():
+    # Issue 5's targets are stated at these (shape, mode) pairs and nowhere else.
+    args = bench.parse_args(["--preset", "targets"])
+    assert args.configs == [
+        ("2x8192x32x128", "kimi"),
+        ("2x8192x32x128", "softplus"),
+        ("1x1024x16x128", "kimi"),
+        ("1x32768x16x128", "kimi"),
+        ("varlen16x32768x16x128", "kimi"),
+    ]
+    assert all(shape in bench.SHAPES for shape, _ in args.configs)
+    for shape, mode in args.configs:  # every mode is one make_inputs knows
+        bench.make_inputs("1x1024x16x128", mode, device="cpu")
+
+
+def test_without_a_preset_the_configurations_are_the_shapes_times_modes_product():
+    assert bench.parse_args([]).configs == [(s, "kimi") for s in bench.SHAPES]
+    args = bench.parse_args(["--shapes", "2x8192x32x128,1x1024x16x128", "--modes", "kimi,softplus-dr"])
+    assert args.configs == [("2x8192x32x128", "kimi"), ("2x8192x32x128", "softplus-dr"),
+                            ("1x1024x16x128", "kimi"), ("1x1024x16x128", "softplus-dr")]
+
+
+@pytest.mark.parametrize("extra", [["--shapes", "1x1024x16x128"], ["--modes", "softplus"]])
+def test_preset_refuses_explicit_shapes_or_modes(extra, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--preset", "targets"] + extra)
+    assert "--preset replaces --shapes and --modes" in capsys.readouterr().err
+
+
+def test_first_call_impls_default_to_every_timed_impl_and_can_be_narrowed():
+    assert bench.parse_args([]).first_call_impls == []  # no --first-call: none
+    assert bench.parse_args(["--first-call"]).first_call_impls == ["ours", "fla"]
+    assert bench.parse_args(["--first-call", "--impls", "ours"]).first_call_impls == ["ours"]
+    args = bench.parse_args(["--first-call-impls", "ours"])
+    assert args.first_call and args.first_call_impls == ["ours"]  # implies --first-call
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--impls", "ours", "--first-call-impls", "fla"])
+
+
+def test_copy_rate_counts_read_and_write_bytes():
+    # 1 GiB copied in 0.7158 ms moves 2 GiB: ~3000 GB/s (an H100's measured copy rate).
+    assert bench.copy_gbps(2**30, 0.7158) == pytest.approx(3000.0, rel=1e-3)
+    assert bench.copy_gbps(10**9, 1.0) == pytest.approx(2000.0)
+    assert bench.results_json("card", [], None) == {"device": "card", "rows": []}
+    assert bench.results_json("card", [], 2950.5) == {"device": "card", "rows": [], "copy_gbps": 2950.5}
