@@ -105,3 +105,148 @@ def test_copy_rate_counts_read_and_write_bytes():
     assert bench.copy_gbps(10**9, 1.0) == pytest.approx(2000.0)
     assert bench.results_json("card", [], None) == {"device": "card", "rows": []}
     assert bench.results_json("card", [], 2950.5) == {"device": "card", "rows": [], "copy_gbps": 2950.5}
+
+
+# ---- benchmarks/targets.py: issue 5's targets from the benchmark's JSON ----------------------
+
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+
+import targets  # noqa: E402
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _run_file(tmp_path, name, rows, device=H100, copy_gbps=None):
+    data = {"device": device, "rows": rows}
+    if copy_gbps is not None:
+        data["copy_gbps"] = copy_gbps
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _table(text):
+    """{target number: [cells after the target cell]} from targets.py's markdown table."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and line[2].isdigit():
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[int(cells[0].split(".")[0])] = cells[1:]
+    return rows
+
+
+def _report(tmp_path, *files):
+    return _table(targets.report(targets.load_runs(files)))
+
+
+FULL_ROWS = [
+    {"shape": "2x8192x32x128", "mode": "kimi",
+     "ours": {"fwd": 2.0, "bwd": 14.0, "fwdbwd": 16.0, "peak_mib": 2000.0, "first_call_s": 0.5},
+     "fla": {"fwd": 8.0, "bwd": 24.0, "fwdbwd": 32.0, "peak_mib": 4000.0}},
+    {"shape": "2x8192x32x128", "mode": "softplus",
+     "ours": {"error": "RuntimeError: launch failed | code 700"},
+     "fla": {"fwd": 8.5, "fwdbwd": 34.0, "peak_mib": 4000.0}},
+    {"shape": "1x1024x16x128", "mode": "kimi",
+     "ours": {"fwd": 0.1, "fwdbwd": 0.5, "peak_mib": 50.0, "first_call_s": 0.9},
+     "fla": {"fwd": 0.4, "fwdbwd": 1.5, "peak_mib": 80.0}},
+    {"shape": "varlen16x32768x16x128", "mode": "kimi",
+     "ours": {"fwd": 4.0, "fwdbwd": 20.0, "peak_mib": 3000.0, "first_call_s": 0.7},
+     "fla": {"error": "OutOfMemoryError: CUDA out of memory"}},
+]
+
+
+def test_forward_floor_bytes_at_the_main_shape():
+    # q, k, v, g 512 MiB + beta 1 MiB + h0 and ht 2 x 4 MiB (fp32) + o 128 MiB + Aqk, Akk 2 x 64 MiB
+    nbytes = targets.forward_floor_bytes(2, 8192, 32, 128)
+    assert nbytes == 814_743_552 == (512 + 1 + 8 + 128 + 128) * 2**20
+    assert nbytes == profile_kernels.floors(2, 8192, 32, 128, 2)[0]  # the profiler's same model
+    assert targets.floor_ms(nbytes, 3000.0) == pytest.approx(0.2716, abs=1e-4)  # perf notes: ~0.27 ms
+    assert bench.SHAPES[targets.MAIN_SHAPE] == targets.MAIN_DIMS
+
+
+def test_every_target_configuration_is_in_the_targets_preset():
+    needed = {(t.shape, t.mode) for t in targets.TARGETS if t.shape is not None}
+    assert needed == set(bench.PRESETS["targets"])
+    assert [t.number for t in targets.TARGETS] == list(range(1, 10))
+
+
+def test_targets_table_met_not_met_error_and_missing(tmp_path):
+    table = _report(tmp_path, _run_file(tmp_path, "a.json", FULL_ROWS, copy_gbps=3000.0))
+    # cells: required | kda_ext | FLA | measure | still needed | met?
+    assert table[1] == [">= 3x FLA/ours", "2.000 ms", "8.000 ms", "4.00x", "met", "yes"]
+    assert table[2] == [">= 2.5x FLA/ours", "16.000 ms", "32.000 ms", "2.00x", "1.25x faster", "no"]
+    assert table[3] == [">= 2x FLA/ours", "error: RuntimeError: launch failed \\| code 700", "34.000 ms",
+                        "-", "kda_ext errored", "error"]
+    assert table[4] == [">= 5x FLA/ours", "0.100 ms", "0.400 ms", "4.00x", "1.25x faster", "no"]
+    assert table[5] == [">= 2.5x FLA/ours", "-", "-", "-",
+                        "not measured in these runs (no 1x32768x16x128 kimi row)", "-"]
+    assert table[6] == [">= 2.5x FLA/ours", "20.000 ms", "error: OutOfMemoryError: CUDA out of memory",
+                        "-", "FLA errored", "error"]
+    assert table[7] == ["< 1 s", "0.90 s (1x1024x16x128/kimi)", "-", "worst of 3 rows: 0.90 s", "met", "yes"]
+    assert table[8] == ["<= 0.6x FLA's", "2000 MiB", "4000 MiB", "ours/FLA = 0.50x", "met", "yes"]
+    # 2.0 ms over a floor of 814,743,552 B / 3000 GB/s = 0.2716 ms: 7.36x, so 3.68x to go.
+    assert table[9] == ["<= 2x floor", "2.000 ms", "-",
+                        "ours/floor = 7.36x (floor 0.272 ms: 777 MiB at 3000 GB/s)", "3.68x faster", "no"]
+
+
+def test_targets_memory_and_first_call_misses(tmp_path):
+    rows = [dict(FULL_ROWS[0], ours=dict(FULL_ROWS[0]["ours"], peak_mib=3000.0, first_call_s=1.5)),
+            dict(FULL_ROWS[2], ours=dict(FULL_ROWS[2]["ours"], first_call_s=0.2))]
+    table = _report(tmp_path, _run_file(tmp_path, "a.json", rows))
+    assert table[8][3:] == ["ours/FLA = 0.75x", "600 MiB less (1.25x smaller)", "no"]
+    assert table[7] == ["< 1 s", "1.50 s (2x8192x32x128/kimi)", "-", "worst of 2 rows: 1.50 s",
+                        "1.50x faster (0.50 s over)", "no"]
+    # no copy_gbps in the run: the floor target is not measured, though our forward time is there
+    assert table[9][1] == "2.000 ms"
+    assert table[9][4:] == ["not measured in these runs (no copy rate: --copy-rate)", "-"]
+
+
+@pytest.mark.parametrize("bad, measure, met", [(math.inf, "worst of 1 rows: inf s", "no"),
+                                               (math.nan, "failed at 2x8192x32x128/kimi", "no")])
+def test_targets_first_call_timeout_or_failure_is_not_met(tmp_path, bad, measure, met):
+    rows = [dict(FULL_ROWS[0], ours=dict(FULL_ROWS[0]["ours"], first_call_s=bad))]
+    table = _report(tmp_path, _run_file(tmp_path, "a.json", rows))  # json writes Infinity / NaN
+    assert table[7][3] == measure and table[7][5] == met
+
+
+def test_targets_merge_files_of_one_device(tmp_path):
+    first = _run_file(tmp_path, "a.json", FULL_ROWS[:1])
+    # A later ours-only run of the same configuration (no FLA) must not displace the complete row
+    # for the ratios, but its first-call time counts; the copy rate may come from any file.
+    later = _run_file(tmp_path, "b.json", [
+        {"shape": "2x8192x32x128", "mode": "kimi", "ours": {"fwd": 1.0, "first_call_s": 0.95}},
+        {"shape": "1x32768x16x128", "mode": "kimi", "ours": {"fwdbwd": 10.0}, "fla": {"fwdbwd": 30.0}},
+    ], copy_gbps=3000.0)
+    table = _report(tmp_path, first, later)
+    assert table[1][1:5] == ["2.000 ms", "8.000 ms", "4.00x", "met"]  # from a.json's row
+    assert table[5][1:6] == ["10.000 ms", "30.000 ms", "3.00x", "met", "yes"]  # from b.json
+    assert table[7][1] == "0.95 s (2x8192x32x128/kimi)"
+    assert table[9][3].startswith("ours/floor = 3.68x")  # b.json's fwd 1.0 ms, its copy rate
+
+
+def test_targets_refuse_files_from_different_devices(tmp_path):
+    a = _run_file(tmp_path, "a.json", FULL_ROWS, device=H100)
+    b = _run_file(tmp_path, "b.json", FULL_ROWS, device="NVIDIA H200")
+    with pytest.raises(targets.DeviceMismatch, match="NVIDIA H100 80GB HBM3.*NVIDIA H200"):
+        targets.report(targets.load_runs([a, b]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "targets.py"), a, b],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert H100 in proc.stderr and "NVIDIA H200" in proc.stderr and "a.json" in proc.stderr
+
+
+def test_targets_script_runs_without_torch_and_writes_out(tmp_path):
+    path = _run_file(tmp_path, "a.json", FULL_ROWS, copy_gbps=3000.0)
+    out = tmp_path / "targets.md"
+    # sys.modules["torch"] = None makes any `import torch` fail: the script must not need it.
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['targets.py', %r, '--out', %r];"
+            "runpy.run_path(%r, run_name='__main__')") % (path, str(out),
+                                                          os.path.join(ROOT, "benchmarks", "targets.py"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == proc.stdout
+    assert proc.stdout.rstrip().endswith("from " + path)
+    assert f"Card: {H100}; device copy rate 3000 GB/s (read + write)" in proc.stdout
+    assert len(_table(proc.stdout)) == 9
