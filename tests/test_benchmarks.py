@@ -250,3 +250,27 @@ def test_targets_script_runs_without_torch_and_writes_out(tmp_path):
     assert proc.stdout.rstrip().endswith("from " + path)
     assert f"Card: {H100}; device copy rate 3000 GB/s (read + write)" in proc.stdout
     assert len(_table(proc.stdout)) == 9
+
+
+def test_preset_run_writes_json_that_targets_reads(tmp_path, monkeypatch):
+    # bench.main end to end with the GPU parts stubbed: the preset's rows, first calls only for
+    # --first-call-impls, copy_gbps at the top level, and targets.py reading the file back.
+    calls = []
+    monkeypatch.setattr(bench, "get_impl", lambda impl: None)
+    monkeypatch.setattr(bench, "measure", lambda impl, s, m, what: {"fwd": 1.0 if impl == "ours" else 4.0,
+                                                                    "fwdbwd": 5.0 if impl == "ours" else 15.0,
+                                                                    "peak_mib": 100.0 if impl == "ours" else 200.0})
+    monkeypatch.setattr(bench, "first_call", lambda impl, s, m, timeout: calls.append((impl, s, m)) or 0.25)
+    monkeypatch.setattr(bench, "measure_copy_gbps", lambda: 3000.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: H100)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--preset", "targets", "--copy-rate", "--first-call-impls", "ours", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["device"] == H100 and data["copy_gbps"] == 3000.0
+    assert [(r["shape"], r["mode"]) for r in data["rows"]] == bench.PRESETS["targets"]
+    assert calls == [("ours", s, m) for s, m in bench.PRESETS["targets"]]
+    assert all("first_call_s" not in r["fla"] for r in data["rows"])
+    table = _table(targets.report(targets.load_runs([str(out)])))
+    assert [table[n][-1] for n in range(1, 10)] == ["yes", "yes", "yes", "no", "yes", "yes", "yes", "yes", "no"]
