@@ -72,20 +72,20 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
     case BwdStage::kChunkA:
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_a_kernel<T, BT, 128> : bwd_chunk_a_kernel<T, BT, 0>,
-                         dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, BwdChunkASmem(BT).total, limit,
-                         "bwd_chunk_a_kernel", p, stream);
+                         dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads,
+                         BwdChunkASmem(BT).total, limit, "bwd_chunk_a_kernel", p, stream);
       break;
     case BwdStage::kChunkB:
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_b_kernel<T, BT, 128> : bwd_chunk_b_kernel<T, BT, 0>,
-                         dim3(static_cast<unsigned>(slots), hv), kBwdThreads, BwdChunkBSmem(BT).total, limit,
-                         "bwd_chunk_b_kernel", p, stream);
+                         dim3(static_cast<unsigned>(slots), hv), kBwdThreads,
+                         BwdChunkBSmem(BT).total, limit, "bwd_chunk_b_kernel", p, stream);
       break;
     case BwdStage::kChunkC:
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_c_kernel<T, BT, 128> : bwd_chunk_c_kernel<T, BT, 0>,
-                         dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads, BwdChunkCSmem(BT).total, limit,
-                         "bwd_chunk_c_kernel", p, stream);
+                         dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads,
+                         BwdChunkCSmem(BT).total, limit, "bwd_chunk_c_kernel", p, stream);
       break;
     case BwdStage::kFinish:
       if (ntok > 0) {
