@@ -59,7 +59,7 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (p.N > 0) {
         const int64_t Kp = align_up(p.K, 16);
-        const int64_t bytes = BwdStateSmem(BT, Kp).total;
+        const int64_t bytes = BwdStateSmem(BT, Kp, sizeof(T) == 2).total;
         // The usual head sizes (K = 64, 128, 256) get a compile-time K build.
         auto kernel = bwd_state_kernel<T, BT, 0>;
         if (Kp == 64) kernel = bwd_state_kernel<T, BT, 64>;
