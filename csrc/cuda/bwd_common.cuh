@@ -19,6 +19,10 @@ namespace bwd {
 // aligned tile origins (every origin used here is a multiple of 8 floats), the pad breaks the
 // worst bank conflicts of column-major fragment loads.
 constexpr int kTileLd = kBwdVTile + 4;  // 64-column tiles
+// The same 64-column tiles kept in fp16/bf16 (operands of smem_gemm16): rows padded by 8 elements
+// (wmma: ld % 8 == 0 for 16-bit types; 144-byte rows put the 8 rows of an ldmatrix phase on
+// different banks). Every origin used is a multiple of 16 rows (a multiple of 32 bytes).
+constexpr int kTileLd16 = kBwdVTile + 8;
 
 __device__ __forceinline__ void store_any(void* p, DType dt, int64_t i, float x) {
   switch (dt) {

@@ -73,13 +73,15 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_a_kernel<T, BT, 128> : bwd_chunk_a_kernel<T, BT, 0>,
                          dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads,
-                         BwdChunkASmem(BT).total, limit, "bwd_chunk_a_kernel", p, stream);
+                         BwdChunkASmem(BT, sizeof(T) == 2).total, limit, "bwd_chunk_a_kernel", p,
+                         stream);
       break;
     case BwdStage::kChunkB:
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_b_kernel<T, BT, 128> : bwd_chunk_b_kernel<T, BT, 0>,
                          dim3(static_cast<unsigned>(slots), hv), kBwdThreads,
-                         BwdChunkBSmem(BT).total, limit, "bwd_chunk_b_kernel", p, stream);
+                         BwdChunkBSmem(BT, sizeof(T) == 2).total, limit, "bwd_chunk_b_kernel", p,
+                         stream);
       break;
     case BwdStage::kChunkC:
       if (slots > 0)
