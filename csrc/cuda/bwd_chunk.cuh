@@ -99,11 +99,12 @@ __device__ __forceinline__ void store_tile(const uint4 (&x)[kTileVecs<E>], float
   }
 }
 
-// Kernel A's five tiles of one V tile: h and dh (state, K slice rows) and do, v_new, dvn.
+// Kernel A's five tiles of one V tile: h and dh (state, K slice rows) and do, v_new, dvn, all
+// stored in T (dh and dvn too, see ChunkKdaBwdParams).
 template <typename T>
 struct ATileRegs {
   uint4 h[kTileVecs<T>], dout[kTileVecs<T>], vn[kTileVecs<T>];
-  uint4 dh[kTileVecs<float>], dvn[kTileVecs<float>];
+  uint4 dh[kTileVecs<T>], dvn[kTileVecs<T>];
 };
 
 template <typename T, int kFixedKV>
@@ -125,14 +126,15 @@ __device__ __forceinline__ void load_a_tiles(ATileRegs<T>& R, const ChunkKdaBwdP
         h + (vf ? state_off(p, sb, kcol(c), vcol(r), K, V) : state_off(p, sb, kcol(r), vcol(c), K, V)));
   }
 #pragma unroll
-  for (int u = 0; u < kTileVecs<float>; ++u) {
+  for (int u = 0; u < kTileVecs<T>; ++u) {
     int r, c;
-    tile_vec_pos<float>(u, r, c);
-    R.dh[u] = *reinterpret_cast<const uint4*>(p.dh + sb * K * V + kcol(r) * V + vcol(c));
+    tile_vec_pos<T>(u, r, c);
+    R.dh[u] = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dh) + sb * K * V +
+                                              kcol(r) * V + vcol(c));
   }
   load_tok_tile<T, kFixedKV>(R.dout, static_cast<const T*>(p.dout), tok0, len, HV, hv, V, v0);
   load_tok_tile<T, kFixedKV>(R.vn, static_cast<const T*>(p.v_new), tok0, len, HV, hv, V, v0);
-  load_tok_tile<float, kFixedKV>(R.dvn, p.dvn, tok0, len, HV, hv, V, v0);
+  load_tok_tile<T, kFixedKV>(R.dvn, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
 }
 
 template <typename T, int kFixedKV>
@@ -148,10 +150,10 @@ __device__ __forceinline__ void store_a_tiles(const ATileRegs<T>& R, const Chunk
     store_tile<T, kFixedKV>(R.h, S, ld, [&](int r) { return kWhole || v0 + r < V; }, K, k0, true);
   else
     store_tile<T, kFixedKV>(R.h, S, ld, k_ok, V, v0, false);
-  store_tile<float, kFixedKV>(R.dh, dSn, ld, k_ok, V, v0, false);
+  store_tile<T, kFixedKV>(R.dh, dSn, ld, k_ok, V, v0, false);
   store_tile<T, kFixedKV>(R.dout, dout, ld, tok_ok, V, v0, false);
   store_tile<T, kFixedKV>(R.vn, vn, ld, tok_ok, V, v0, false);
-  store_tile<float, kFixedKV>(R.dvn, dvn, ld, tok_ok, V, v0, false);
+  store_tile<T, kFixedKV>(R.dvn, dvn, ld, tok_ok, V, v0, false);
 }
 
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
@@ -242,10 +244,11 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
             S[kk * ld + vv] = x;
           });
     }
-    // dh is float32 [K, V]: rows k0 + kk, columns [v0, v0 + 64) (a slice of 64 rows of V wide).
-    load_tile<float>(dSn, ld, 64, 64, p.dh + sb * K * V, k0, static_cast<int>(K - k0), 1, 0, V, v0);
+    // dh is [K, V] in T: rows k0 + kk, columns [v0, v0 + 64) (a slice of 64 rows of V wide).
+    load_tile<T>(dSn, ld, 64, 64, static_cast<const T*>(p.dh) + sb * K * V, k0,
+                 static_cast<int>(K - k0), 1, 0, V, v0);
     load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
-    load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
+    load_tile<T>(dvn, ld, BT, 64, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
     load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
   };
   for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
@@ -440,7 +443,12 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   load_chunk_matrix<T, BT>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, false);
   {
     constexpr int nv = BT / 8;  // partial rows are float32 [BT]: whole 8-vectors
-    staged_for<2, F8, true>(
+    // BT * nv <= 512 = kBwdThreads: one round covers every vector, and a second unrolled one only
+    // re-loads the last vector (kAlwaysLoad) into registers. fp16/bf16 take one round: with dvn
+    // stored in T, the second round's registers made ptxas spill the general chunk-32 build (20
+    // bytes). fp32 keeps two: with one, its K = V = 128 chunk-32 build spilled 52 bytes.
+    static_assert(BT * nv <= kBwdThreads, "one staged round covers the dAkk partial rows");
+    staged_for<sizeof(T) == 2 ? 1 : 2, F8, true>(
         BT * nv,
         [&](int idx) {
           // Slices summed in a fixed order. Branch-free, all slices' loads issued together: rows
@@ -477,9 +485,9 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   // the next V tile's loads in flight while this one's products run.
   const bool whole_vectors = V % 8 == 0 && aligned16(p.dvn) && aligned16(v) && aligned16(dO) &&
                              aligned16(vnew);
-  uint4 r_dvn[kTileVecs<float>], r_v[kTileVecs<T>], r_do[kTileVecs<T>], r_vn[kTileVecs<T>];
+  uint4 r_dvn[kTileVecs<T>], r_v[kTileVecs<T>], r_do[kTileVecs<T>], r_vn[kTileVecs<T>];
   auto load_b_tiles = [&](int64_t v0) {
-    load_tok_tile<float, kFixedKV>(r_dvn, p.dvn, tok0, len, HV, hv, V, v0);
+    load_tok_tile<T, kFixedKV>(r_dvn, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
     load_tok_tile<T, kFixedKV>(r_v, v, tok0, len, HV, hv, V, v0);
     load_tok_tile<T, kFixedKV>(r_do, dO, tok0, len, HV, hv, V, v0);
     load_tok_tile<T, kFixedKV>(r_vn, vnew, tok0, len, HV, hv, V, v0);
@@ -489,13 +497,13 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
     __syncthreads();
     if (whole_vectors) {
       auto tok_ok = [&](int r) { return r < len; };
-      store_tile<float, kFixedKV>(r_dvn, dvn, ld, tok_ok, V, v0, false);
+      store_tile<T, kFixedKV>(r_dvn, dvn, ld, tok_ok, V, v0, false);
       store_tile<T, kFixedKV>(r_v, vr, ld, tok_ok, V, v0, false);
       store_tile<T, kFixedKV>(r_do, dout, ld, tok_ok, V, v0, false);
       store_tile<T, kFixedKV>(r_vn, vn, ld, tok_ok, V, v0, false);
       if (v0 + kBwdVTile < V) load_b_tiles(v0 + kBwdVTile);
     } else {
-      load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
+      load_tile<T>(dvn, ld, BT, 64, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
       load_tile<T>(vr, ld, BT, 64, v, tok0, len, HV, hv, V, v0);
       load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
       load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);

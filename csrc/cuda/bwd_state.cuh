@@ -27,11 +27,12 @@ struct BwdStateSmem {
 //   dh[chunk] = dS
 //   dv_new    = Aqk^T do + kg dS
 //   dS       <- e^{G_last} (.)rows dS + scale qg^T do - w^T dv_new
-// and finally dh0 = dS. The state slice [K x 32] lives in shared memory; qg, kg and w pass
-// through one [BT x K] operand buffer in turn. For fp16/bf16 inputs with K % 8 == 0 the next of
-// them is copied (cp.async, raw) into a staging tile while the current products run and is
-// widened to fp32 when its turn comes: the plain loads left each of the three a full memory
-// round trip per chunk on the sequential path (ncu: long-scoreboard stalls).
+// and finally dh0 = dS. dS and dv_new stay fp32 here; the copies stored for kernels A and B
+// (dh, dvn) are rounded to T for fp16/bf16 inputs. The state slice [K x 32] lives in shared
+// memory; qg, kg and w pass through one [BT x K] operand buffer in turn. For fp16/bf16 inputs
+// with K % 8 == 0 the next of them is copied (cp.async, raw) into a staging tile while the
+// current products run and is widened to fp32 when its turn comes: the plain loads left each of
+// the three a full memory round trip per chunk on the sequential path (ncu: long-scoreboard stalls).
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
 // the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound: ncu, H200,
 // ~6.4K instructions per warp per chunk, ~400 of them MMAs). kFixedKp, when not 0, is
@@ -69,6 +70,9 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
   const T* kg = static_cast<const T*>(p.kg);
   const T* w = static_cast<const T*>(p.w);
   const T* dO = static_cast<const T*>(p.dout);
+  // dh and dvn are stored in T (see ChunkKdaBwdParams); kDhVec elements per 16-byte dh store.
+  constexpr int kDhVec = 16 / static_cast<int>(sizeof(T));
+  static_assert(BV % kDhVec == 0, "dh stores: whole 16-byte vectors per V slice");
 
   // dht follows the state layout: walk it along its contiguous axis so that loads coalesce.
   const bool vf = p.state_v_first;
@@ -160,18 +164,21 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     const int64_t tok0 = bos + c * BT;
     const int len = chunk_len(c);
 
-    // dh[slot] = dS (state gradient at the chunk's end), always [K, V].
-    if (V % 4 == 0) {  // float4 stores (dh rows are 16-byte aligned then; ldS % 4 == 0)
-      for (int idx = threadIdx.x; idx < K * (BV / 4); idx += blockDim.x) {
-        const int kk = idx / (BV / 4), vv = (idx % (BV / 4)) * 4;
+    // dh[slot] = dS (state gradient at the chunk's end), always [K, V], stored in T (fp16/bf16
+    // rounded, as FLA stores dh; dS itself stays fp32).
+    if (V % kDhVec == 0) {  // 16-byte stores (dh rows are 16-byte aligned then; ldS % 4 == 0)
+      for (int idx = threadIdx.x; idx < K * (BV / kDhVec); idx += blockDim.x) {
+        const int kk = idx / (BV / kDhVec), vv = (idx % (BV / kDhVec)) * kDhVec;
         if (v0 + vv < V)
-          *reinterpret_cast<float4*>(p.dh + ((slot * HV + hv) * K + kk) * V + v0 + vv) =
-              *reinterpret_cast<const float4*>(dS + kk * ldS + vv);
+          store_vec16<T>(static_cast<T*>(p.dh) + ((slot * HV + hv) * K + kk) * V + v0 + vv,
+                         dS + kk * ldS + vv);
       }
     } else {
       for (int idx = threadIdx.x; idx < K * BV; idx += blockDim.x) {
         const int kk = idx / BV, vv = idx % BV;
-        if (v0 + vv < V) p.dh[((slot * HV + hv) * K + kk) * V + v0 + vv] = dS[kk * ldS + vv];
+        if (v0 + vv < V)
+          static_cast<T*>(p.dh)[((slot * HV + hv) * K + kk) * V + v0 + vv] =
+              from_float<T>(dS[kk * ldS + vv]);
       }
     }
     if (prefetch) land();  // op <- kg (the previous chunk's last product has finished reading op)
@@ -193,7 +200,8 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     for (int idx = threadIdx.x; idx < BT * BV; idx += blockDim.x) {
       const int r = idx / BV, vv = idx % BV;
       const float x = dvn[r * ldS + vv];
-      if (r < len && v0 + vv < V) p.dvn[((tok0 + r) * HV + hv) * V + v0 + vv] = x;
+      if (r < len && v0 + vv < V)  // stored in T (rounded for fp16/bf16), dvn keeps fp32 x
+        static_cast<T*>(p.dvn)[((tok0 + r) * HV + hv) * V + v0 + vv] = from_float<T>(x);
       dvn[r * ldS + vv] = -x;  // the w term enters with a minus sign
       dout[r * ldS + vv] *= p.scale;
     }
