@@ -125,11 +125,12 @@ __device__ __forceinline__ void store_tile16(const uint4 (&x)[kTileVecs<E>], E* 
   }
 }
 
-// Kernel A's five tiles of one V tile: h and dh (state, K slice rows) and do, v_new, dvn.
+// Kernel A's five tiles of one V tile: h and dh (state, K slice rows) and do, v_new, dvn, all
+// stored in T (dh and dvn too, see ChunkKdaBwdParams).
 template <typename T>
 struct ATileRegs {
   uint4 h[kTileVecs<T>], dout[kTileVecs<T>], vn[kTileVecs<T>];
-  uint4 dh[kTileVecs<float>], dvn[kTileVecs<float>];
+  uint4 dh[kTileVecs<T>], dvn[kTileVecs<T>];
 };
 
 template <typename T, int kFixedKV>
@@ -151,19 +152,21 @@ __device__ __forceinline__ void load_a_tiles(ATileRegs<T>& R, const ChunkKdaBwdP
         h + (vf ? state_off(p, sb, kcol(c), vcol(r), K, V) : state_off(p, sb, kcol(r), vcol(c), K, V)));
   }
 #pragma unroll
-  for (int u = 0; u < kTileVecs<float>; ++u) {
+  for (int u = 0; u < kTileVecs<T>; ++u) {
     int r, c;
-    tile_vec_pos<float>(u, r, c);
-    R.dh[u] = *reinterpret_cast<const uint4*>(p.dh + sb * K * V + kcol(r) * V + vcol(c));
+    tile_vec_pos<T>(u, r, c);
+    R.dh[u] = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dh) + sb * K * V +
+                                              kcol(r) * V + vcol(c));
   }
   load_tok_tile<T, kFixedKV>(R.dout, static_cast<const T*>(p.dout), tok0, len, HV, hv, V, v0);
   load_tok_tile<T, kFixedKV>(R.vn, static_cast<const T*>(p.v_new), tok0, len, HV, hv, V, v0);
-  load_tok_tile<float, kFixedKV>(R.dvn, p.dvn, tok0, len, HV, hv, V, v0);
+  load_tok_tile<T, kFixedKV>(R.dvn, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
 }
 
 // Tile: T for fp16/bf16 inputs, whose do tile (leading dimension kTileLd16) stays 16-bit and
 // whose h tile also goes to S16 as loaded (rows along h's outer axis: k, or v when
-// state_v_first); float for fp32 inputs (S16 unused).
+// state_v_first); float for fp32 inputs (S16 unused). dh and dvn (stored in T) are widened to
+// their fp32 tiles dSn and dvn, as v_new to vn: they stay fp32 operands of tf32 products.
 template <typename T, int kFixedKV, typename Tile>
 __device__ __forceinline__ void store_a_tiles(const ATileRegs<T>& R, const ChunkKdaBwdParams& p,
                                               int len, int64_t k0, int64_t v0, float* S,
@@ -182,11 +185,11 @@ __device__ __forceinline__ void store_a_tiles(const ATileRegs<T>& R, const Chunk
     store_tile<T, kFixedKV>(R.h, S, ld, k_ok, V, v0, false);
     if constexpr (k16) store_tile16<T, kFixedKV>(R.h, S16, kTileLd16, k_ok, V, v0);
   }
-  store_tile<float, kFixedKV>(R.dh, dSn, ld, k_ok, V, v0, false);
+  store_tile<T, kFixedKV>(R.dh, dSn, ld, k_ok, V, v0, false);
   if constexpr (k16) store_tile16<T, kFixedKV>(R.dout, dout, kTileLd16, tok_ok, V, v0);
   else store_tile<T, kFixedKV>(R.dout, dout, ld, tok_ok, V, v0, false);
   store_tile<T, kFixedKV>(R.vn, vn, ld, tok_ok, V, v0, false);
-  store_tile<float, kFixedKV>(R.dvn, dvn, ld, tok_ok, V, v0, false);
+  store_tile<T, kFixedKV>(R.dvn, dvn, ld, tok_ok, V, v0, false);
 }
 
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
@@ -298,11 +301,12 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
             if constexpr (k16) S16[(idx / 64) * ldD + idx % 64] = from_float<T>(x);  // as above
           });
     }
-    // dh is float32 [K, V]: rows k0 + kk, columns [v0, v0 + 64) (a slice of 64 rows of V wide).
-    load_tile<float>(dSn, ld, 64, 64, p.dh + sb * K * V, k0, static_cast<int>(K - k0), 1, 0, V, v0);
+    // dh is [K, V] in T: rows k0 + kk, columns [v0, v0 + 64) (a slice of 64 rows of V wide).
+    load_tile<T>(dSn, ld, 64, 64, static_cast<const T*>(p.dh) + sb * K * V, k0,
+                 static_cast<int>(K - k0), 1, 0, V, v0);
     if constexpr (k16) copy_tile<T>(dout, ldD, BT, 64, dO, tok0, len, HV, hv, V, v0);
     else load_tile<T>(dout, ldD, BT, 64, dO, tok0, len, HV, hv, V, v0);
-    load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
+    load_tile<T>(dvn, ld, BT, 64, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
     load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
   };
   // The products of one V tile (its tiles published by the caller's barrier).
@@ -326,10 +330,10 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   };
   if constexpr (k16) {
     // One loop per path. Why: with both paths in one loop the V tile in flight (`next`, 28
-    // registers) stays allocated through the element-wise path's staged loads too, and that
-    // pressure made ptxas spill address terms of the register path in the general-K/V builds
-    // (reloaded every V tile); split, no 16-bit build spills. (fp32 keeps the single loop: its
-    // code is left as it was.)
+    // registers when dh and dvn were fp32; 20 with them stored in T) stays allocated through the
+    // element-wise path's staged loads too, and that pressure made ptxas spill address terms of
+    // the register path in the general-K/V builds (reloaded every V tile; seen at 28); split, no
+    // 16-bit build spills. (fp32 keeps the single loop: its code is left as it was.)
     if (whole_vectors) {
       for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
         __syncthreads();  // previous tiles fully consumed
@@ -469,7 +473,9 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
 // dv = beta (Akk^T dvn), dbeta partial = sum_v (Akk^T dvn) v.
 // ---------------------------------------------------------------------------------------------
 // `half`: fp16/bf16 inputs, whose do and v_new tiles stay 16-bit (64 x kTileLd16, operands of
-// smem_gemm16); fp32 inputs keep fp32 tiles (the layout is the same as before for them).
+// smem_gemm16); fp32 inputs keep fp32 tiles (the layout is the same as before for them). dvn is
+// stored in T for fp16/bf16 too, but its tile is fp32 either way (widened when stored: an
+// operand of the tf32 products with vb and Akk).
 struct BwdChunkBSmem {
   int64_t akk, dakk, daqk, tmp, dvn, vb, vr, dout, vn, dvo, vec, total;
   __host__ __device__ BwdChunkBSmem(int BT, bool half) {
@@ -551,7 +557,12 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   load_chunk_matrix<T, BT>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, false);
   {
     constexpr int nv = BT / 8;  // partial rows are float32 [BT]: whole 8-vectors
-    staged_for<2, F8, true>(
+    // BT * nv <= 512 = kBwdThreads: one round covers every vector, and a second unrolled one only
+    // re-loads the last vector (kAlwaysLoad) into registers. fp16/bf16 take one round: with dvn
+    // stored in T, the second round's registers made ptxas spill the general chunk-32 build (20
+    // bytes). fp32 keeps two: with one, its K = V = 128 chunk-32 build spilled 52 bytes.
+    static_assert(BT * nv <= kBwdThreads, "one staged round covers the dAkk partial rows");
+    staged_for<sizeof(T) == 2 ? 1 : 2, F8, true>(
         BT * nv,
         [&](int idx) {
           // Slices summed in a fixed order. Branch-free, all slices' loads issued together: rows
@@ -588,9 +599,9 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   // the next V tile's loads in flight while this one's products run.
   const bool whole_vectors = V % 8 == 0 && aligned16(p.dvn) && aligned16(v) && aligned16(dO) &&
                              aligned16(vnew);
-  uint4 r_dvn[kTileVecs<float>], r_v[kTileVecs<T>], r_do[kTileVecs<T>], r_vn[kTileVecs<T>];
+  uint4 r_dvn[kTileVecs<T>], r_v[kTileVecs<T>], r_do[kTileVecs<T>], r_vn[kTileVecs<T>];
   auto load_b_tiles = [&](int64_t v0) {
-    load_tok_tile<float, kFixedKV>(r_dvn, p.dvn, tok0, len, HV, hv, V, v0);
+    load_tok_tile<T, kFixedKV>(r_dvn, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
     load_tok_tile<T, kFixedKV>(r_v, v, tok0, len, HV, hv, V, v0);
     load_tok_tile<T, kFixedKV>(r_do, dO, tok0, len, HV, hv, V, v0);
     load_tok_tile<T, kFixedKV>(r_vn, vnew, tok0, len, HV, hv, V, v0);
@@ -600,7 +611,7 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
     __syncthreads();
     if (whole_vectors) {
       auto tok_ok = [&](int r) { return r < len; };
-      store_tile<float, kFixedKV>(r_dvn, dvn, ld, tok_ok, V, v0, false);
+      store_tile<T, kFixedKV>(r_dvn, dvn, ld, tok_ok, V, v0, false);
       store_tile<T, kFixedKV>(r_v, vr, ld, tok_ok, V, v0, false);
       if constexpr (k16) {
         store_tile16<T, kFixedKV>(r_do, dout, ldD, tok_ok, V, v0);
@@ -611,7 +622,7 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
       }
       if (v0 + kBwdVTile < V) load_b_tiles(v0 + kBwdVTile);
     } else {
-      load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
+      load_tile<T>(dvn, ld, BT, 64, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
       load_tile<T>(vr, ld, BT, 64, v, tok0, len, HV, hv, V, v0);
       if constexpr (k16) {
         copy_tile<T>(dout, ldD, BT, 64, dO, tok0, len, HV, hv, V, v0);

@@ -44,6 +44,35 @@ __device__ __forceinline__ void store_any(void* p, DType dt, int64_t i, float x)
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
+// Two fp32 values as a packed pair of T (fp16/bf16, round to nearest: the same bits as two
+// from_float<T>), a first (lower address).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  const __half2 x = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&x);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 x = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&x);
+}
+
+// One 16-byte vector of T (4 fp32 or 8 fp16/bf16 elements) at dst from the fp32 values at src,
+// rounded to T; both 16-byte aligned. For the workspaces stored in the input dtype (dh, dvn).
+template <typename T>
+__device__ __forceinline__ void store_vec16(T* dst, const float* src) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+  } else {
+    const float4 a = reinterpret_cast<const float4*>(src)[0];
+    const float4 b = reinterpret_cast<const float4*>(src)[1];
+    *reinterpret_cast<uint4*>(dst) = make_uint4(pack2<T>(a.x, a.y), pack2<T>(a.z, a.w),
+                                                pack2<T>(b.x, b.y), pack2<T>(b.z, b.w));
+  }
+}
+
 // One chunk of one sequence: tokens [tok0, tok0 + len) (global token index b*T + t), h slot.
 struct BwdChunk {
   int64_t tok0;

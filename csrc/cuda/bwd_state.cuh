@@ -38,7 +38,9 @@ struct BwdStateSmem {
 //   dh[chunk] = dS
 //   dv_new    = Aqk^T do + kg dS
 //   dS       <- e^{G_last} (.)rows dS + scale qg^T do - w^T dv_new
-// and finally dh0 = dS. The state slice [K x 32] lives in shared memory.
+// and finally dh0 = dS. dS and dv_new stay fp32 here; the copies stored for kernels A and B
+// (dh, dvn) are rounded to T for fp16/bf16 inputs. The state slice [K x 32] lives in shared
+// memory.
 // fp16/bf16 inputs: Aqk^T do and qg^T do multiply two T operands, so they run as T-typed wmma
 // (smem_gemm16: m16n16k16, fp32 accumulators) straight from T tiles; only kg and w, whose other
 // operand is fp32 (dS, dv_new), are widened into the fp32 operand tile op for their tf32
@@ -97,6 +99,9 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
   const T* kg = static_cast<const T*>(p.kg);
   const T* w = static_cast<const T*>(p.w);
   const T* dO = static_cast<const T*>(p.dout);
+  // dh and dvn are stored in T (see ChunkKdaBwdParams); kDhVec elements per 16-byte dh store.
+  constexpr int kDhVec = 16 / static_cast<int>(sizeof(T));
+  static_assert(BV % kDhVec == 0, "dh stores: whole 16-byte vectors per V slice");
 
   // dht follows the state layout: walk it along its contiguous axis so that loads coalesce.
   const bool vf = p.state_v_first;
@@ -192,18 +197,21 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     const int64_t tok0 = bos + c * BT;
     const int len = chunk_len(c);
 
-    // dh[slot] = dS (state gradient at the chunk's end), always [K, V].
-    if (V % 4 == 0) {  // float4 stores (dh rows are 16-byte aligned then; ldS % 4 == 0)
-      for (int idx = threadIdx.x; idx < K * (BV / 4); idx += blockDim.x) {
-        const int kk = idx / (BV / 4), vv = (idx % (BV / 4)) * 4;
+    // dh[slot] = dS (state gradient at the chunk's end), always [K, V], stored in T (fp16/bf16
+    // rounded, as FLA stores dh; dS itself stays fp32).
+    if (V % kDhVec == 0) {  // 16-byte stores (dh rows are 16-byte aligned then; ldS % 4 == 0)
+      for (int idx = threadIdx.x; idx < K * (BV / kDhVec); idx += blockDim.x) {
+        const int kk = idx / (BV / kDhVec), vv = (idx % (BV / kDhVec)) * kDhVec;
         if (v0 + vv < V)
-          *reinterpret_cast<float4*>(p.dh + ((slot * HV + hv) * K + kk) * V + v0 + vv) =
-              *reinterpret_cast<const float4*>(dS + kk * ldS + vv);
+          store_vec16<T>(static_cast<T*>(p.dh) + ((slot * HV + hv) * K + kk) * V + v0 + vv,
+                         dS + kk * ldS + vv);
       }
     } else {
       for (int idx = threadIdx.x; idx < K * BV; idx += blockDim.x) {
         const int kk = idx / BV, vv = idx % BV;
-        if (v0 + vv < V) p.dh[((slot * HV + hv) * K + kk) * V + v0 + vv] = dS[kk * ldS + vv];
+        if (v0 + vv < V)
+          static_cast<T*>(p.dh)[((slot * HV + hv) * K + kk) * V + v0 + vv] =
+              from_float<T>(dS[kk * ldS + vv]);
       }
     }
     if (prefetch) {
@@ -240,7 +248,8 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     for (int idx = threadIdx.x; idx < BT * BV; idx += blockDim.x) {
       const int r = idx / BV, vv = idx % BV;
       const float x = dvn[r * ldS + vv];
-      if (r < len && v0 + vv < V) p.dvn[((tok0 + r) * HV + hv) * V + v0 + vv] = x;
+      if (r < len && v0 + vv < V)  // stored in T (rounded for fp16/bf16), dvn keeps fp32 x
+        static_cast<T*>(p.dvn)[((tok0 + r) * HV + hv) * V + v0 + vv] = from_float<T>(x);
       dvn[r * ldS + vv] = -x;  // the w term enters with a minus sign
       if constexpr (!k16) dout[r * ldD + vv] *= p.scale;  // (16-bit: smem_gemm16 scales)
     }

@@ -17,7 +17,7 @@ BwdWorkspaceSizes bwd_workspace_sizes(const ChunkKdaBwdParams& p) {
   BwdWorkspaceSizes s{};
   const int64_t ntok = p.B * p.T, slots = p.B * p.NT;
   s.bounds = p.N + 1;
-  s.dh = slots * p.HV * p.K * p.V;
+  s.dh = slots * p.HV * p.K * p.V;  // dh and dvn: elements of p.dtype, the others float32
   s.dvn = ntok * p.HV * p.V;
   s.dAkk_part = static_cast<int64_t>(p.NKS) * ntok * p.HV * p.BT;
   s.dA = ntok * p.HV * p.BT;
