@@ -184,9 +184,9 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     if (prefetch) issue(qg, c);  // raw was emptied by land()
 
     // dv_new = Aqk^T do + kg dS (same tile->warp map for both calls).
-    smem_gemm<true, false, kHalf<T>, kHalf<T>, kSplitTF32<T>>(
+    smem_gemm<true, false, kSplitTF32<T>>(
         dvn, ldS, aqk, ldA, dout, ldS, BT, BV, BT, false);
-    smem_gemm<false, false, kHalf<T>, false, kSplitTF32<T>>(
+    smem_gemm<false, false, kSplitTF32<T>>(
         dvn, ldS, op, ldO, dS, ldS, BT, BV, Kp, true);
     __syncthreads();
 
@@ -210,7 +210,7 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
       load_tile<T>(op, ldO, BT, Kp, qg, tok0, len, HV, hv, K, 0);
       __syncthreads();
     }
-    smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+    smem_gemm<true, false, kSplitTF32<T>>(
         dS, ldS, op, ldO, dout, ldS, Kp, BV, BT, true);
     __syncthreads();
 
@@ -221,7 +221,7 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
       load_tile<T>(op, ldO, BT, Kp, w, tok0, len, HV, hv, K, 0);
       __syncthreads();
     }
-    smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+    smem_gemm<true, false, kSplitTF32<T>>(
         dS, ldS, op, ldO, dvn, ldS, Kp, BV, BT, true);
     __syncthreads();
   }
