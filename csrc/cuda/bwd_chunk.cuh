@@ -320,12 +320,12 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
       else
         smem_gemm16<T, false, true>(aq, ld, dout, ldD, S16, ldD, BT, 64, 64, 1.f, true);
     } else {
-      smem_gemm<false, true, kHalf<T>, kHalf<T>, kSplitTF32<T>>(
+      smem_gemm<false, true, kSplitTF32<T>>(
           aq, ld, dout, ldD, S, ld, BT, 64, 64, true);
     }
-    smem_gemm<false, true, kHalf<T>, false, kSplitTF32<T>>(
+    smem_gemm<false, true, kSplitTF32<T>>(
         ak, ld, vn, ld, dSn, ld, BT, 64, 64, true);
-    smem_gemm<false, true, false, kHalf<T>, kSplitTF32<T>>(
+    smem_gemm<false, true, kSplitTF32<T>>(
         aw, ld, dvn, ld, S, ld, BT, 64, 64, true);
   };
   if constexpr (k16) {
@@ -421,9 +421,9 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   };
   load_slice_qkg<T, BT, kFixedKV>(p, tok0, len, hv, hq, k0, emit_a);
   __syncthreads();
-  smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+  smem_gemm<true, false, kSplitTF32<T>>(
       dkb, ld, akk, ldA, aw, ld, BT, 64, BT, false);
-  smem_gemm<false, true, false, false, kSplitTF32<T>>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
+  smem_gemm<false, true, kSplitTF32<T>>(dakk, ldA, aw, ld, kb, ld, BT, BT, 64, false);
   __syncthreads();
 
   {
@@ -638,15 +638,15 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
       vb[r * ld + c] = vbeta[r] * vr[r * ld + c];
     }
     __syncthreads();
-    smem_gemm<false, true, false, false, kSplitTF32<T>>(
+    smem_gemm<false, true, kSplitTF32<T>>(
         dakk, ldA, dvn, ld, vb, ld, BT, BT, 64, true);
     if constexpr (k16) {
       smem_gemm16<T, false, true>(daqk, ldA, dout, ldD, vn, ldD, BT, BT, 64, 1.f, true);
     } else {
-      smem_gemm<false, true, kHalf<T>, kHalf<T>, kSplitTF32<T>>(
+      smem_gemm<false, true, kSplitTF32<T>>(
           daqk, ldA, dout, ldD, vn, ldD, BT, BT, 64, true);
     }
-    smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+    smem_gemm<true, false, kSplitTF32<T>>(
         dvo, ld, akk, ldA, dvn, ld, BT, 64, BT, false);
     __syncthreads();
     for (int idx = threadIdx.x; idx < len * 64; idx += blockDim.x) {
@@ -670,10 +670,10 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
     if (r < len) p.dAqk[((tok0 + r) * HV + hv) * BT + j] = a;
   }
   __syncthreads();
-  smem_gemm<false, true, false, kHalf<T>, kSplitTF32<T>>(
+  smem_gemm<false, true, kSplitTF32<T>>(
       tmp, ldA, dakk, ldA, akk, ldA, BT, BT, BT, false);
   __syncthreads();
-  smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+  smem_gemm<true, false, kSplitTF32<T>>(
       dakk, ldA, akk, ldA, tmp, ldA, BT, BT, BT, false);
   __syncthreads();
   for (int idx = threadIdx.x; idx < len * BT; idx += blockDim.x) {

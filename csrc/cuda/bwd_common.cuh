@@ -150,10 +150,8 @@ constexpr bool kSplitTF32 = std::is_same<T, float>::value;
 // B[kk*ldb + n]). M, N multiples of 16, kd a multiple of 8. Output tiles go round-robin over the
 // warps; a warp that accumulates re-reads only tiles it wrote itself (callers keep M, N fixed
 // between such calls) or tiles published by a __syncthreads.
-// kAExact / kBExact: that operand holds only values read from an fp16/bf16 tensor (see
-// mma_16x16_split_tf32); callers pass them through kHalf<T> so fp32 inputs keep all three MMAs.
 // kSplit = false: one tf32 pass (mma_16x16<float>) instead of 3xTF32 (see kSplitTF32).
-template <bool TA, bool TB, bool kAExact = false, bool kBExact = false, bool kSplit = true>
+template <bool TA, bool TB, bool kSplit = true>
 __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int lda,
                                           const float* B, int ldb, int M, int N, int kd,
                                           bool accumulate) {
@@ -171,7 +169,7 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int
     const float* a = TA ? A + i * 16 : A + i * 16 * lda;
     const float* b = TB ? B + j * 16 * ldb : B + j * 16;
     if constexpr (kSplit) {
-      if (kd > 0) mma_16x16_split_tf32<LA, LB, kAExact, kBExact>(acc, a, lda, b, ldb, kd);
+      if (kd > 0) mma_16x16_split_tf32<LA, LB>(acc, a, lda, b, ldb, kd);
     } else {
       if (kd > 0) mma_16x16<float, LA, LB>(acc, a, lda, b, ldb, kd);
     }
@@ -253,10 +251,6 @@ __device__ __forceinline__ void staged_for(int total, Load load, Body body) {
     }
   }
 }
-
-// Whether values of T are exactly representable in tf32 (fp16: 10 mantissa bits, bf16: 7).
-template <typename T>
-constexpr bool kHalf = !std::is_same<T, float>::value;
 
 // Fills a [rows x cols] fp32 tile (leading dim ld) from a token-major tensor: element (r, c) is
 // src[((tok0 + r) * heads + head) * width + col0 + c] for r < nr and col0 + c < width, else 0.

@@ -238,10 +238,10 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
     if constexpr (k16) {
       smem_gemm16<T, true, false>(dvn, ldS, aqk, ldA, dout, ldD, BT, BV, BT, 1.f, false);
     } else {
-      smem_gemm<true, false, kHalf<T>, kHalf<T>, kSplitTF32<T>>(
+      smem_gemm<true, false, kSplitTF32<T>>(
           dvn, ldS, aqk, ldA, dout, ldD, BT, BV, BT, false);
     }
-    smem_gemm<false, false, kHalf<T>, false, kSplitTF32<T>>(
+    smem_gemm<false, false, kSplitTF32<T>>(
         dvn, ldS, op, ldO, dS, ldS, BT, BV, Kp, true);
     __syncthreads();
 
@@ -271,19 +271,19 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
       }
       // Same tile->warp map for both calls (M = Kp, N = BV): no barrier between them.
       smem_gemm16<T, true, false>(dS, ldS, qgt, ldR, dout, ldD, Kp, BV, BT, p.scale, true);
-      smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+      smem_gemm<true, false, kSplitTF32<T>>(
           dS, ldS, op, ldO, dvn, ldS, Kp, BV, BT, true);
       __syncthreads();
     } else {
       __syncthreads();
       load_tile<T>(op, ldO, BT, Kp, qg, tok0, len, HV, hv, K, 0);
       __syncthreads();
-      smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+      smem_gemm<true, false, kSplitTF32<T>>(
           dS, ldS, op, ldO, dout, ldD, Kp, BV, BT, true);
       __syncthreads();
       load_tile<T>(op, ldO, BT, Kp, w, tok0, len, HV, hv, K, 0);
       __syncthreads();
-      smem_gemm<true, false, kHalf<T>, false, kSplitTF32<T>>(
+      smem_gemm<true, false, kSplitTF32<T>>(
           dS, ldS, op, ldO, dvn, ldS, Kp, BV, BT, true);
       __syncthreads();
     }

@@ -270,10 +270,7 @@ __device__ __forceinline__ void mma_16x16(AccFrag<T>& acc, const T* a, int lda, 
 // hi*hi + hi*lo + lo*hi; only the lo*lo term (2^-22 relative) is dropped. Three MMAs instead of
 // one. The backward uses it because its gate gradients are sums of many products that cancel:
 // plain tf32 (10-bit mantissa) left dA_log/ddt_bias up to 6e-3 off where fp32 gives 3e-4.
-// kAExact / kBExact: the caller knows every element of that operand is exactly representable in
-// tf32 (a value loaded from an fp16/bf16 tensor: 10 or 7 mantissa bits), so its tail is exactly
-// zero and the correction product with it adds exact zeros; it is skipped (fewer MMAs).
-template <typename LayoutA, typename LayoutB, bool kAExact = false, bool kBExact = false>
+template <typename LayoutA, typename LayoutB>
 __device__ __forceinline__ void mma_16x16_split_tf32(AccFrag<float>& acc, const float* a, int lda,
                                                      const float* b, int ldb, int kdim) {
   using Tr = MmaTraits<float>;
@@ -287,35 +284,29 @@ __device__ __forceinline__ void mma_16x16_split_tf32(AccFrag<float>& acc, const 
   for (int kk = 0; kk < kdim; kk += Tr::kK) {
     load_operand_shared<float, true, a_row>(a_hi, a + (a_row ? kk : kk * lda), lda);
     load_operand_shared<float, false, b_row>(b_hi, b + (b_row ? kk * ldb : kk), ldb);
-    // An exact operand is tf32 already (its low 13 mantissa bits are zero), so rounding it would
-    // change nothing: it goes to the MMA as loaded, one conversion per element fewer.
-    if constexpr (!kAExact) {
 #pragma unroll
-      for (int t = 0; t < a_hi.num_elements; ++t) {
-        const float x = a_hi.x[t], hi = wmma::__float_to_tf32(x);
-        a_hi.x[t] = hi;
-        a_lo.x[t] = wmma::__float_to_tf32(x - hi);
-      }
+    for (int t = 0; t < a_hi.num_elements; ++t) {
+      const float x = a_hi.x[t], hi = wmma::__float_to_tf32(x);
+      a_hi.x[t] = hi;
+      a_lo.x[t] = wmma::__float_to_tf32(x - hi);
     }
-    if constexpr (!kBExact) {
 #pragma unroll
-      for (int t = 0; t < b_hi.num_elements; ++t) {
-        const float x = b_hi.x[t], hi = wmma::__float_to_tf32(x);
-        b_hi.x[t] = hi;
-        b_lo.x[t] = wmma::__float_to_tf32(x - hi);
-      }
+    for (int t = 0; t < b_hi.num_elements; ++t) {
+      const float x = b_hi.x[t], hi = wmma::__float_to_tf32(x);
+      b_hi.x[t] = hi;
+      b_lo.x[t] = wmma::__float_to_tf32(x - hi);
     }
     // The small terms go to their own accumulators (summed among themselves, then added once,
     // so the large one cannot absorb them) and the three chains of dependent MMAs run side by side.
-    if constexpr (!kAExact) wmma::mma_sync(acc_la, a_lo, b_hi, acc_la);
-    if constexpr (!kBExact) wmma::mma_sync(acc_lb, a_hi, b_lo, acc_lb);
+    wmma::mma_sync(acc_la, a_lo, b_hi, acc_la);
+    wmma::mma_sync(acc_lb, a_hi, b_lo, acc_lb);
     wmma::mma_sync(acc, a_hi, b_hi, acc);
   }
 #pragma unroll
   for (int t = 0; t < acc.num_elements; ++t) {
     float small = 0.f;
-    if constexpr (!kAExact) small += acc_la.x[t];
-    if constexpr (!kBExact) small += acc_lb.x[t];
+    small += acc_la.x[t];
+    small += acc_lb.x[t];
     acc.x[t] += small;
   }
 }
