@@ -17,14 +17,24 @@ namespace bwd {
 //   dG = dqg qg - dkg kg + dkb kb, and at the last row dGl = sum_i dkg kg + e^{Gl} sum_v S dSn,
 //   dbeta partial = sum_k dkb k e^G, dAkk partial = dw kb^T (summed over slices in kernel B).
 // ---------------------------------------------------------------------------------------------
+// `half`: fp16/bf16 inputs. In the V loop their do tile and a second copy of the h tile (s16) stay
+// 16-bit (64 x kTileLd16 each, operands of smem_gemm16), back to back in the region that holds
+// the fp32 dkb tile after the loop (2 x 9216 bytes >= 17408). fp32 inputs: the layout as before.
 struct BwdChunkASmem {
-  int64_t S, dSn, dout, dvn, vn, aq, ak, aw, akk, dakk, vec, total;
-  __host__ __device__ explicit BwdChunkASmem(int BT) {
+  int64_t S, dSn, dout, dvn, vn, aq, ak, aw, akk, dakk, vec, s16, total;
+  __host__ __device__ BwdChunkASmem(int BT, bool half) {
     SmemCarver c;
-    const int64_t tile = 64 * kTileLd, sq = BT * (BT + 4);
+    const int64_t tile = 64 * kTileLd, sq = BT * (BT + 4), tile16 = 64 * kTileLd16;
+    static_assert(2 * 64 * kTileLd16 * 2 >= 64 * kTileLd * 4, "do + s16 must cover dkb");
     S = c.take<float>(tile);
     dSn = c.take<float>(tile);
-    dout = c.take<float>(tile);
+    s16 = 0;
+    if (half) {
+      dout = c.take<uint16_t>(2 * tile16);
+      s16 = dout + tile16 * static_cast<int64_t>(sizeof(uint16_t));  // 9216: 128-byte aligned
+    } else {
+      dout = c.take<float>(tile);
+    }
     dvn = c.take<float>(tile);
     vn = c.take<float>(tile);
     aq = c.take<float>(tile);
@@ -99,11 +109,28 @@ __device__ __forceinline__ void store_tile(const uint4 (&x)[kTileVecs<E>], float
   }
 }
 
-// Kernel A's five tiles of one V tile: h and dh (state, K slice rows) and do, v_new, dvn.
+// store_tile for a 16-bit E whose tile stays in E (an operand of smem_gemm16): each vector as
+// loaded (no conversion, never transposed), zeros where store_tile writes zeros (the whole vector
+// is in or out: columns go by 8 and V % 8 == 0 on this path). ld % 8 == 0 (kTileLd16).
+template <typename E, int kFixedKV = 0, typename RowOk>
+__device__ __forceinline__ void store_tile16(const uint4 (&x)[kTileVecs<E>], E* dst, int ld,
+                                             RowOk rows_ok, int64_t V, int64_t v0) {
+  static_assert(sizeof(E) == 2, "store_tile16 keeps fp16/bf16 tiles");
+#pragma unroll
+  for (int u = 0; u < kTileVecs<E>; ++u) {
+    int r, c;
+    tile_vec_pos<E>(u, r, c);
+    const bool in = rows_ok(r) && (kWholeKV<kFixedKV> || v0 + c < V);
+    *reinterpret_cast<uint4*>(dst + r * ld + c) = in ? x[u] : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// Kernel A's five tiles of one V tile: h and dh (state, K slice rows) and do, v_new, dvn, all
+// stored in T (dh and dvn too, see ChunkKdaBwdParams).
 template <typename T>
 struct ATileRegs {
   uint4 h[kTileVecs<T>], dout[kTileVecs<T>], vn[kTileVecs<T>];
-  uint4 dh[kTileVecs<float>], dvn[kTileVecs<float>];
+  uint4 dh[kTileVecs<T>], dvn[kTileVecs<T>];
 };
 
 template <typename T, int kFixedKV>
@@ -125,33 +152,44 @@ __device__ __forceinline__ void load_a_tiles(ATileRegs<T>& R, const ChunkKdaBwdP
         h + (vf ? state_off(p, sb, kcol(c), vcol(r), K, V) : state_off(p, sb, kcol(r), vcol(c), K, V)));
   }
 #pragma unroll
-  for (int u = 0; u < kTileVecs<float>; ++u) {
+  for (int u = 0; u < kTileVecs<T>; ++u) {
     int r, c;
-    tile_vec_pos<float>(u, r, c);
-    R.dh[u] = *reinterpret_cast<const uint4*>(p.dh + sb * K * V + kcol(r) * V + vcol(c));
+    tile_vec_pos<T>(u, r, c);
+    R.dh[u] = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dh) + sb * K * V +
+                                              kcol(r) * V + vcol(c));
   }
   load_tok_tile<T, kFixedKV>(R.dout, static_cast<const T*>(p.dout), tok0, len, HV, hv, V, v0);
   load_tok_tile<T, kFixedKV>(R.vn, static_cast<const T*>(p.v_new), tok0, len, HV, hv, V, v0);
-  load_tok_tile<float, kFixedKV>(R.dvn, p.dvn, tok0, len, HV, hv, V, v0);
+  load_tok_tile<T, kFixedKV>(R.dvn, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
 }
 
-template <typename T, int kFixedKV>
+// Tile: T for fp16/bf16 inputs, whose do tile (leading dimension kTileLd16) stays 16-bit and
+// whose h tile also goes to S16 as loaded (rows along h's outer axis: k, or v when
+// state_v_first); float for fp32 inputs (S16 unused). dh and dvn (stored in T) are widened to
+// their fp32 tiles dSn and dvn, as v_new to vn: they stay fp32 operands of tf32 products.
+template <typename T, int kFixedKV, typename Tile>
 __device__ __forceinline__ void store_a_tiles(const ATileRegs<T>& R, const ChunkKdaBwdParams& p,
                                               int len, int64_t k0, int64_t v0, float* S,
-                                              float* dSn, float* dout, float* dvn, float* vn,
-                                              int ld) {
+                                              float* dSn, Tile* dout, float* dvn, float* vn,
+                                              int ld, T* S16) {
+  constexpr bool k16 = sizeof(Tile) == 2;
   constexpr bool kWhole = kWholeKV<kFixedKV>;
   const int64_t K = kv_size<kFixedKV>(p.K), V = kv_size<kFixedKV>(p.V);
   auto tok_ok = [&](int r) { return r < len; };
   auto k_ok = [&](int r) { return kWhole || k0 + r < K; };
-  if (p.state_v_first)  // h rows are v, columns k: swap the roles of the two bounds
-    store_tile<T, kFixedKV>(R.h, S, ld, [&](int r) { return kWhole || v0 + r < V; }, K, k0, true);
-  else
+  if (p.state_v_first) {  // h rows are v, columns k: swap the roles of the two bounds
+    auto v_ok = [&](int r) { return kWhole || v0 + r < V; };
+    store_tile<T, kFixedKV>(R.h, S, ld, v_ok, K, k0, true);
+    if constexpr (k16) store_tile16<T, kFixedKV>(R.h, S16, kTileLd16, v_ok, K, k0);
+  } else {
     store_tile<T, kFixedKV>(R.h, S, ld, k_ok, V, v0, false);
-  store_tile<float, kFixedKV>(R.dh, dSn, ld, k_ok, V, v0, false);
-  store_tile<T, kFixedKV>(R.dout, dout, ld, tok_ok, V, v0, false);
+    if constexpr (k16) store_tile16<T, kFixedKV>(R.h, S16, kTileLd16, k_ok, V, v0);
+  }
+  store_tile<T, kFixedKV>(R.dh, dSn, ld, k_ok, V, v0, false);
+  if constexpr (k16) store_tile16<T, kFixedKV>(R.dout, dout, kTileLd16, tok_ok, V, v0);
+  else store_tile<T, kFixedKV>(R.dout, dout, ld, tok_ok, V, v0, false);
   store_tile<T, kFixedKV>(R.vn, vn, ld, tok_ok, V, v0, false);
-  store_tile<float, kFixedKV>(R.dvn, dvn, ld, tok_ok, V, v0, false);
+  store_tile<T, kFixedKV>(R.dvn, dvn, ld, tok_ok, V, v0, false);
 }
 
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
@@ -159,14 +197,26 @@ __device__ __forceinline__ void store_a_tiles(const ATileRegs<T>& R, const Chunk
 // (0, or 128 for K == V == 128, see kv_size) likewise makes K and V constants: the V-tile loop's
 // trip count, the K-slice width (64), the slice / V-tile masks and clamps of every load and store,
 // the K % 8 / V % 8 tests and the multiplies by K and V of the offsets.
+// fp16/bf16 inputs: aq += do h^T multiplies two T operands, so it runs as T-typed wmma
+// (smem_gemm16: m16n16k16, fp32 accumulators) from 16-bit tiles: do is kept as loaded (no fp32
+// tile: nothing else reads it) and h goes to S16 as well as to the fp32 S (aw = dvn h^T and the
+// dGl row sums need S in fp32). The same products as the one tf32 pass before (T values are
+// exact in tf32; fp32 accumulation in another order), with one k16 step where tf32 took two k8
+// steps: per 16 x 16 tile of aq (kd = 64) 8 LDSM + 8 HMMA.16816 instead of 64 scalar LDS, 64
+// tf32 roundings and 32 HMMA.1684, and no widening of do. fp32 inputs: unchanged (3xTF32).
 template <typename T, int BT, int kFixedKV = 0>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const BwdChunkASmem Lay(BT);
+  // Element type of the do tile: T as stored (fp16/bf16, with the 16-bit h copy S16), fp32 for
+  // fp32 inputs.
+  constexpr bool k16 = sizeof(T) == 2;
+  using Tile = typename std::conditional<k16, T, float>::type;
+  const BwdChunkASmem Lay(BT, k16);
   float* S = reinterpret_cast<float*>(smem_raw + Lay.S);
   float* dSn = reinterpret_cast<float*>(smem_raw + Lay.dSn);
-  float* dout = reinterpret_cast<float*>(smem_raw + Lay.dout);
+  Tile* dout = reinterpret_cast<Tile*>(smem_raw + Lay.dout);
+  T* S16 = reinterpret_cast<T*>(smem_raw + Lay.s16);  // fp16/bf16 only
   float* dvn = reinterpret_cast<float*>(smem_raw + Lay.dvn);
   float* vn = reinterpret_cast<float*>(smem_raw + Lay.vn);
   float* aq = reinterpret_cast<float*>(smem_raw + Lay.aq);
@@ -179,6 +229,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   float* vrk = vrq + 64;                                         // [64] rstd of k rows
   float* vgl = vrk + 64;                                         // [64] dLoss/dG_last
   constexpr int ld = kTileLd;
+  constexpr int ldD = k16 ? kTileLd16 : kTileLd;  // do (and S16)
   constexpr int ldA = BT + 4;
 
   constexpr bool kWhole = kWholeKV<kFixedKV>;
@@ -227,6 +278,13 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
 #pragma unroll
               for (int j = 0; j < 8; ++j) S[(g + j) * ld + o] = x.v[j];
             }
+            if constexpr (k16) {  // S16 as h is laid out; x came from T, so narrowing is exact
+              uint4 y;
+              T* e = reinterpret_cast<T*>(&y);
+#pragma unroll
+              for (int j = 0; j < 8; ++j) e[j] = from_float<T>(x.v[j]);
+              *reinterpret_cast<uint4*>(S16 + o * ldD + g) = y;
+            }
           });
     } else {
       staged_for<8, float>(
@@ -240,30 +298,71 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
           [&](int idx, float x) {
             const int kk = vf ? idx % 64 : idx / 64, vv = vf ? idx / 64 : idx % 64;
             S[kk * ld + vv] = x;
+            if constexpr (k16) S16[(idx / 64) * ldD + idx % 64] = from_float<T>(x);  // as above
           });
     }
-    // dh is float32 [K, V]: rows k0 + kk, columns [v0, v0 + 64) (a slice of 64 rows of V wide).
-    load_tile<float>(dSn, ld, 64, 64, p.dh + sb * K * V, k0, static_cast<int>(K - k0), 1, 0, V, v0);
-    load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
-    load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
+    // dh is [K, V] in T: rows k0 + kk, columns [v0, v0 + 64) (a slice of 64 rows of V wide).
+    load_tile<T>(dSn, ld, 64, 64, static_cast<const T*>(p.dh) + sb * K * V, k0,
+                 static_cast<int>(K - k0), 1, 0, V, v0);
+    if constexpr (k16) copy_tile<T>(dout, ldD, BT, 64, dO, tok0, len, HV, hv, V, v0);
+    else load_tile<T>(dout, ldD, BT, 64, dO, tok0, len, HV, hv, V, v0);
+    load_tile<T>(dvn, ld, BT, 64, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
     load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
   };
-  for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
-    __syncthreads();  // previous tiles fully consumed
-    if (whole_vectors) {
-      store_a_tiles<T, kFixedKV>(next, p, len, k0, v0, S, dSn, dout, dvn, vn, ld);
-      if (v0 + kBwdVTile < V) load_a_tiles<T, kFixedKV>(next, p, sb, tok0, len, hv, k0, v0 + kBwdVTile);
-    } else {
-      load_v_tile_scalar(v0);
-    }
-    __syncthreads();
+  // The products of one V tile (its tiles published by the caller's barrier).
+  auto v_tile_products = [&]() {
     sds += row_sum_8(64, [&](int kk, int vv) { return S[kk * ld + vv] * dSn[kk * ld + vv]; });
-    smem_gemm<false, true, kSplitTF32<T>>(
-        aq, ld, dout, ld, S, ld, BT, 64, 64, true);
+    if constexpr (k16) {
+      // aq += do h^T with h read from S16 as laid out: B(v, kk) = S16[kk][v], or S16[v][kk]
+      // when state_v_first (a uniform branch; the two calls differ only in the fragment layout).
+      if (p.state_v_first)
+        smem_gemm16<T, false, false>(aq, ld, dout, ldD, S16, ldD, BT, 64, 64, 1.f, true);
+      else
+        smem_gemm16<T, false, true>(aq, ld, dout, ldD, S16, ldD, BT, 64, 64, 1.f, true);
+    } else {
+      smem_gemm<false, true, kSplitTF32<T>>(
+          aq, ld, dout, ldD, S, ld, BT, 64, 64, true);
+    }
     smem_gemm<false, true, kSplitTF32<T>>(
         ak, ld, vn, ld, dSn, ld, BT, 64, 64, true);
     smem_gemm<false, true, kSplitTF32<T>>(
         aw, ld, dvn, ld, S, ld, BT, 64, 64, true);
+  };
+  if constexpr (k16) {
+    // One loop per path. Why: with both paths in one loop the V tile in flight (`next`, 28
+    // registers when dh and dvn were fp32; 20 with them stored in T) stays allocated through the
+    // element-wise path's staged loads too, and that pressure made ptxas spill address terms of
+    // the register path in the general-K/V builds (reloaded every V tile; seen at 28); split, no
+    // 16-bit build spills. (fp32 keeps the single loop: its code is left as it was.)
+    if (whole_vectors) {
+      for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
+        __syncthreads();  // previous tiles fully consumed
+        store_a_tiles<T, kFixedKV>(next, p, len, k0, v0, S, dSn, dout, dvn, vn, ld, S16);
+        if (v0 + kBwdVTile < V)
+          load_a_tiles<T, kFixedKV>(next, p, sb, tok0, len, hv, k0, v0 + kBwdVTile);
+        __syncthreads();
+        v_tile_products();
+      }
+    } else {
+      for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
+        __syncthreads();
+        load_v_tile_scalar(v0);
+        __syncthreads();
+        v_tile_products();
+      }
+    }
+  } else {
+    for (int64_t v0 = 0; v0 < V; v0 += kBwdVTile) {
+      __syncthreads();  // previous tiles fully consumed
+      if (whole_vectors) {
+        store_a_tiles<T, kFixedKV>(next, p, len, k0, v0, S, dSn, dout, dvn, vn, ld, S16);
+        if (v0 + kBwdVTile < V) load_a_tiles<T, kFixedKV>(next, p, sb, tok0, len, hv, k0, v0 + kBwdVTile);
+      } else {
+        load_v_tile_scalar(v0);
+      }
+      __syncthreads();
+      v_tile_products();
+    }
   }
   __syncthreads();
 
@@ -272,7 +371,7 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
   float* G = dSn;
   float* kb = vn;
   float* qh = dvn;
-  float* dkb = dout;
+  float* dkb = reinterpret_cast<float*>(smem_raw + Lay.dout);  // (16-bit: over do and S16)
   // Per-row scalars. The l2norm rstd comes from the recompute's chunk_prepare when it ran (the
   // same values the recompute normalised q and k with); otherwise (saved intermediates) one CTA
   // per row (K slice 0, first value head of the group) computes it and keeps it for kernel C,
@@ -373,11 +472,15 @@ bwd_chunk_a_kernel(const ChunkKdaBwdParams p) {
 // dL = -Akk^T dAkk Akk^T (strict lower), dAqk = scale * tril(do v_new^T),
 // dv = beta (Akk^T dvn), dbeta partial = sum_v (Akk^T dvn) v.
 // ---------------------------------------------------------------------------------------------
+// `half`: fp16/bf16 inputs, whose do and v_new tiles stay 16-bit (64 x kTileLd16, operands of
+// smem_gemm16); fp32 inputs keep fp32 tiles (the layout is the same as before for them). dvn is
+// stored in T for fp16/bf16 too, but its tile is fp32 either way (widened when stored: an
+// operand of the tf32 products with vb and Akk).
 struct BwdChunkBSmem {
   int64_t akk, dakk, daqk, tmp, dvn, vb, vr, dout, vn, dvo, vec, total;
-  __host__ __device__ explicit BwdChunkBSmem(int BT) {
+  __host__ __device__ BwdChunkBSmem(int BT, bool half) {
     SmemCarver c;
-    const int64_t tile = 64 * kTileLd, sq = BT * (BT + 4);
+    const int64_t tile = 64 * kTileLd, sq = BT * (BT + 4), tile16 = 64 * kTileLd16;
     akk = c.take<float>(sq);
     dakk = c.take<float>(sq);
     daqk = c.take<float>(sq);
@@ -385,8 +488,13 @@ struct BwdChunkBSmem {
     dvn = c.take<float>(tile);
     vb = c.take<float>(tile);
     vr = c.take<float>(tile);
-    dout = c.take<float>(tile);
-    vn = c.take<float>(tile);
+    if (half) {
+      dout = c.take<uint16_t>(tile16);
+      vn = c.take<uint16_t>(tile16);
+    } else {
+      dout = c.take<float>(tile);
+      vn = c.take<float>(tile);
+    }
     dvo = c.take<float>(tile);
     vec = c.take<float>(64);
     total = c.offset;
@@ -398,11 +506,19 @@ struct BwdChunkBSmem {
 // (0, or 128 for K == V == 128, see kv_size) likewise makes K and V constants: the V-tile loop's
 // trip count, the V-tile masks and clamps of the loads and dv stores, the V % 8 test, the
 // multiplies by V of the offsets and the number of K-slice partials summed (2).
+// fp16/bf16 inputs: daqk += do v_new^T multiplies two T operands that nothing else reads, so
+// their tiles stay 16-bit as loaded (store_tile16 / copy_tile: no widening) and the product runs
+// as T-typed wmma (smem_gemm16, fp32 accumulators): the same products as the one tf32 pass
+// before in another fp32 order, with 8 LDSM + 8 HMMA.16816 per 16 x 16 tile of daqk instead of
+// 64 scalar LDS, 64 tf32 roundings and 32 HMMA.1684. fp32 inputs: unchanged (3xTF32).
 template <typename T, int BT, int kFixedKV = 0>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const BwdChunkBSmem Lay(BT);
+  // Element type of the do and v_new tiles: T as stored (fp16/bf16), fp32 for fp32 inputs.
+  constexpr bool k16 = sizeof(T) == 2;
+  using Tile = typename std::conditional<k16, T, float>::type;
+  const BwdChunkBSmem Lay(BT, k16);
   float* akk = reinterpret_cast<float*>(smem_raw + Lay.akk);
   float* dakk = reinterpret_cast<float*>(smem_raw + Lay.dakk);
   float* daqk = reinterpret_cast<float*>(smem_raw + Lay.daqk);
@@ -410,11 +526,12 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   float* dvn = reinterpret_cast<float*>(smem_raw + Lay.dvn);
   float* vb = reinterpret_cast<float*>(smem_raw + Lay.vb);
   float* vr = reinterpret_cast<float*>(smem_raw + Lay.vr);
-  float* dout = reinterpret_cast<float*>(smem_raw + Lay.dout);
-  float* vn = reinterpret_cast<float*>(smem_raw + Lay.vn);
+  Tile* dout = reinterpret_cast<Tile*>(smem_raw + Lay.dout);
+  Tile* vn = reinterpret_cast<Tile*>(smem_raw + Lay.vn);
   float* dvo = reinterpret_cast<float*>(smem_raw + Lay.dvo);
   float* vbeta = reinterpret_cast<float*>(smem_raw + Lay.vec);
   constexpr int ld = kTileLd;
+  constexpr int ldD = k16 ? kTileLd16 : kTileLd;  // do and v_new tiles
   constexpr int ldA = BT + 4;
 
   constexpr bool kWhole = kWholeKV<kFixedKV>;
@@ -440,7 +557,12 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   load_chunk_matrix<T, BT>(akk, ldA, static_cast<const T*>(p.Akk), tok0, len, HV, hv, false);
   {
     constexpr int nv = BT / 8;  // partial rows are float32 [BT]: whole 8-vectors
-    staged_for<2, F8, true>(
+    // BT * nv <= 512 = kBwdThreads: one round covers every vector, and a second unrolled one only
+    // re-loads the last vector (kAlwaysLoad) into registers. fp16/bf16 take one round: with dvn
+    // stored in T, the second round's registers made ptxas spill the general chunk-32 build (20
+    // bytes). fp32 keeps two: with one, its K = V = 128 chunk-32 build spilled 52 bytes.
+    static_assert(BT * nv <= kBwdThreads, "one staged round covers the dAkk partial rows");
+    staged_for<sizeof(T) == 2 ? 1 : 2, F8, true>(
         BT * nv,
         [&](int idx) {
           // Slices summed in a fixed order. Branch-free, all slices' loads issued together: rows
@@ -477,9 +599,9 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
   // the next V tile's loads in flight while this one's products run.
   const bool whole_vectors = V % 8 == 0 && aligned16(p.dvn) && aligned16(v) && aligned16(dO) &&
                              aligned16(vnew);
-  uint4 r_dvn[kTileVecs<float>], r_v[kTileVecs<T>], r_do[kTileVecs<T>], r_vn[kTileVecs<T>];
+  uint4 r_dvn[kTileVecs<T>], r_v[kTileVecs<T>], r_do[kTileVecs<T>], r_vn[kTileVecs<T>];
   auto load_b_tiles = [&](int64_t v0) {
-    load_tok_tile<float, kFixedKV>(r_dvn, p.dvn, tok0, len, HV, hv, V, v0);
+    load_tok_tile<T, kFixedKV>(r_dvn, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
     load_tok_tile<T, kFixedKV>(r_v, v, tok0, len, HV, hv, V, v0);
     load_tok_tile<T, kFixedKV>(r_do, dO, tok0, len, HV, hv, V, v0);
     load_tok_tile<T, kFixedKV>(r_vn, vnew, tok0, len, HV, hv, V, v0);
@@ -489,16 +611,26 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
     __syncthreads();
     if (whole_vectors) {
       auto tok_ok = [&](int r) { return r < len; };
-      store_tile<float, kFixedKV>(r_dvn, dvn, ld, tok_ok, V, v0, false);
+      store_tile<T, kFixedKV>(r_dvn, dvn, ld, tok_ok, V, v0, false);
       store_tile<T, kFixedKV>(r_v, vr, ld, tok_ok, V, v0, false);
-      store_tile<T, kFixedKV>(r_do, dout, ld, tok_ok, V, v0, false);
-      store_tile<T, kFixedKV>(r_vn, vn, ld, tok_ok, V, v0, false);
+      if constexpr (k16) {
+        store_tile16<T, kFixedKV>(r_do, dout, ldD, tok_ok, V, v0);
+        store_tile16<T, kFixedKV>(r_vn, vn, ldD, tok_ok, V, v0);
+      } else {
+        store_tile<T, kFixedKV>(r_do, dout, ldD, tok_ok, V, v0, false);
+        store_tile<T, kFixedKV>(r_vn, vn, ldD, tok_ok, V, v0, false);
+      }
       if (v0 + kBwdVTile < V) load_b_tiles(v0 + kBwdVTile);
     } else {
-      load_tile<float>(dvn, ld, BT, 64, p.dvn, tok0, len, HV, hv, V, v0);
+      load_tile<T>(dvn, ld, BT, 64, static_cast<const T*>(p.dvn), tok0, len, HV, hv, V, v0);
       load_tile<T>(vr, ld, BT, 64, v, tok0, len, HV, hv, V, v0);
-      load_tile<T>(dout, ld, BT, 64, dO, tok0, len, HV, hv, V, v0);
-      load_tile<T>(vn, ld, BT, 64, vnew, tok0, len, HV, hv, V, v0);
+      if constexpr (k16) {
+        copy_tile<T>(dout, ldD, BT, 64, dO, tok0, len, HV, hv, V, v0);
+        copy_tile<T>(vn, ldD, BT, 64, vnew, tok0, len, HV, hv, V, v0);
+      } else {
+        load_tile<T>(dout, ldD, BT, 64, dO, tok0, len, HV, hv, V, v0);
+        load_tile<T>(vn, ldD, BT, 64, vnew, tok0, len, HV, hv, V, v0);
+      }
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < BT * 64; idx += blockDim.x) {
@@ -508,8 +640,12 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
     __syncthreads();
     smem_gemm<false, true, kSplitTF32<T>>(
         dakk, ldA, dvn, ld, vb, ld, BT, BT, 64, true);
-    smem_gemm<false, true, kSplitTF32<T>>(
-        daqk, ldA, dout, ld, vn, ld, BT, BT, 64, true);
+    if constexpr (k16) {
+      smem_gemm16<T, false, true>(daqk, ldA, dout, ldD, vn, ldD, BT, BT, 64, 1.f, true);
+    } else {
+      smem_gemm<false, true, kSplitTF32<T>>(
+          daqk, ldA, dout, ldD, vn, ldD, BT, BT, 64, true);
+    }
     smem_gemm<true, false, kSplitTF32<T>>(
         dvo, ld, akk, ldA, dvn, ld, BT, 64, BT, false);
     __syncthreads();

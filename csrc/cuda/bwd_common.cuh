@@ -19,6 +19,10 @@ namespace bwd {
 // aligned tile origins (every origin used here is a multiple of 8 floats), the pad breaks the
 // worst bank conflicts of column-major fragment loads.
 constexpr int kTileLd = kBwdVTile + 4;  // 64-column tiles
+// The same 64-column tiles kept in fp16/bf16 (operands of smem_gemm16): rows padded by 8 elements
+// (wmma: ld % 8 == 0 for 16-bit types; 144-byte rows put the 8 rows of an ldmatrix phase on
+// different banks). Every origin used is a multiple of 16 rows (a multiple of 32 bytes).
+constexpr int kTileLd16 = kBwdVTile + 8;
 
 __device__ __forceinline__ void store_any(void* p, DType dt, int64_t i, float x) {
   switch (dt) {
@@ -39,6 +43,35 @@ __device__ __forceinline__ void store_any(void* p, DType dt, int64_t i, float x)
 }
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
+
+// Two fp32 values as a packed pair of T (fp16/bf16, round to nearest: the same bits as two
+// from_float<T>), a first (lower address).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  const __half2 x = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&x);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 x = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&x);
+}
+
+// One 16-byte vector of T (4 fp32 or 8 fp16/bf16 elements) at dst from the fp32 values at src,
+// rounded to T; both 16-byte aligned. For the workspaces stored in the input dtype (dh, dvn).
+template <typename T>
+__device__ __forceinline__ void store_vec16(T* dst, const float* src) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+  } else {
+    const float4 a = reinterpret_cast<const float4*>(src)[0];
+    const float4 b = reinterpret_cast<const float4*>(src)[1];
+    *reinterpret_cast<uint4*>(dst) = make_uint4(pack2<T>(a.x, a.y), pack2<T>(a.z, a.w),
+                                                pack2<T>(b.x, b.y), pack2<T>(b.z, b.w));
+  }
+}
 
 // One chunk of one sequence: tokens [tok0, tok0 + len) (global token index b*T + t), h slot.
 struct BwdChunk {
@@ -145,6 +178,51 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int
   __syncwarp();
 }
 
+// C[M x N] = alpha op(A) op(B) (accumulate false) or C += alpha op(A) op(B) (accumulate true)
+// for fp16/bf16 operand tiles in shared memory: m16n16k16 wmma with fp32 accumulators, read
+// from T as stored. Why: an operand pair read from T tensors needs no fp32 image; widening it
+// cost a conversion and two stores per 8 elements, and its tf32 product took two m16n16k8 steps
+// (a scalar LDS and a tf32 rounding per element, 4 HMMA.1684 each) where one m16n16k16 step
+// does the same work (two LDSM fragment loads, 2 HMMA.16816). The products are the same numbers
+// (fp16/bf16 values are exact in tf32, and both accumulate in fp32); only the order of the
+// fp32 additions differs.
+// alpha multiplies the finished product (fp32) once: folded into a T operand beforehand, a
+// factor would take it out of T's values (scale * do is not an fp16/bf16 number).
+// TA / TB as in smem_gemm; the tile->warp map is smem_gemm's too, so the two can accumulate into
+// the same C one after the other without a barrier (same M, N). M, N, kd multiples of 16; lda,
+// ldb multiples of 8 elements and tile origins 32-byte aligned (wmma's rules for 16-bit types).
+template <typename T, bool TA, bool TB>
+__device__ __forceinline__ void smem_gemm16(float* C, int ldc, const T* A, int lda, const T* B,
+                                            int ldb, int M, int N, int kd, float alpha,
+                                            bool accumulate) {
+  static_assert(sizeof(T) == 2, "smem_gemm16 takes fp16/bf16 operands");
+  using LA = typename std::conditional<TA, wmma::col_major, wmma::row_major>::type;
+  using LB = typename std::conditional<TB, wmma::col_major, wmma::row_major>::type;
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int tn = N >> 4, tiles = (M >> 4) * tn;
+  for (int t = warp; t < tiles; t += nwarps) {
+    const int i = t / tn, j = t % tn;
+    float* c = C + i * 16 * ldc + j * 16;
+    AccFrag<T> acc;
+    wmma::fill_fragment(acc, 0.f);
+    const T* a = TA ? A + i * 16 : A + i * 16 * lda;
+    const T* b = TB ? B + j * 16 * ldb : B + j * 16;
+    if (kd > 0) mma_16x16<T, LA, LB>(acc, a, lda, b, ldb, kd);
+    __syncwarp();
+    if (accumulate) {
+      AccFrag<T> prev;
+      load_acc_shared<T>(prev, c, ldc);
+#pragma unroll
+      for (int e = 0; e < acc.num_elements; ++e) acc.x[e] = fmaf(alpha, acc.x[e], prev.x[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < acc.num_elements; ++e) acc.x[e] *= alpha;
+    }
+    store_acc_shared<T>(c, acc, ldc);
+  }
+  __syncwarp();
+}
+
 // Runs body(idx, value) for every idx in [0, total), spread over the block's threads, where
 // value = load(idx) comes from global memory. The kUnroll loads of a round are all issued before
 // any body runs. Why: a plain loop with a global load and a shared-memory store per iteration
@@ -219,6 +297,46 @@ __device__ __forceinline__ void load_tile(float* dst, int ld, int rows, int cols
       [&](int idx, float x) { dst[(idx / cols) * ld + idx % cols] = x; });
 }
 
+// load_tile for a 16-bit T whose tile stays in T (an operand of smem_gemm16): the same elements,
+// copied as stored (no conversion; zeros outside). The vector path needs ld % 8 == 0 as well.
+template <typename T>
+__device__ __forceinline__ void copy_tile(T* dst, int ld, int rows, int cols, const T* src,
+                                          int64_t tok0, int nr, int64_t heads, int64_t head,
+                                          int64_t width, int64_t col0) {
+  static_assert(sizeof(T) == 2, "copy_tile moves fp16/bf16 tiles");
+  const bool vec_ok = width % 8 == 0 && col0 % 8 == 0 && cols % 8 == 0 && ld % 8 == 0 &&
+                      aligned16(src);
+  if (vec_ok) {
+    const int nvec = cols / 8;
+    staged_for<4, uint4>(
+        rows * nvec,
+        [&](int idx) {
+          const int r = idx / nvec, c = (idx - r * nvec) * 8;
+          uint4 x = make_uint4(0u, 0u, 0u, 0u);
+          if (r < nr && col0 + c < width)  // the whole vector is inside: width % 8 == 0
+            x = *reinterpret_cast<const uint4*>(src + ((tok0 + r) * heads + head) * width + col0 + c);
+          return x;
+        },
+        [&](int idx, uint4 x) {
+          const int r = idx / nvec, c = (idx - r * nvec) * 8;
+          *reinterpret_cast<uint4*>(dst + r * ld + c) = x;
+        });
+    return;
+  }
+  // Bit copies: +0 is all-zero bits in fp16 and bf16 alike.
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  staged_for<8, uint16_t>(
+      rows * cols,
+      [&](int idx) {
+        const int r = idx / cols, c = idx % cols;
+        return (r < nr && col0 + c < width)
+                   ? s[((tok0 + r) * heads + head) * width + col0 + c]
+                   : static_cast<uint16_t>(0);
+      },
+      [&](int idx, uint16_t x) { d[(idx / cols) * ld + idx % cols] = x; });
+}
+
 // Loads the saved [BT x BT] chunk matrix (Aqk or Akk rows of this chunk), keeping only the valid
 // square and the lower triangle (strict when `strict`); everything else is zero.
 // BT is a template parameter: the per-element divisions by BT / BT/8 fold to shifts and masks
@@ -253,6 +371,51 @@ __device__ __forceinline__ void load_chunk_matrix(float* dst, int ld, const T* s
                    : 0.f;
       },
       [&](int idx, float x) { dst[(idx / BT) * ld + idx % BT] = x; });
+}
+
+// load_chunk_matrix for a 16-bit T whose tile stays in T (an operand of smem_gemm16): the same
+// kept elements, copied as stored, the rest zero. The vector path needs ld % 8 == 0 as well.
+template <typename T, int BT>
+__device__ __forceinline__ void copy_chunk_matrix(T* dst, int ld, const T* src, int64_t tok0,
+                                                  int len, int64_t HV, int64_t hv, bool strict) {
+  static_assert(sizeof(T) == 2, "copy_chunk_matrix moves fp16/bf16 tiles");
+  if (aligned16(src) && ld % 8 == 0) {  // BT is 32 or 64: rows are whole vectors
+    constexpr int nv = BT / 8;
+    staged_for<2, uint4, true>(
+        BT * nv,
+        [&](int idx) {
+          // Branch-free, as in load_chunk_matrix: rows past len read the last row and are zeroed.
+          const int i = idx / nv, j0 = (idx - i * nv) * 8;
+          return *reinterpret_cast<const uint4*>(
+              src + ((tok0 + (i < len ? i : len - 1)) * HV + hv) * BT + j0);
+        },
+        [&](int idx, uint4 x) {
+          const int i = idx / nv, j0 = (idx - i * nv) * 8;
+          // The kept columns of row i are a prefix of the row (j <= i, or j < i, and j < len
+          // follows from i < len): of this vector's 8, the first nkeep. Word w holds elements
+          // 2w (low half) and 2w + 1 (high half).
+          const int last = i < len ? (strict ? i - 1 : i) : -1;
+          const int nkeep = last - j0 + 1;
+          uint32_t* wd = reinterpret_cast<uint32_t*>(&x);
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            const int r = nkeep - 2 * w;
+            wd[w] &= r >= 2 ? 0xffffffffu : (r == 1 ? 0x0000ffffu : 0u);
+          }
+          *reinterpret_cast<uint4*>(dst + i * ld + j0) = x;
+        });
+    return;
+  }
+  auto keep = [&](int i, int j) { return i < len && j < len && (strict ? j < i : j <= i); };
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  staged_for<8, uint16_t>(
+      BT * BT,
+      [&](int idx) {
+        const int i = idx / BT, j = idx % BT;
+        return keep(i, j) ? s[((tok0 + i) * HV + hv) * BT + j] : static_cast<uint16_t>(0);
+      },
+      [&](int idx, uint16_t x) { d[(idx / BT) * ld + idx % BT] = x; });
 }
 
 // sum_{j < n} f(row, j) for the 64 rows of a tile, 8 threads per row (row = threadIdx.x / 8, so

@@ -10,7 +10,8 @@
 namespace kda_ext {
 namespace cuda {
 
-// Workspace element counts the caller allocates for ChunkKdaBwdParams (see bwd_params.cuh).
+// Workspace element counts the caller allocates for ChunkKdaBwdParams (see bwd_params.cuh): dh
+// and dvn in elements of p.dtype (the dtype of q), everything else float32 (bounds int64).
 struct BwdWorkspaceSizes {
   int64_t bounds, dh, dvn, dAkk_part, dA, dq_hv, dbeta_part, ddt_part, dA_part;
 };

@@ -56,8 +56,11 @@ struct ChunkKdaBwdParams {
   // Workspaces (float32 unless said otherwise). "tok" = b*T + t.
   int64_t* seq_bounds = nullptr;  // [N+1]: clamped token offsets (b*T for fixed length)
   int64_t* chunk_offsets = nullptr;  // [N+1]: first h slot of each sequence
-  float* dh = nullptr;         // [B*NT,HV,K,V]: dLoss/d(state leaving the chunk), always [K,V]
-  float* dvn = nullptr;        // [B*T,HV,V]: dLoss/dv_new
+  // dh and dvn are stored in the dtype of q (T of the kernels: fp16/bf16 rounded copies of the
+  // fp32 values bwd_state accumulates, as FLA stores dh and dv_new; fp32 for fp32 inputs). They
+  // are the two largest workspaces and both live at kChunkA, the backward's memory peak.
+  void* dh = nullptr;          // [B*NT,HV,K,V]: dLoss/d(state leaving the chunk), always [K,V]
+  void* dvn = nullptr;         // [B*T,HV,V]: dLoss/dv_new
   float* dAkk_part = nullptr;  // [NKS,B*T,HV,BT]: per-K-slice partials of dLoss/dAkk
   float* dAqk = nullptr;       // [B*T,HV,BT]: scale * masked dLoss/dAqk
   float* dL = nullptr;         // [B*T,HV,BT]: masked dLoss/dLkk

@@ -193,11 +193,14 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   p.dht = dht.defined() ? dht.data_ptr<float>() : nullptr;
   p.dh0 = initial_state.has_value() ? dh0.data_ptr<float>() : nullptr;
 
-  // Workspaces (float32; the caching allocator keeps this graph-capturable), each allocated right
-  // before the stage that first writes it and released after the last stage that reads it, the
-  // recomputed intermediates likewise (see BwdStage for who reads what); on one stream the
-  // allocator hands released memory to later stages only after the earlier kernels. Peak at
-  // (2, 8192, 32, 128): the sum of everything live at kChunkA instead of the sum of everything.
+  // Workspaces (float32, except dh and dvn: the dtype of q, i.e. fp16/bf16 rounded copies for
+  // half inputs, as FLA stores dh and dv_new; the caching allocator keeps this graph-capturable),
+  // each allocated right before the stage that first writes it and released after the last stage
+  // that reads it, the recomputed intermediates likewise (see BwdStage for who reads what); on one
+  // stream the allocator hands released memory to later stages only after the earlier kernels.
+  // Peak at (2, 8192, 32, 128): the sum of everything live at kChunkA instead of the sum of
+  // everything. dh (B*NT*HV*K*V) and dvn (B*T*HV*V) are the two largest of those: 256 + 128 MiB
+  // in bf16 there, 512 + 256 MiB when they were float32 (2706 MiB peak then).
   // With cu_seqlens, buffers that are read or returned for every token are zero-filled when
   // the device check finds offsets that do not cover every token exactly once (they are not
   // validated on the host: no sync), so that such tokens read as 0, not as garbage
@@ -214,6 +217,8 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   auto workspace = [&](int64_t n, bool read_per_token) {
     return guarded(at::empty({n}, f32), read_per_token);
   };
+  // dh and dvn, in q's dtype: A and B read only chunks bwd_state wrote (no fill, as before).
+  auto workspace_io = [&](int64_t n) { return at::empty({n}, q.options()); };
   auto output = [&](at::IntArrayRef shape, const at::TensorOptions& opt) {
     return guarded(at::empty(shape, opt), true);
   };
@@ -222,12 +227,12 @@ Tensors8 chunk_kda_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   };
 
   at::Tensor bounds = at::empty({2 * ws.bounds}, q.options().dtype(at::kLong));
-  at::Tensor w_dh = workspace(ws.dh, false);
-  at::Tensor w_dvn = workspace(ws.dvn, false);
+  at::Tensor w_dh = workspace_io(ws.dh);
+  at::Tensor w_dvn = workspace_io(ws.dvn);
   p.seq_bounds = bounds.data_ptr<int64_t>();
   p.chunk_offsets = p.seq_bounds + ws.bounds;
-  p.dh = w_dh.data_ptr<float>();
-  p.dvn = w_dvn.data_ptr<float>();
+  p.dh = w_dh.data_ptr();
+  p.dvn = w_dvn.data_ptr();
   run(cuda::BwdStage::kState);
   w.reset(), qg.reset(), kg.reset();
   p.w = p.qg = p.kg = nullptr;

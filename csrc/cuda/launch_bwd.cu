@@ -17,7 +17,7 @@ BwdWorkspaceSizes bwd_workspace_sizes(const ChunkKdaBwdParams& p) {
   BwdWorkspaceSizes s{};
   const int64_t ntok = p.B * p.T, slots = p.B * p.NT;
   s.bounds = p.N + 1;
-  s.dh = slots * p.HV * p.K * p.V;
+  s.dh = slots * p.HV * p.K * p.V;  // dh and dvn: elements of p.dtype, the others float32
   s.dvn = ntok * p.HV * p.V;
   s.dAkk_part = static_cast<int64_t>(p.NKS) * ntok * p.HV * p.BT;
   s.dA = ntok * p.HV * p.BT;
@@ -59,7 +59,7 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (p.N > 0) {
         const int64_t Kp = align_up(p.K, 16);
-        const int64_t bytes = BwdStateSmem(BT, Kp).total;
+        const int64_t bytes = BwdStateSmem(BT, Kp, sizeof(T) == 2).total;
         // The usual head sizes (K = 64, 128, 256) get a compile-time K build.
         auto kernel = bwd_state_kernel<T, BT, 0>;
         if (Kp == 64) kernel = bwd_state_kernel<T, BT, 64>;
@@ -73,13 +73,15 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_a_kernel<T, BT, 128> : bwd_chunk_a_kernel<T, BT, 0>,
                          dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads,
-                         BwdChunkASmem(BT).total, limit, "bwd_chunk_a_kernel", p, stream);
+                         BwdChunkASmem(BT, sizeof(T) == 2).total, limit, "bwd_chunk_a_kernel", p,
+                         stream);
       break;
     case BwdStage::kChunkB:
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_b_kernel<T, BT, 128> : bwd_chunk_b_kernel<T, BT, 0>,
                          dim3(static_cast<unsigned>(slots), hv), kBwdThreads,
-                         BwdChunkBSmem(BT).total, limit, "bwd_chunk_b_kernel", p, stream);
+                         BwdChunkBSmem(BT, sizeof(T) == 2).total, limit, "bwd_chunk_b_kernel", p,
+                         stream);
       break;
     case BwdStage::kChunkC:
       if (slots > 0)
