@@ -17,7 +17,7 @@ def test_demo_runs_and_passes_on_cpu(tmp_path):
 
 def test_shell_scripts_parse():
     # device_check.sh only ever runs on a leased GPU machine: a syntax error must show up here.
-    for name in ("device_check.sh", "device_ab.sh", "setup_env.sh", "test.sh", "demo.sh"):
+    for name in ("device_check.sh", "device_ab.sh", "device_targets.sh", "setup_env.sh", "test.sh", "demo.sh"):
         proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", name)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{name}: {proc.stderr}"
 
