@@ -323,6 +323,9 @@ def main(argv=None):
             torch.cuda.empty_cache()
         rows.append(r)
         print(json.dumps(r), flush=True)
+        if args.json:  # after every row: a run cut short by its time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results_json(torch.cuda.get_device_name(), rows, copy_rate), f, indent=1)
     dev = torch.cuda.get_device_name()
     head = (f"Card: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
             f"date {time.strftime('%Y-%m-%d')}; command: `python benchmarks/bench_chunk_kda.py "
