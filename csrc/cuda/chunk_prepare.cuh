@@ -17,7 +17,8 @@
 // - Aqk/Lkk use tf32 MMAs on fp32 operands for every input dtype: the safe_gate diagonal operand
 //   k*exp(G_n - G_j) reaches e^40 (fp16 would overflow) and FLA's own inter/solve dots are tf32.
 //   w/u/o/state MMAs use the storage dtype (fp16/bf16 m16n16k16, tf32 for fp32 inputs), matching
-//   FLA's casts of their operands.
+//   FLA's casts of their operands. (Experiment, off by default: KDA_PREP_16BIT_OPERANDS below puts
+//   the Aqk/Lkk operands of fp16/bf16 inputs in 16-bit tiles and T-typed MMAs.)
 // - Akk = (I + L)^-1 in fp32 SIMT: forward substitution inside the 16x16 diagonal blocks (all
 //   blocks at once), then the off-diagonal blocks by block diagonals (FLA's merge order, but in
 //   full fp32 rather than tf32 dots), instead of one thread per column over all BT rows.
@@ -45,6 +46,56 @@ namespace cuda {
 constexpr int kPrepThreads = 256;
 constexpr int kSlice = 32;        // K (and V) columns per pass
 constexpr int kLdf = kSlice + 4;  // fp32 slice tiles: 16-byte row padding against bank conflicts
+constexpr int kLd16 = kSlice + 8;  // 16-bit slice tiles: 16-byte row padding (conflict-free LDSM)
+
+// ---- experiment: pass 1's Aqk/Lkk products on 16-bit operands ---------------------------------
+// KDA_PREP_16BIT_OPERANDS (compile time, default 0 = the tf32 products on fp32 tiles below,
+// unchanged). For fp16/bf16 inputs only (fp32 inputs always keep the tf32 products):
+//   bit 1: the off-diagonal 16x16 blocks take their gate-scaled operands rounded to T, stored as
+//          16-bit tiles, and run as T-typed wmma m16n16k16 with fp32 accumulators.
+//   bit 2: the same for the diagonal blocks under safe_gate (their factors reach e^{8 |lb|},
+//          ~e^40: beyond fp16's 65504, so bit 2 is ignored for fp16; bf16 has fp32's range).
+//   bit 4: the restructured pass 1 that bits 1 and 2 use, with every operand still fp32/tf32
+//          (bitwise the same Aqk/Akk as 0: isolates the restructuring from the 16-bit operands).
+// Any bit set selects the restructured pass 1 (see "new layout" in the kernel): the column
+// operand rows of the diagonal blocks get a tile of their own, written by the thread that owns
+// the row in section B (no separate pass over them), and, when under safe_gate the off-diagonal
+// blocks are 16-bit but the diagonal ones are not, the off-diagonal blocks use FLA's reference
+// row (the first row of their row block: every factor <= 1, so fp16 cannot overflow) instead of
+// the median row the diagonal blocks need.
+#ifndef KDA_PREP_16BIT_OPERANDS
+#define KDA_PREP_16BIT_OPERANDS 3
+#endif
+static_assert(KDA_PREP_16BIT_OPERANDS >= 0 && KDA_PREP_16BIT_OPERANDS <= 7,
+              "KDA_PREP_16BIT_OPERANDS: bit mask of 1 (off-diagonal), 2 (diagonal), 4 (layout)");
+
+template <typename T>
+struct Prep16 {
+  static constexpr bool k16 = std::is_same<T, __half>::value ||
+                              std::is_same<T, __nv_bfloat16>::value;
+  // Layout-level switches (the safe_gate build's; a build without safe_gate has no diagonal jobs).
+  static constexpr bool kOff = k16 && (KDA_PREP_16BIT_OPERANDS & 1) != 0;
+  static constexpr bool kDiag = k16 && !std::is_same<T, __half>::value &&
+                                (KDA_PREP_16BIT_OPERANDS & 2) != 0;  // never for fp16
+  static constexpr bool kNew = k16 && KDA_PREP_16BIT_OPERANDS != 0;
+};
+
+// One chunk_prepare build's mode (a struct rather than constexpr locals in the kernel: those, even
+// unused, renumbered the default build's PTX registers). kNew selects the restructured pass 1;
+// kOffH / kDiagH: the off-diagonal / diagonal products on 16-bit operands; kOffOwnRef: under
+// safe_gate with 16-bit off-diagonal and fp32 diagonal products, the off-diagonal operands use the
+// first row of the row block as reference (factors <= 1) in tiles of their own (qh/kh, kch).
+// kRowF / kRowH: the row operands scaled with the block's own reference row (safe_gate: the
+// median; without: the first row) go to the fp32 tiles qop/kop and/or to the 16-bit qh/kh.
+template <typename T, bool kSafe>
+struct PrepMode {
+  static constexpr bool kNew = Prep16<T>::kNew;
+  static constexpr bool kOffH = Prep16<T>::kOff;
+  static constexpr bool kDiagH = kSafe && Prep16<T>::kDiag;
+  static constexpr bool kOffOwnRef = kSafe && kOffH && !kDiagH;
+  static constexpr bool kRowF = (kSafe && !kDiagH) || (!kOffOwnRef && !kOffH);
+  static constexpr bool kRowH = (kSafe && kDiagH) || (!kOffOwnRef && kOffH);
+};
 
 // ---- kernel 0 ------------------------------------------------------------------------------
 
@@ -139,8 +190,11 @@ __device__ __forceinline__ float beta_of(const ChunkKdaFwdParams& p, float raw) 
 // ---- kernel 1 ------------------------------------------------------------------------------
 
 struct PrepLayout {
-  // pass 1 (fp32 slice tiles, and the per-warp column sums of the gate cumsum)
+  // pass 1 (fp32 slice tiles, and the per-warp column sums of the gate cumsum). With
+  // Prep16<T>::kNew: qop/kop are the fp32 row-operand tiles (absent when no product uses them),
+  // qh/kh the 16-bit ones, kc the off-diagonal column operand (fp32 or T), kcd the diagonal one.
   int64_t qs, ks, gs, qop, kop, kc, tot, kc_src, diag_src;
+  int64_t qh, kh, kcd;
   // pass 2, aliasing pass 1: Akk in T, and the w/u operand and result tiles, double-buffered
   int64_t akk, kbw[2], kbu[2], stw[2], stu[2];
   // persistent
@@ -163,6 +217,15 @@ struct PrepDims {
   static constexpr int kMaxJobs = (kJobs + kWarps - 1) / kWarps;  // per warp
   // Column-operand rows: block row bb uses rows 0..16bb+15 with safe_gate, 0..16bb-1 without.
   static constexpr int kKcRows = 16 * kSafePairs;
+  // Prep16<T>::kNew's job order: the 2 NC diagonal jobs first (Aqk blocks bb = 0..NC-1, then
+  // Lkk; safe_gate only), then the off-diagonal ones (Aqk pairs, then Lkk pairs, block rows from
+  // 1, as the plain build orders them). Job warp + s * kWarps is this warp's slot s; a slot whose
+  // jobs are all of one kind holds one accumulator type (at chunk 64 slot 0 is the 8 diagonal
+  // jobs, slots 1-2 the 12 off-diagonal ones; at chunk 32 slot 0 mixes 4 diagonal and 2
+  // off-diagonal jobs: a warp-uniform branch, and two accumulators if their precisions differ).
+  static constexpr int kDiagJobs = kSafe ? 2 * NC : 0;
+  static constexpr bool slot_all_diag(int s) { return (s + 1) * kWarps <= kDiagJobs; }
+  static constexpr bool slot_all_off(int s) { return s * kWarps >= kDiagJobs; }
   // Element-wise diagonal entries (i >= j inside a 16x16 diagonal block) without safe_gate.
   static constexpr int kDiagPairs = kSafe ? 0 : NC * 136;
   static constexpr int kDiagPer = kSafe ? 1 : (kDiagPairs + kPrepThreads - 1) / kPrepThreads;
@@ -180,9 +243,24 @@ __host__ __device__ inline PrepLayout prep_layout() {
   l.qs = c1.take<float>(BT * kLdf);
   l.ks = c1.take<float>(BT * kLdf);
   l.gs = c1.take<float>(BT * kLdf);
-  l.qop = c1.take<float>(BT * kLdf);
-  l.kop = c1.take<float>(BT * kLdf);
-  l.kc = c1.take<float>(D::kKcRows * kLdf);
+  using P = Prep16<T>;
+  if constexpr (!P::kNew) {
+    l.qop = c1.take<float>(BT * kLdf);
+    l.kop = c1.take<float>(BT * kLdf);
+    l.kc = c1.take<float>(D::kKcRows * kLdf);
+  } else {
+    // The union of the safe_gate and the plain build: fp32 row operands if some product reads
+    // them, 16-bit ones likewise, the off-diagonal column rows (16 per block pair) and the
+    // diagonal ones (16 per block; safe_gate only) each in its products' precision.
+    const bool row_f = !(P::kOff && P::kDiag), row_h = P::kOff || P::kDiag;
+    l.qop = c1.take<float>(row_f ? BT * kLdf : 0);
+    l.kop = c1.take<float>(row_f ? BT * kLdf : 0);
+    l.qh = c1.take<T>(row_h ? BT * kLd16 : 0);
+    l.kh = c1.take<T>(row_h ? BT * kLd16 : 0);
+    constexpr int kOffRows = 16 * D::kOffPairs, kDiagRows = 16 * D::NC;
+    l.kc = P::kOff ? c1.take<T>(kOffRows * kLd16) : c1.take<float>(kOffRows * kLdf);
+    l.kcd = P::kDiag ? c1.take<T>(kDiagRows * kLd16) : c1.take<float>(kDiagRows * kLdf);
+  }
   l.tot = c1.take<float>(D::kWarps * kSlice);
   l.kc_src = c1.take<int>(D::kKcRows);
   l.diag_src = c1.take<int>(PrepDims<T, BT, false>::kDiagPairs);
@@ -243,6 +321,14 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   float* tot = reinterpret_cast<float*>(smem + lay.tot);
   int* kc_src = reinterpret_cast<int*>(smem + lay.kc_src);
   int* diag_src = reinterpret_cast<int*>(smem + lay.diag_src);
+  // Prep16<T>::kNew only: the 16-bit row operands, the 16-bit off-diagonal column operand (same
+  // place as kc), the diagonal column operand (fp32 or 16-bit). (Accessors, not pointers: declared
+  // pointers, even unused, renumbered the default build's PTX registers.)
+  auto qh = [&] { return reinterpret_cast<T*>(smem + lay.qh); };
+  auto kh = [&] { return reinterpret_cast<T*>(smem + lay.kh); };
+  auto kch = [&] { return reinterpret_cast<T*>(smem + lay.kc); };
+  auto kcdf = [&] { return reinterpret_cast<float*>(smem + lay.kcd); };
+  auto kcdh = [&] { return reinterpret_cast<T*>(smem + lay.kcd); };
   T* akk = reinterpret_cast<T*>(smem + lay.akk);
   float* aacc = reinterpret_cast<float*>(smem + lay.aacc);
   float* lacc = reinterpret_cast<float*>(smem + lay.lacc);
@@ -296,6 +382,8 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   // Uniform across the grid: the recompute of the backward, with Akk known.
   const bool reuse_akk = p.Akk_saved != nullptr;
   constexpr bool safe = kSafe;
+  // KDA_PREP_16BIT_OPERANDS: the build's mode (see PrepMode).
+  using M = PrepMode<T, kSafe>;
 
   // ---- per-row scalars: l2norm rstd, beta -------------------------------------------------
   // kTpr threads per row, each summing a strided part of the row (16-byte loads where rows are
@@ -362,13 +450,29 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   const int njobs = reuse_akk ? 0 : D::kJobs;
   // Source of column-operand row rr, the same for every slice: row j of the chunk scaled by
   // e^{G_ref - G_j}, packed as j + 256 * ref (read after the first barrier of pass 1).
-  for (int rr = tid; rr < 16 * npairs; rr += kPrepThreads) {
-    int bb = safe ? 0 : 1, base = 0;
-    while (rr >= base + 16 * (safe ? bb + 1 : bb)) {
-      base += 16 * (safe ? bb + 1 : bb);
-      ++bb;
+  if constexpr (!M::kNew) {
+    for (int rr = tid; rr < 16 * npairs; rr += kPrepThreads) {
+      int bb = safe ? 0 : 1, base = 0;
+      while (rr >= base + 16 * (safe ? bb + 1 : bb)) {
+        base += 16 * (safe ? bb + 1 : bb);
+        ++bb;
+      }
+      kc_src[rr] = (rr - base) + 256 * (safe ? median_ref_row(bb, L) : 16 * bb);
     }
-    kc_src[rr] = (rr - base) + 256 * (safe ? median_ref_row(bb, L) : 16 * bb);
+  } else {
+    // New layout: kc holds only the off-diagonal column rows (block row bb >= 1: rows
+    // 0..16bb-1, at 16 bb (bb - 1) / 2); the diagonal ones are written in section B.
+    for (int rr = tid; rr < 16 * D::kOffPairs; rr += kPrepThreads) {
+      int bb = 1, base = 0;
+      while (rr >= base + 16 * bb) {
+        base += 16 * bb;
+        ++bb;
+      }
+      const int ref = (safe && !M::kOffOwnRef) ? median_ref_row(bb, L) : 16 * bb;
+      // Byte offsets of rows j and ref in an fp32 slice tile, packed 16 + 16 bits.
+      static_assert(BT * kLdf * 4 <= 0x7fff, "kc_src packs two 16-bit byte offsets");
+      kc_src[rr] = (rr - base) * kLdf * 4 + ((ref * kLdf * 4) << 16);
+    }
   }
   // Block (bb, aa) of job j of this warp, and where its operands and result live (decoded where
   // used: registers are the scarce resource here, the decode is a few integer instructions).
@@ -391,8 +495,40 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
                (is_l ? lacc : aacc) + 16 * bb * LDA + 16 * aa};
   };
   AccFrag<float> acc[D::kMaxJobs];
+  // New layout: slot s accumulates in acc[s] (fp32 operands) or accH[s] (16-bit operands), both
+  // only in a chunk-32 slot that mixes diagonal and off-diagonal jobs of different precisions.
+  AccFrag<T> accH[D::kMaxJobs];
+  struct Blk {
+    int bb, aa;
+    bool is_l;
+  };
+  auto diag_job = [&](int j) {  // new layout, j < kDiagJobs
+    const bool is_l = j >= NC;
+    const int bb = is_l ? j - NC : j;
+    return Blk{bb, bb, is_l};
+  };
+  auto off_job = [&](int j) {  // new layout, j >= kDiagJobs
+    int pr = j - D::kDiagJobs;
+    const bool is_l = pr >= D::kOffPairs;
+    if (is_l) pr -= D::kOffPairs;
+    int bb = 1;
+    while (pr >= bb) {
+      pr -= bb;
+      ++bb;
+    }
+    return Blk{bb, pr, is_l};
+  };
+  if constexpr (!M::kNew) {
 #pragma unroll
-  for (int s = 0; s < D::kMaxJobs; ++s) wmma::fill_fragment(acc[s], 0.f);
+    for (int s = 0; s < D::kMaxJobs; ++s) wmma::fill_fragment(acc[s], 0.f);
+  } else {
+#pragma unroll
+    for (int s = 0; s < D::kMaxJobs; ++s) {
+      const bool has_d = !D::slot_all_off(s), has_o = !D::slot_all_diag(s);
+      if ((has_d && !M::kDiagH) || (has_o && !M::kOffH)) wmma::fill_fragment(acc[s], 0.f);
+      if ((has_d && M::kDiagH) || (has_o && M::kOffH)) wmma::fill_fragment(accH[s], 0.f);
+    }
+  }
   // Element-wise diagonal entries (no safe_gate): entry s of this thread is pair tid + s * threads
   // of the NC * 136 (i >= j) pairs, summed in registers across the slices. The pairs are decoded
   // once into shared memory, packed as i + 256 * j (read after the first barrier of pass 1):
@@ -516,16 +652,52 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 
     // B. g_cum/qg/kg, and the tensor-core operands of the slice.
     const float glast = gs[(L - 1) * kLdf + c];
+    // New layout under safe_gate: the warp's kRows rows lie in one 16-row block, so G of its
+    // reference rows is loaded once (gsafe: the median row; g16: the first row, for kOffOwnRef).
+    // (Without safe_gate the reference is read per row, as before: hoisted, the general-K bf16
+    // build spilled 4 bytes.)
+    static_assert(16 % kRows == 0, "a warp's pass-1 rows lie in one 16-row block");
+    float gsafe = 0.f, g16 = 0.f;
+    if (M::kNew && safe && !reuse_akk) {
+      const int blk = r0 / 16;
+      gsafe = gs[median_ref_row(blk, L) * kLdf + c];
+      if (M::kOffOwnRef) g16 = gs[16 * blk * kLdf + c];
+    }
 #pragma unroll
     for (int it = 0; it < kRows; ++it) {
       const int i = r0 + it;
       const float G = Gv[it];
       const float a = qs[i * kLdf + c], e = ks[i * kLdf + c];  // this thread's own values
       if (!reuse_akk) {
-        const int ref = safe ? median_ref_row(i / 16, L) : (i & ~15);
-        const float x = __expf(G - gs[ref * kLdf + c]);
-        qop[i * kLdf + c] = a * x;
-        kop[i * kLdf + c] = e * x;
+        if constexpr (!M::kNew) {
+          const int ref = safe ? median_ref_row(i / 16, L) : (i & ~15);
+          const float x = __expf(G - gs[ref * kLdf + c]);
+          qop[i * kLdf + c] = a * x;
+          kop[i * kLdf + c] = e * x;
+        } else {
+          const float gref = safe ? gsafe : gs[(i & ~15) * kLdf + c];
+          const float x = __expf(G - gref);
+          if constexpr (M::kRowF) {
+            qop[i * kLdf + c] = a * x;
+            kop[i * kLdf + c] = e * x;
+          }
+          if constexpr (M::kRowH) {
+            qh()[i * kLd16 + c] = from_float<T>(a * x);
+            kh()[i * kLd16 + c] = from_float<T>(e * x);
+          }
+          if constexpr (M::kOffOwnRef) {  // reference row 16 blk: e^{G_i - G_ref} <= 1
+            const float x0 = __expf(G - g16);
+            qh()[i * kLd16 + c] = from_float<T>(a * x0);
+            kh()[i * kLd16 + c] = from_float<T>(e * x0);
+          }
+          if constexpr (safe) {
+            // The diagonal column operand of row i (the same value the old kc pass computed
+            // from ks/gs of row i; rows past L hold 0: e = 0 there).
+            const float kd = e * __expf(gref - G);
+            if constexpr (M::kDiagH) kcdh()[i * kLd16 + c] = from_float<T>(kd);
+            else kcdf()[i * kLdf + c] = kd;
+          }
+        }
       }
       if (i < L && col_ok) {
         const int o = i * hks + col;
@@ -539,23 +711,74 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       }
     }
     if (!reuse_akk) {
-      // Column operands, block row after block row (see above for the reference rows).
-      const int kc_rows = 16 * npairs;
-      for (int rr = warp; rr < kc_rows; rr += kWarps) {
-        const int src = kc_src[rr];
-        const int j = src % 256, ref = src / 256;
-        kc[rr * kLdf + c] = ks[j * kLdf + c] * __expf(gs[ref * kLdf + c] - gs[j * kLdf + c]);
+      if constexpr (!M::kNew) {
+        // Column operands, block row after block row (see above for the reference rows).
+        const int kc_rows = 16 * npairs;
+        for (int rr = warp; rr < kc_rows; rr += kWarps) {
+          const int src = kc_src[rr];
+          const int j = src % 256, ref = src / 256;
+          kc[rr * kLdf + c] = ks[j * kLdf + c] * __expf(gs[ref * kLdf + c] - gs[j * kLdf + c]);
+        }
+      } else {
+        // The off-diagonal column operands only (e^{G_ref - G_j} <= 1 for j < 16 bb <= ref).
+        const unsigned char* kscol = reinterpret_cast<const unsigned char*>(ks + c);
+        const unsigned char* gscol = reinterpret_cast<const unsigned char*>(gs + c);
+        auto at = [](const unsigned char* base, unsigned off) {
+          return *reinterpret_cast<const float*>(base + off);
+        };
+        for (int rr = warp; rr < 16 * D::kOffPairs; rr += kWarps) {
+          const unsigned src = static_cast<unsigned>(kc_src[rr]);
+          const unsigned oj = src & 0xffffu, oref = src >> 16;  // byte offsets of rows j, ref
+          const float x = at(kscol, oj) * __expf(at(gscol, oref) - at(gscol, oj));
+          if constexpr (M::kOffH) kch()[rr * kLd16 + c] = from_float<T>(x);
+          else kc[rr * kLdf + c] = x;
+        }
       }
     }
     __syncthreads();
     if (reuse_akk) continue;
 
     // C. the slice's products.
+    if constexpr (!M::kNew) {
 #pragma unroll
-    for (int s = 0; s < D::kMaxJobs; ++s) {
-      if (warp + s * kWarps < njobs) {
-        const Job jb = job_of(warp + s * kWarps);
-        mma_16x16<float, wmma::row_major, wmma::col_major>(acc[s], jb.a, kLdf, jb.b, kLdf, kSlice);
+      for (int s = 0; s < D::kMaxJobs; ++s) {
+        if (warp + s * kWarps < njobs) {
+          const Job jb = job_of(warp + s * kWarps);
+          mma_16x16<float, wmma::row_major, wmma::col_major>(acc[s], jb.a, kLdf, jb.b, kLdf,
+                                                             kSlice);
+        }
+      }
+    } else {
+      using wmma::col_major;
+      using wmma::row_major;
+#pragma unroll
+      for (int s = 0; s < D::kMaxJobs; ++s) {
+        const int j = warp + s * kWarps;
+        if (j >= njobs) continue;
+        if (D::slot_all_diag(s) || (!D::slot_all_off(s) && j < D::kDiagJobs)) {
+          const Blk jb = diag_job(j);
+          if constexpr (M::kDiagH) {
+            const T* ra = (jb.is_l ? kh() : qh()) + 16 * jb.bb * kLd16;
+            const T* cb = kcdh() + 16 * jb.bb * kLd16;
+            mma_16x16<T, row_major, col_major>(accH[s], ra, kLd16, cb, kLd16, kSlice);
+          } else {
+            const float* ra = (jb.is_l ? kop : qop) + 16 * jb.bb * kLdf;
+            const float* cb = kcdf() + 16 * jb.bb * kLdf;
+            mma_16x16<float, row_major, col_major>(acc[s], ra, kLdf, cb, kLdf, kSlice);
+          }
+        } else {
+          const Blk jb = off_job(j);
+          const int crow = 16 * (jb.bb * (jb.bb - 1) / 2 + jb.aa);
+          if constexpr (M::kOffH) {
+            const T* ra = (jb.is_l ? kh() : qh()) + 16 * jb.bb * kLd16;
+            mma_16x16<T, row_major, col_major>(accH[s], ra, kLd16, kch() + crow * kLd16, kLd16,
+                                               kSlice);
+          } else {
+            const float* ra = (jb.is_l ? kop : qop) + 16 * jb.bb * kLdf;
+            mma_16x16<float, row_major, col_major>(acc[s], ra, kLdf, kc + crow * kLdf, kLdf,
+                                                   kSlice);
+          }
+        }
       }
     }
 #pragma unroll
@@ -575,10 +798,23 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     __syncthreads();  // the next slice overwrites the tiles
   }
   if (!reuse_akk) {
+    if constexpr (!M::kNew) {
 #pragma unroll
-    for (int s = 0; s < D::kMaxJobs; ++s) {
-      if (warp + s * kWarps < njobs)
-        store_acc_shared<float>(job_of(warp + s * kWarps).c, acc[s], LDA);
+      for (int s = 0; s < D::kMaxJobs; ++s) {
+        if (warp + s * kWarps < njobs)
+          store_acc_shared<float>(job_of(warp + s * kWarps).c, acc[s], LDA);
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < D::kMaxJobs; ++s) {
+        const int j = warp + s * kWarps;
+        if (j >= njobs) continue;
+        const bool diag = D::slot_all_diag(s) || (!D::slot_all_off(s) && j < D::kDiagJobs);
+        const Blk jb = diag ? diag_job(j) : off_job(j);
+        float* cp = (jb.is_l ? lacc : aacc) + 16 * jb.bb * LDA + 16 * jb.aa;
+        if (diag ? M::kDiagH : M::kOffH) store_acc_shared<T>(cp, accH[s], LDA);
+        else store_acc_shared<float>(cp, acc[s], LDA);
+      }
     }
 #pragma unroll
     for (int s = 0; s < D::kDiagPer; ++s) {
