@@ -12,13 +12,14 @@
 //   running sum in registers plus the sums of the warps before it (one exchange through shared
 //   memory) instead of one warp walking all BT rows; the Aqk/Lkk blocks accumulate in register
 //   fragments across the slices; under safe_gate one operand set (median reference row per 16-row
-//   block) serves the diagonal and the off-diagonal blocks alike. Pass 2 computes the w and u
-//   slices together with double-buffered tiles (two barriers a slice).
-// - Aqk/Lkk use tf32 MMAs on fp32 operands for every input dtype: the safe_gate diagonal operand
-//   k*exp(G_n - G_j) reaches e^40 (fp16 would overflow) and FLA's own inter/solve dots are tf32.
+//   block) serves the diagonal and the off-diagonal blocks alike (fp16: see below). Pass 2
+//   computes the w and u slices together with double-buffered tiles (two barriers a slice).
+// - Aqk/Lkk: fp32 inputs use tf32 MMAs on fp32 operands (FLA's own inter/solve dots are tf32);
+//   fp16/bf16 inputs use 16-bit operands and MMAs wherever the range allows: the safe_gate
+//   diagonal operand k*exp(G_n - G_j) reaches e^40, so fp16 keeps tf32 for the diagonal blocks
+//   (see "pass 1's Aqk/Lkk products" below; the error margins over FLA's matrices did not move).
 //   w/u/o/state MMAs use the storage dtype (fp16/bf16 m16n16k16, tf32 for fp32 inputs), matching
-//   FLA's casts of their operands. (Experiment, off by default: KDA_PREP_16BIT_OPERANDS below puts
-//   the Aqk/Lkk operands of fp16/bf16 inputs in 16-bit tiles and T-typed MMAs.)
+//   FLA's casts of their operands.
 // - Akk = (I + L)^-1 in fp32 SIMT: forward substitution inside the 16x16 diagonal blocks (all
 //   blocks at once), then the off-diagonal blocks by block diagonals (FLA's merge order, but in
 //   full fp32 rather than tf32 dots), instead of one thread per column over all BT rows.
@@ -48,36 +49,29 @@ constexpr int kSlice = 32;        // K (and V) columns per pass
 constexpr int kLdf = kSlice + 4;  // fp32 slice tiles: 16-byte row padding against bank conflicts
 constexpr int kLd16 = kSlice + 8;  // 16-bit slice tiles: 16-byte row padding (conflict-free LDSM)
 
-// ---- experiment: pass 1's Aqk/Lkk products on 16-bit operands ---------------------------------
-// KDA_PREP_16BIT_OPERANDS (compile time, default 0 = the tf32 products on fp32 tiles below,
-// unchanged). For fp16/bf16 inputs only (fp32 inputs always keep the tf32 products):
-//   bit 1: the off-diagonal 16x16 blocks take their gate-scaled operands rounded to T, stored as
-//          16-bit tiles, and run as T-typed wmma m16n16k16 with fp32 accumulators.
-//   bit 2: the same for the diagonal blocks under safe_gate (their factors reach e^{8 |lb|},
-//          ~e^40: beyond fp16's 65504, so bit 2 is ignored for fp16; bf16 has fp32's range).
-//   bit 4: the restructured pass 1 that bits 1 and 2 use, with every operand still fp32/tf32
-//          (bitwise the same Aqk/Akk as 0: isolates the restructuring from the 16-bit operands).
-// Any bit set selects the restructured pass 1 (see "new layout" in the kernel): the column
-// operand rows of the diagonal blocks get a tile of their own, written by the thread that owns
-// the row in section B (no separate pass over them), and, when under safe_gate the off-diagonal
-// blocks are 16-bit but the diagonal ones are not, the off-diagonal blocks use FLA's reference
+// ---- pass 1's Aqk/Lkk products: operand precision per input dtype -------------------------
+// For fp16/bf16 inputs the products run as T-typed wmma m16n16k16 with fp32 accumulators on
+// gate-scaled operands rounded to T and kept in 16-bit tiles:
+//   - the off-diagonal 16x16 blocks always;
+//   - the diagonal blocks under safe_gate for bf16 only: their factors reach e^{8 |lb|} (~e^40),
+//     beyond fp16's 65504, while bf16 has fp32's range; fp16 keeps tf32 on fp32 tiles there.
+// fp32 inputs keep every product in tf32 on fp32 tiles (the original pass 1, "!kNew" below).
+// Measured (docs/perf-notes.md, session 7; H100): forward -8.9% at (2, 8192, 32, 128) bf16 kimi,
+// error margins over FLA's matrices unchanged (worst 0.71 of the tolerance).
+// The 16-bit builds use a restructured pass 1 ("new layout" in the kernel): the column operand
+// rows of the diagonal blocks get a tile of their own, written by the thread that owns the row
+// in section B (no separate pass over them), and, when under safe_gate the off-diagonal blocks
+// are 16-bit but the diagonal ones are not (fp16), the off-diagonal blocks use FLA's reference
 // row (the first row of their row block: every factor <= 1, so fp16 cannot overflow) instead of
 // the median row the diagonal blocks need.
-#ifndef KDA_PREP_16BIT_OPERANDS
-#define KDA_PREP_16BIT_OPERANDS 3
-#endif
-static_assert(KDA_PREP_16BIT_OPERANDS >= 0 && KDA_PREP_16BIT_OPERANDS <= 7,
-              "KDA_PREP_16BIT_OPERANDS: bit mask of 1 (off-diagonal), 2 (diagonal), 4 (layout)");
-
 template <typename T>
 struct Prep16 {
   static constexpr bool k16 = std::is_same<T, __half>::value ||
                               std::is_same<T, __nv_bfloat16>::value;
   // Layout-level switches (the safe_gate build's; a build without safe_gate has no diagonal jobs).
-  static constexpr bool kOff = k16 && (KDA_PREP_16BIT_OPERANDS & 1) != 0;
-  static constexpr bool kDiag = k16 && !std::is_same<T, __half>::value &&
-                                (KDA_PREP_16BIT_OPERANDS & 2) != 0;  // never for fp16
-  static constexpr bool kNew = k16 && KDA_PREP_16BIT_OPERANDS != 0;
+  static constexpr bool kOff = k16;
+  static constexpr bool kDiag = std::is_same<T, __nv_bfloat16>::value;  // never for fp16
+  static constexpr bool kNew = k16;
 };
 
 // One chunk_prepare build's mode (a struct rather than constexpr locals in the kernel: those, even
@@ -382,7 +376,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   // Uniform across the grid: the recompute of the backward, with Akk known.
   const bool reuse_akk = p.Akk_saved != nullptr;
   constexpr bool safe = kSafe;
-  // KDA_PREP_16BIT_OPERANDS: the build's mode (see PrepMode).
+  // The build's operand precision and pass-1 layout (see PrepMode).
   using M = PrepMode<T, kSafe>;
 
   // ---- per-row scalars: l2norm rstd, beta -------------------------------------------------
