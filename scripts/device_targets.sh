@@ -35,6 +35,15 @@ SMALL="--shapes 1x1024x16x128 --modes kimi --what fwd"
 MAIN="--shapes 2x8192x32x128 --modes kimi,softplus --what fwd,bwd,fwdbwd"
 LONG="--shapes 1x32768x16x128,varlen16x32768x16x128 --modes kimi --what fwd,bwd,fwdbwd"
 
+# FLA's autotune results (not the compiled kernels: too large to come back) as
+# $OUT/triton_autotune.tgz, to unpack into the checkout and carry next time.
+keep_autotune() {
+  local tuned
+  tuned=$(find .triton_cache -name '*.autotune.json' 2>/dev/null)
+  [ -n "$tuned" ] && printf '%s\n' "$tuned" | tar czf "$OUT/triton_autotune.tgz" -T - \
+    && echo "autotune results kept: $(printf '%s\n' "$tuned" | wc -l) files in triton_autotune.tgz"
+}
+
 if has tune; then
   (for cfg in "$SMALL" "--shapes 1x32768x16x128 --modes kimi" "--shapes varlen16x32768x16x128 --modes kimi" \
               "$MAIN"; do
@@ -45,9 +54,7 @@ if has tune; then
   OUT="$OUT/check" bash scripts/device_check.sh build | tail -n 3
   wait
   cat "$OUT/tune.log"
-  tuned=$(find .triton_cache -name '*.autotune.json')
-  [ -n "$tuned" ] && printf '%s\n' "$tuned" | tar czf "$OUT/triton_autotune.tgz" -T - \
-    && echo "autotune results kept: $(printf '%s\n' "$tuned" | wc -l) files in triton_autotune.tgz"
+  keep_autotune
 fi
 
 if has table; then
@@ -61,5 +68,10 @@ if has table; then
     cat "$OUT/t_$name.md" 2>/dev/null || tail -n 20 "$OUT/t_$name.log"
   done
   "$PY" benchmarks/targets.py "$OUT"/t_*.json --out "$OUT/targets.md" || rc=1
+  keep_autotune  # the timed runs may have tuned what the tune step's time limits cut short
+  # The device tool brings back about eight files: targets.md, the JSON files and the autotune
+  # archive stay as they are, the per-run tables and logs travel as one archive.
+  (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz t_*.md t_*.log check 2>/dev/null \
+     && rm -rf t_*.md t_*.log check)
   exit $rc
 fi
