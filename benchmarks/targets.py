@@ -6,7 +6,7 @@ arithmetic from the benchmark's --json output, so the answer is reproducible and
 time:
 
   python benchmarks/bench_chunk_kda.py --preset targets --copy-rate --first-call-impls ours --json bench.json
-  python benchmarks/targets.py bench.json [more.json ...] [--out targets.md]
+  python benchmarks/targets.py bench.json [more.json ...] [--out targets.md] [--png targets.png]
 
 It prints a markdown table (target, required, kda_ext, FLA, the measure the target is stated in,
 what is still needed, met?) and a line naming the card.
@@ -26,6 +26,7 @@ Pure Python and json: it runs without torch or a GPU (tests/test_benchmarks.py r
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -133,6 +134,15 @@ def check_one_device(runs):
 def merged_rows(runs):
     """All rows of all runs, in file order (later files last)."""
     return [row for _, run in runs for row in run.get("rows", [])]
+
+
+def chart_rows(runs):
+    """One row per (shape, mode), in first-seen order, each the last one given for it: the rows
+    a chart of several merged runs shows (a later run replaces an earlier one, as in pick_row)."""
+    last = {}
+    for row in merged_rows(runs):
+        last[(row.get("shape"), row.get("mode"))] = row
+    return list(last.values())
 
 
 def best_copy_rate(runs):
@@ -342,9 +352,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Issue 5's targets from bench_chunk_kda.py --json files.")
     ap.add_argument("files", nargs="+", help="JSON files written by bench_chunk_kda.py --json")
     ap.add_argument("--out", default=None, help="also write the table here")
+    ap.add_argument("--png", default=None,
+                    help="also write the FLA/ours ratio chart of every (shape, mode) here (needs matplotlib)")
     args = ap.parse_args(argv)
     try:
-        text = report(load_runs(args.files))
+        runs = load_runs(args.files)
+        text = report(runs)
     except (OSError, ValueError) as e:  # json.JSONDecodeError and DeviceMismatch are ValueErrors
         print(f"targets.py: error: {e}", file=sys.stderr)
         return 2
@@ -352,6 +365,11 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    if args.png:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/chart.py
+        from chart import write_chart
+
+        write_chart(chart_rows(runs), args.png, f"chunk_kda vs FLA, {check_one_device(runs)}")
     return 0
 
 

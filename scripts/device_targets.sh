@@ -67,7 +67,7 @@ if has table; then
         --out "$OUT/t_$name.md" > "$OUT/t_$name.log" 2>&1 || rc=1
     cat "$OUT/t_$name.md" 2>/dev/null || tail -n 20 "$OUT/t_$name.log"
   done
-  "$PY" benchmarks/targets.py "$OUT"/t_*.json --out "$OUT/targets.md" || rc=1
+  "$PY" benchmarks/targets.py "$OUT"/t_*.json --out "$OUT/targets.md" --png "$OUT/targets.png" || rc=1
   keep_autotune  # the timed runs may have tuned what the tune step's time limits cut short
   # The device tool brings back about eight files: targets.md, the JSON files and the autotune
   # archive stay as they are, the per-run tables and logs travel as one archive.

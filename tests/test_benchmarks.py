@@ -252,6 +252,35 @@ def test_targets_script_runs_without_torch_and_writes_out(tmp_path):
     assert len(_table(proc.stdout)) == 9
 
 
+def test_chart_rows_keep_the_last_row_per_configuration_in_first_seen_order(tmp_path):
+    a = _run_file(tmp_path, "a.json", [{"shape": "s1", "mode": "kimi", "ours": {"fwd": 1.0}},
+                                       {"shape": "s2", "mode": "kimi", "ours": {"fwd": 2.0}}])
+    b = _run_file(tmp_path, "b.json", [{"shape": "s1", "mode": "kimi", "ours": {"fwd": 3.0}},
+                                       {"shape": "s1", "mode": "softplus", "ours": {"fwd": 4.0}}])
+    rows = targets.chart_rows(targets.load_runs([a, b]))
+    assert [(r["shape"], r["mode"], r["ours"]["fwd"]) for r in rows] == [
+        ("s1", "kimi", 3.0), ("s2", "kimi", 2.0), ("s1", "softplus", 4.0)]
+
+
+def test_targets_png_without_torch(tmp_path):
+    # --png draws the ratio chart with matplotlib only (torch blocked as above); without
+    # matplotlib (the CI machine) it says so and still prints the table.
+    path = _run_file(tmp_path, "a.json", FULL_ROWS, copy_gbps=3000.0)
+    png = tmp_path / "t.png"
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['targets.py', %r, '--png', %r];"
+            "runpy.run_path(%r, run_name='__main__')") % (path, str(png),
+                                                          os.path.join(ROOT, "benchmarks", "targets.py"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(_table(proc.stdout)) == 9
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "--png needs matplotlib" in proc.stderr and not png.exists()
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_preset_run_writes_json_that_targets_reads(tmp_path, monkeypatch):
     # bench.main end to end with the GPU parts stubbed: the preset's rows, first calls only for
     # --first-call-impls, copy_gbps at the top level, and targets.py reading the file back.
