@@ -237,14 +237,18 @@ def test_targets_refuse_files_from_different_devices(tmp_path):
     assert H100 in proc.stderr and "NVIDIA H200" in proc.stderr and "a.json" in proc.stderr
 
 
+def _run_targets_without_torch(*args):
+    """targets.py as a script in a fresh interpreter where any `import torch` fails
+    (sys.modules["torch"] = None): the script must not need it."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['targets.py'] + %r;"
+            "runpy.run_path(%r, run_name='__main__')") % (list(args), os.path.join(ROOT, "benchmarks", "targets.py"))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
 def test_targets_script_runs_without_torch_and_writes_out(tmp_path):
     path = _run_file(tmp_path, "a.json", FULL_ROWS, copy_gbps=3000.0)
     out = tmp_path / "targets.md"
-    # sys.modules["torch"] = None makes any `import torch` fail: the script must not need it.
-    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['targets.py', %r, '--out', %r];"
-            "runpy.run_path(%r, run_name='__main__')") % (path, str(out),
-                                                          os.path.join(ROOT, "benchmarks", "targets.py"))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = _run_targets_without_torch(path, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == proc.stdout
     assert proc.stdout.rstrip().endswith("from " + path)
@@ -267,10 +271,7 @@ def test_targets_png_without_torch(tmp_path):
     # matplotlib (the CI machine) it says so and still prints the table.
     path = _run_file(tmp_path, "a.json", FULL_ROWS, copy_gbps=3000.0)
     png = tmp_path / "t.png"
-    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['targets.py', %r, '--png', %r];"
-            "runpy.run_path(%r, run_name='__main__')") % (path, str(png),
-                                                          os.path.join(ROOT, "benchmarks", "targets.py"))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = _run_targets_without_torch(path, "--png", str(png))
     assert proc.returncode == 0, proc.stderr
     assert len(_table(proc.stdout)) == 9
     try:
