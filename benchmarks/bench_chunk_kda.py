@@ -275,6 +275,7 @@ def main(argv=None):
     if args.copy_rate:
         copy_rate = measure_copy_gbps()
         print(json.dumps({"copy_gbps": copy_rate}), flush=True)
+    dev = torch.cuda.get_device_name()
     rows = []
     for shape_name, mode in args.configs:
         r = {"shape": shape_name, "mode": mode}
@@ -290,8 +291,7 @@ def main(argv=None):
         print(json.dumps(r), flush=True)
         if args.json:  # after every row: a run cut short by its time limit keeps what it measured
             with open(args.json, "w") as f:
-                json.dump(results_json(torch.cuda.get_device_name(), rows, copy_rate), f, indent=1)
-    dev = torch.cuda.get_device_name()
+                json.dump(results_json(dev, rows, copy_rate), f, indent=1)
     head = (f"Card: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
             f"date {time.strftime('%Y-%m-%d')}; command: `python benchmarks/bench_chunk_kda.py "
             + " ".join(sys.argv[1:] if argv is None else argv) + "`\n\n")
