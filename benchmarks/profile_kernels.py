@@ -1,6 +1,11 @@
 """kda_ext: per-kernel CUDA time of one chunk_kda forward+backward, against the hardware floors.
 
   python benchmarks/profile_kernels.py [--shape 2x8192x32x128] [--mode kimi|softplus]
+                                      [--impl ours|fla] [--what fwdbwd|fwd]
+
+--impl fla profiles FLA's Triton chunk_kda the same way (its kernels' times and shares; the traffic
+and FLOP models are kda_ext's, so those columns stay empty), to compare the two pipelines kernel
+by kernel. --what fwd profiles one forward without autograd.
 
 Measures on the spot the card's device-to-device copy bandwidth (bytes read + written) and its bf16
 matmul rate, profiles one forward+backward with torch.profiler, and prints per kernel: time, share,
@@ -112,13 +117,16 @@ def main():
     ap.add_argument("--mode", default="kimi")
     ap.add_argument("--once", action="store_true",
                     help="run one warm-up and one forward+backward, nothing else (for ncu)")
+    ap.add_argument("--impl", default="ours", choices=("ours", "fla"))
+    ap.add_argument("--what", default="fwdbwd", choices=("fwdbwd", "fwd"))
     args = ap.parse_args()
     B, T, H, D = bench.SHAPES[args.shape]
-    fn = bench.get_impl("ours")
+    fn = bench.get_impl(args.impl)
     x, kw = bench.make_inputs(args.shape, args.mode)
     N = x["initial_state"].shape[0]
+    backward = args.what == "fwdbwd"
     for n in bench.DIFF:
-        x[n].requires_grad_(True)
+        x[n].requires_grad_(backward)
 
     do = torch.randn(x["v"].shape, device="cuda", dtype=x["v"].dtype)
     dht = torch.randn_like(x["initial_state"])
@@ -126,6 +134,10 @@ def main():
     def step():
         # Gradients are dropped first and the loss gradients made up front, so that the profile
         # holds the forward and backward only (no .grad accumulation, no loss reduction).
+        if not backward:
+            with torch.no_grad():
+                bench.run(fn, x, kw)
+            return
         for n in bench.DIFF:
             x[n].grad = None
         o, ht = bench.run(fn, x, kw)
@@ -148,7 +160,8 @@ def main():
 
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total_us = sum(e.device_time_total for e in events)
-    print(f"{torch.cuda.get_device_name()}, {args.shape} {args.mode}: one forward+backward, "
+    what = "forward+backward" if backward else "forward"
+    print(f"{torch.cuda.get_device_name()}, {args.impl}, {args.shape} {args.mode}: one {what}, "
           f"{total_us / 1e3:.2f} ms of kernel time")
     print(f"measured: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 matmul "
           f"{mm_rate / 1e12:.0f} TFLOP/s\n")

@@ -5,7 +5,8 @@
 #   bash scripts/device_check.sh [steps]     steps: any of build,test,margins,sanitize,bench,profile,ncu
 #                                            (default all but ncu)
 # Environment: OUT (results folder, default /tmp/kda_out), PYTEST_ARGS (extra pytest args,
-# default "-k cuda"), BENCH_ARGS (benchmark args), FLA wheels in .whl/ are installed if present.
+# default "-k cuda"), BENCH_ARGS (benchmark args), PROFILE_ARGS (profile_kernels.py args, e.g.
+# "--impl fla --what fwd"); FLA wheels in .whl/ are installed if present.
 # The build is skipped when kda_ext/_C*.so exists and was built from the same sources (a hash of
 # csrc/ and setup.py is kept beside it), so a carried .so saves the compile.
 # Every step has a time limit (TEST_TIMEOUT, MARGINS_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
@@ -93,7 +94,7 @@ if has bench; then
 fi
 
 if has profile; then
-  timeout "${PROFILE_TIMEOUT:-60}" "$PY" benchmarks/profile_kernels.py > "$OUT/profile.log" 2>&1
+  timeout "${PROFILE_TIMEOUT:-60}" "$PY" benchmarks/profile_kernels.py ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
   summary+=("profile: rc=$?")
 fi
 
