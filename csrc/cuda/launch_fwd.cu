@@ -23,10 +23,31 @@ namespace cuda {
 
 namespace {
 
+// The current device's SM count and how many blocks of `smem` dynamic shared-memory bytes one SM
+// holds by shared memory alone: attribute queries like max_optin_smem's (no synchronisation, no
+// stream work, so safe under CUDA graph capture).
+int sm_count() {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+  return v;
+}
+
+int blocks_per_sm_by_smem(int64_t smem) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int per_sm = 0, reserved = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+  return static_cast<int>(per_sm / (smem + reserved));
+}
+
 template <typename T, int BT>
 void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
   const int limit = max_optin_smem();
-  // Grid limits: x < 2^31, y and z <= 65535.
+  // Grid limits: x < 2^31, y and z <= 65535 (chunk_state_output's 16-column slices run only
+  // grids below twice the SM count, so its x bound is the 32-column one).
   TORCH_CHECK(p.HV <= 65535, "kda_ext: the CUDA kernels support up to 65535 value heads, got ", p.HV);
   TORCH_CHECK(p.B <= 65535, "kda_ext: the CUDA kernels support batch sizes up to 65535, got ", p.B);
   TORCH_CHECK(p.NT <= 0x7fffffffLL && p.N * cdiv(p.V, kBV) <= 0x7fffffffLL,
@@ -68,22 +89,48 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
   }
 
   if (p.N > 0 && p.HV > 0 && p.V > 0) {
-    const int64_t smem = state_layout<T, BT>(p.K).total;
+    int64_t smem = state_layout<T, BT, kBV>(p.K).total;
+    int bv = kBV;
     // The usual head sizes (K = 64, 128, 256) with chunk 64 get a compile-time K layout; the
     // BT = 32 fp16 build of the K = 128 one spilled at the register cap, so chunk 32 keeps the
     // general one.
-    auto kernel = chunk_state_output_kernel<T, BT, 0>;
+    auto kernel = chunk_state_output_kernel<T, BT, 0, kBV>;
     if constexpr (BT == 64) {
       const int64_t kp = align_up(p.K, 16);
-      if (kp == 64) kernel = chunk_state_output_kernel<T, BT, 64>;
-      if (kp == 128) kernel = chunk_state_output_kernel<T, BT, 128>;
+      if (kp == 64) kernel = chunk_state_output_kernel<T, BT, 64, kBV>;
+      if (kp == 128) kernel = chunk_state_output_kernel<T, BT, 128, kBV>;
+      bool general = kp != 64 && kp != 128;  // the general-K build runs
       // (The fp16 build of K = 256 spilled 12 bytes at the register cap: it keeps the general one.)
       if constexpr (!std::is_same<T, __half>::value) {
-        if (kp == 256) kernel = chunk_state_output_kernel<T, BT, 256>;
+        if (kp == 256) kernel = chunk_state_output_kernel<T, BT, 256, kBV>;
+        general = general && kp != 256;
+      }
+      // V slices of 16 columns (chunk_state_output.cuh, "V slice width": same results, twice the
+      // CTAs, shorter chunk steps) when the 32-column grid leaves SMs idle: N*HV*ceil(V/32) < SMs
+      // (B = 1, T = 32768, HV = 16, V = 128: 64 CTAs -> 128 on an H100's 132 SMs; the (2, 8192,
+      // 32, 128) main shape has 256 and keeps 32). And only where the doubled grid still runs in
+      // one wave: 2 * N*HV*ceil(V/32) <= SMs * blocks per SM (by shared memory; the launch bounds
+      // allow 2 by registers), else half the CTAs would wait for a second wave. On a half-empty
+      // GPU the narrow CTAs run alone or in pairs per SM, each pair doing one wide CTA's work per
+      // chunk with two independent chains. Built for the K = 128 and the general-K kernels only
+      // (K = 64 and K = 256 keep their compile-time builds at 32 columns).
+      if (kp == 128 || general) {
+        const int64_t wide_ctas = p.N * p.HV * cdiv(p.V, kBV);
+        const int sms = sm_count();
+        if (wide_ctas < sms) {
+          const int64_t narrow_smem = state_layout<T, BT, kBVNarrow>(p.K).total;
+          const int64_t per_sm = std::min(2, blocks_per_sm_by_smem(narrow_smem));
+          if (2 * wide_ctas <= per_sm * sms) {
+            kernel = kp == 128 ? chunk_state_output_kernel<T, BT, 128, kBVNarrow>
+                               : chunk_state_output_kernel<T, BT, 0, kBVNarrow>;
+            smem = narrow_smem;
+            bv = kBVNarrow;
+          }
+        }
       }
     }
     set_dynamic_smem(kernel, smem, limit, "chunk_state_output");
-    const dim3 grid(static_cast<unsigned>(p.N * cdiv(p.V, kBV)), static_cast<unsigned>(p.HV));
+    const dim3 grid(static_cast<unsigned>(p.N * cdiv(p.V, bv)), static_cast<unsigned>(p.HV));
     kernel<<<grid, kStateThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
