@@ -95,6 +95,21 @@ def test_cuda_graph_training_step(varlen):
                     cu_seqlens=[0, 1, 70, 200])
     else:
         case = Case(B=2, T=100, H=2, HV=2, K=64, V=64, dtype=BF16, chunk_size=32)
+    _check_graph_training_step(case)
+
+
+@requires_cuda
+def test_cuda_graph_training_step_16_column_state_slices():
+    # K = 128, chunk 64, two heads: the backward's state pass runs 16-column V slices (its
+    # 32-column grid, 1 * 2 * 4 blocks, is below the SM count; launch_bwd.cu), whose width is
+    # chosen on the host from the device's SM count: the capture must hold that path too. The
+    # cases above run 32-column slices (K = 64, chunk 32).
+    case = Case(B=1, T=150, H=2, HV=2, K=128, V=100, dtype=BF16, gate_in_kernel=True,
+                l2norm_in_kernel=True, beta_sigmoid=True, safe_gate=True, lower_bound=-5.0)
+    _check_graph_training_step(case)
+
+
+def _check_graph_training_step(case):
     x = make_inputs(case, "cuda")
     leaves = [n for n in GRAD_NAMES if n in x]
 

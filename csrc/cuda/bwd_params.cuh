@@ -10,11 +10,13 @@ namespace cuda {
 
 // Slice widths. K is processed in 64-column slices (one block per slice in the per-chunk
 // kernels, so K <= 256 never needs more than ~200 KB of shared memory); the reverse state pass
-// splits V into 32-column slices to give the sequential kernel more blocks.
+// splits V into 32-column slices to give the sequential kernel more blocks, or into 16-column
+// slices (kBwdStateBVNarrow) when the 32-column grid leaves SMs idle (see launch_bwd.cu).
 constexpr int kBwdKSlice = 64;
 constexpr int kBwdMaxKSlices = 4;  // K <= 256 (checked by the launch layer)
 constexpr int kBwdVTile = 64;
 constexpr int kBwdStateBV = 32;
+constexpr int kBwdStateBVNarrow = 16;
 constexpr int kBwdThreads = 512;  // 64 rows x 8 threads: row_sum_8 relies on it
 // The sequential reverse state pass: 256 measured faster than 512 (fewer warps idle in its narrow GEMMs).
 constexpr int kBwdStateThreads = 256;

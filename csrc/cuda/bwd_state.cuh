@@ -7,11 +7,15 @@ namespace kda_ext {
 namespace cuda {
 namespace bwd {
 
-// Shared-memory layout of bwd_state_kernel (every buffer 128-byte aligned). `half`: fp16/bf16
-// inputs, whose Aqk, do and qg tiles stay 16-bit (operands of smem_gemm16) and which stage the
-// next operands in raw and qgt; fp32 inputs keep fp32 tiles and neither staging tile.
+// Shared-memory layout of bwd_state_kernel (every buffer 128-byte aligned) for V slices of BV
+// columns. `half`: fp16/bf16 inputs, whose Aqk, do and qg tiles stay 16-bit (operands of
+// smem_gemm16) and which stage the next operands in raw and qgt; fp32 inputs keep fp32 tiles and
+// neither staging tile. BV = kBwdStateBVNarrow adds dvp (the second partial of dv_new, see the
+// kernel) after the others, so the 32-column layout is the one it always was.
+template <int BV>
 struct BwdStateSmem {
-  int64_t dS, op, aqk, dout, dvn, gam, raw, qgt, total;
+  static_assert(BV == kBwdStateBV || BV == kBwdStateBVNarrow, "V slices of 32 or 16 columns");
+  int64_t dS, op, aqk, dout, dvn, gam, dvp, raw, qgt, total;
   __host__ __device__ BwdStateSmem(int BT, int64_t Kp, bool half) {
     SmemCarver c;
     raw = qgt = 0;
@@ -19,17 +23,19 @@ struct BwdStateSmem {
       raw = c.take<uint16_t>(BT * (Kp + 8));  // kg, then w, in flight, as stored
       qgt = c.take<uint16_t>(BT * (Kp + 8));  // qg, the operand itself
     }
-    dS = c.take<float>(Kp * (kBwdStateBV + 4));
+    dS = c.take<float>(Kp * (BV + 4));
     op = c.take<float>(BT * (Kp + 4));
     if (half) {
       aqk = c.take<uint16_t>(BT * (BT + 8));
-      dout = c.take<uint16_t>(BT * (kBwdStateBV + 8));
+      dout = c.take<uint16_t>(BT * (BV + 8));
     } else {
       aqk = c.take<float>(BT * (BT + 4));
-      dout = c.take<float>(BT * (kBwdStateBV + 4));
+      dout = c.take<float>(BT * (BV + 4));
     }
-    dvn = c.take<float>(BT * (kBwdStateBV + 4));
+    dvn = c.take<float>(BT * (BV + 4));
     gam = c.take<float>(Kp);
+    dvp = 0;
+    if constexpr (BV == kBwdStateBVNarrow) dvp = c.take<float>(BT * (BV + 4));
     total = c.offset;
   }
 };
@@ -39,8 +45,21 @@ struct BwdStateSmem {
 //   dv_new    = Aqk^T do + kg dS
 //   dS       <- e^{G_last} (.)rows dS + scale qg^T do - w^T dv_new
 // and finally dh0 = dS. dS and dv_new stay fp32 here; the copies stored for kernels A and B
-// (dh, dvn) are rounded to T for fp16/bf16 inputs. The state slice [K x 32] lives in shared
+// (dh, dvn) are rounded to T for fp16/bf16 inputs. The state slice [K x BV] lives in shared
 // memory.
+// BV, the V slice width (one block per (sequence, value head, slice)): every step above is
+// independent per V column (column j of dv_new, dh and dS reads only column j of do, dS, dv_new
+// and dht; Aqk, kg, qg, w and the gate multiply from the left or scale rows), so the slices never
+// exchange anything and any width computes the same numbers per column. The width only sets how
+// many blocks walk the chunks side by side: 32 columns (kBwdStateBV) normally; 16
+// (kBwdStateBVNarrow) when N * HV * ceil(V / 32) blocks would leave SMs idle (launch_bwd.cu),
+// e.g. (1, 32768, 16, 128): 64 blocks of 32 columns for 132 SMs, each walking 512 chunks, where
+// 16 columns give 128 blocks whose chunk steps do about half the V-proportional work (dS's
+// products, the element-wise passes, the dh and dv_new stores). BV = 16 is built for BT = 64
+// only, where it keeps all 8 warps busy in dv_new's products by splitting kg dS over K (below;
+// that only changes the order of dv_new's fp32 additions). The kg, qg, w and Aqk tiles are read
+// by twice as many blocks, mostly from L2 (the blocks of one head walk the same chunks at about
+// the same time).
 // fp16/bf16 inputs: Aqk^T do and qg^T do multiply two T operands, so they run as T-typed wmma
 // (smem_gemm16: m16n16k16, fp32 accumulators) straight from T tiles; only kg and w, whose other
 // operand is fp32 (dS, dv_new), are widened into the fp32 operand tile op for their tf32
@@ -64,23 +83,27 @@ struct BwdStateSmem {
 // Two blocks per SM is what the shared memory allows at K = 128 (~109 KB each); saying so lets
 // ptxas use up to 128 registers: without it, it gave the compile-time K builds 80 registers and
 // spilled (4 bytes at K = 128, 80 bytes of loads at K = 256).
-template <typename T, int BT, int kFixedKp = 0>
+template <typename T, int BT, int kFixedKp = 0, int BV = kBwdStateBV>
 __global__ void __launch_bounds__(kBwdStateThreads, 2)
 bwd_state_kernel(const ChunkKdaBwdParams p) {
+  static_assert(BV == kBwdStateBV || (BV == kBwdStateBVNarrow && BT == 64 &&
+                                      kBwdStateThreads == 2 * (BT / 16) * 32),
+                "16-column slices: dv_new's split below is derived for 4 tiles on 8 warps");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // Element type of the Aqk and do tiles: T as stored (fp16/bf16), fp32 for fp32 inputs.
   constexpr bool k16 = sizeof(T) == 2;
   using Tile = typename std::conditional<k16, T, float>::type;
   const int64_t K = p.K, V = p.V, HV = p.HV;
   const int Kp = kFixedKp > 0 ? kFixedKp : static_cast<int>(align_up(K, 16));
-  const BwdStateSmem L(BT, Kp, k16);
+  const BwdStateSmem<BV> L(BT, Kp, k16);
   float* dS = reinterpret_cast<float*>(smem_raw + L.dS);
   float* op = reinterpret_cast<float*>(smem_raw + L.op);
   Tile* aqk = reinterpret_cast<Tile*>(smem_raw + L.aqk);
   Tile* dout = reinterpret_cast<Tile*>(smem_raw + L.dout);
   float* dvn = reinterpret_cast<float*>(smem_raw + L.dvn);
   float* gam = reinterpret_cast<float*>(smem_raw + L.gam);
-  constexpr int BV = kBwdStateBV, ldS = kBwdStateBV + 4;
+  float* dvp = reinterpret_cast<float*>(smem_raw + L.dvp);  // BV = 16 only
+  constexpr int ldS = BV + 4;
   const int ldO = Kp + 4;
   // 16-bit tiles pad rows by 8 elements (wmma: ld % 8 == 0; 16 bytes shift consecutive rows by
   // four banks, so the 8 rows of a fragment load hit different banks), fp32 tiles by 4 floats.
@@ -234,20 +257,58 @@ bwd_state_kernel(const ChunkKdaBwdParams p) {
       gam[kk] = kk < K ? expf(p.g_cum[((tok0 + len - 1) * HV + hv) * K + kk]) : 0.f;
     __syncthreads();
 
-    // dv_new = Aqk^T do + kg dS (same tile->warp map for both calls).
-    if constexpr (k16) {
-      smem_gemm16<T, true, false>(dvn, ldS, aqk, ldA, dout, ldD, BT, BV, BT, 1.f, false);
+    if constexpr (BV == kBwdStateBV) {
+      // dv_new = Aqk^T do + kg dS (same tile->warp map for both calls).
+      if constexpr (k16) {
+        smem_gemm16<T, true, false>(dvn, ldS, aqk, ldA, dout, ldD, BT, BV, BT, 1.f, false);
+      } else {
+        smem_gemm<true, false, kSplitTF32<T>>(
+            dvn, ldS, aqk, ldA, dout, ldD, BT, BV, BT, false);
+      }
+      smem_gemm<false, false, kSplitTF32<T>>(
+          dvn, ldS, op, ldO, dS, ldS, BT, BV, Kp, true);
     } else {
-      smem_gemm<true, false, kSplitTF32<T>>(
-          dvn, ldS, aqk, ldA, dout, ldD, BT, BV, BT, false);
+      // 16 columns: dv_new [64 x 16] is 4 output tiles for 8 warps (with 32 columns: 8 tiles,
+      // one a warp). Split over K instead of leaving half the warps idle on the longest chain of
+      // the step: warps 0-3 put Aqk^T do + kg[:, :Ks] dS[:Ks, :] into dvn (the helpers map tile
+      // t to warp t, so warps 4-7 skip both calls), warps 4-7 at the same time put
+      // kg[:, Ks:] dS[Ks:, :] into dvp, tile warp - 4 (row block), and the element-wise pass
+      // below adds the two. Ks balances the two groups' MMA steps: with 16-bit inputs Aqk^T do
+      // is a few k16 steps, so K is halved; with fp32 inputs it costs as much as BT columns of
+      // kg dS (3xTF32, k8 steps both), so group 0 takes (Kp - BT) / 2 of K (0 for Kp <= BT).
+      // Kp and BT are multiples of 16: Ks is a multiple of 8 (one tf32 k step; the operand
+      // origins op + Ks and dS + Ks * ldS stay 32-byte aligned).
+      const int Ks = k16 ? Kp / 2 : (Kp > BT ? (Kp - BT) / 2 : 0);
+      if constexpr (k16) {
+        smem_gemm16<T, true, false>(dvn, ldS, aqk, ldA, dout, ldD, BT, BV, BT, 1.f, false);
+      } else {
+        smem_gemm<true, false, kSplitTF32<T>>(
+            dvn, ldS, aqk, ldA, dout, ldD, BT, BV, BT, false);
+      }
+      smem_gemm<false, false, kSplitTF32<T>>(
+          dvn, ldS, op, ldO, dS, ldS, BT, BV, Ks, true);
+      constexpr int kTiles = BT / 16;
+      const int warp = static_cast<int>(threadIdx.x >> 5);
+      if (warp >= kTiles && warp < 2 * kTiles) {  // one tile each (2 * kTiles warps: static_assert)
+        const int i = warp - kTiles;
+        AccFrag<float> acc;
+        wmma::fill_fragment(acc, 0.f);
+        const float* a = op + i * 16 * ldO + Ks;
+        const float* b = dS + Ks * ldS;
+        if constexpr (kSplitTF32<T>) {
+          mma_16x16_split_tf32<wmma::row_major, wmma::row_major>(acc, a, ldO, b, ldS, Kp - Ks);
+        } else {
+          mma_16x16<float, wmma::row_major, wmma::row_major>(acc, a, ldO, b, ldS, Kp - Ks);
+        }
+        store_acc_shared<float>(dvp + i * 16 * ldS, acc, ldS);
+      }
     }
-    smem_gemm<false, false, kSplitTF32<T>>(
-        dvn, ldS, op, ldO, dS, ldS, BT, BV, Kp, true);
     __syncthreads();
 
     for (int idx = threadIdx.x; idx < BT * BV; idx += blockDim.x) {
       const int r = idx / BV, vv = idx % BV;
-      const float x = dvn[r * ldS + vv];
+      float x = dvn[r * ldS + vv];
+      if constexpr (BV == kBwdStateBVNarrow) x += dvp[r * ldS + vv];  // kg[:, Ks:] dS[Ks:, :]
       if (r < len && v0 + vv < V)  // stored in T (rounded for fp16/bf16), dvn keeps fp32 x
         static_cast<T*>(p.dvn)[((tok0 + r) * HV + hv) * V + v0 + vv] = from_float<T>(x);
       dvn[r * ldS + vv] = -x;  // the w term enters with a minus sign

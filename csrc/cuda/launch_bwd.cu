@@ -2,6 +2,8 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "cuda/bwd_chunk.cuh"
 #include "cuda/bwd_finalize.cuh"
 #include "cuda/bwd_launch.cuh"
@@ -43,6 +45,42 @@ void launch_with_smem(Kernel kernel, dim3 grid, int threads, int64_t smem, int l
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The current device's SM count, asked of the runtime once per device and kept (a device
+// attribute: no stream work, no synchronisation, so nothing that breaks CUDA graph capture).
+int state_pass_sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  int n = cacheable ? known[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    if (cacheable) known[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// bwd_state_kernel over V slices of BV columns: grid (N, HV, ceil(V / BV)). The usual head
+// sizes (K = 64, 128, 256) get a compile-time K build; with 16 columns only K = 128 has one
+// (the other K take the general build).
+template <typename T, int BT, int BV>
+void launch_state(const ChunkKdaBwdParams& p, int limit, cudaStream_t stream) {
+  const int64_t Kp = align_up(p.K, 16);
+  const int64_t bytes = BwdStateSmem<BV>(BT, Kp, sizeof(T) == 2).total;
+  auto kernel = bwd_state_kernel<T, BT, 0, BV>;
+  if constexpr (BV == kBwdStateBV) {
+    if (Kp == 64) kernel = bwd_state_kernel<T, BT, 64, BV>;
+  }
+  if (Kp == 128) kernel = bwd_state_kernel<T, BT, 128, BV>;
+  if constexpr (BV == kBwdStateBV) {
+    if (Kp == 256) kernel = bwd_state_kernel<T, BT, 256, BV>;
+  }
+  const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>(p.HV),
+                  static_cast<unsigned>(cdiv(p.V, BV)));
+  launch_with_smem(kernel, grid, kBwdStateThreads, bytes, limit, "bwd_state_kernel", p, stream);
+}
+
 // BT (== p.BT) is the compile-time chunk size of the state and chunk kernels (see
 // bwd_state_kernel); the finishing kernels do not depend on it.
 template <typename T, int BT>
@@ -58,15 +96,27 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       bwd_prep_kernel<<<1, kBwdPrepThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (p.N > 0) {
-        const int64_t Kp = align_up(p.K, 16);
-        const int64_t bytes = BwdStateSmem(BT, Kp, sizeof(T) == 2).total;
-        // The usual head sizes (K = 64, 128, 256) get a compile-time K build.
-        auto kernel = bwd_state_kernel<T, BT, 0>;
-        if (Kp == 64) kernel = bwd_state_kernel<T, BT, 64>;
-        if (Kp == 128) kernel = bwd_state_kernel<T, BT, 128>;
-        if (Kp == 256) kernel = bwd_state_kernel<T, BT, 256>;
-        const dim3 grid(static_cast<unsigned>(p.N), hv, static_cast<unsigned>(cdiv(p.V, kBwdStateBV)));
-        launch_with_smem(kernel, grid, kBwdStateThreads, bytes, limit, "bwd_state_kernel", p, stream);
+        // V slice width of the reverse state pass. Each block walks all of its sequence's
+        // chunks one after another, so once every block has an SM to itself the pass takes
+        // (chunks per sequence) x (time of one chunk step of one block): more blocks than SMs
+        // only queue. When the 32-column grid, N * HV * ceil(V / 32) blocks, is smaller than
+        // the SM count (few sequences and heads: (1, 32768, 16, 128) has 64 blocks on an
+        // H100's 132 SMs), 16-column slices double the blocks onto idle SMs and shorten each
+        // chunk step (half the V-proportional work; the columns are independent, see
+        // bwd_state_kernel). At or above the SM count (the main shape (2, 8192, 32, 128): 256
+        // blocks) the SMs are busy already and 32 columns do less total work (the kg, qg, w,
+        // Aqk tiles loaded and widened once per 32 columns instead of per 16), so they stay.
+        // 16 columns are built for BT = 64 with K = 128 (compile-time K) or K not 64 / 256
+        // (general build); chunk 32 and the compile-time K = 64 / 256 builds keep 32 columns.
+        if constexpr (BT == 64) {
+          const int64_t Kp = align_up(p.K, 16);
+          if (Kp != 64 && Kp != 256 &&
+              p.N * p.HV * cdiv(p.V, kBwdStateBV) < state_pass_sm_count()) {
+            launch_state<T, BT, kBwdStateBVNarrow>(p, limit, stream);
+            break;
+          }
+        }
+        launch_state<T, BT, kBwdStateBV>(p, limit, stream);
       }
       break;
     case BwdStage::kChunkA:
