@@ -36,6 +36,13 @@ from conftest import (
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
+@pytest.fixture(autouse=True)
+def _wmma_state_kernel(monkeypatch):
+    """One forward state kernel for both widths (the 32-column K = 128 16-bit runs would otherwise
+    take the register kernel, the 16-column ones the wmma kernel): these tests are about bwd_state."""
+    monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "wmma")
+
+
 def _sm_count() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 

@@ -20,6 +20,13 @@ from conftest import FLA_TOL, Case, compare, kernel_qk, make_inputs, requires_cu
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
+@pytest.fixture(autouse=True)
+def _wmma_state_kernel(monkeypatch):
+    """These tests are about chunk_state_output_kernel's widths: the 32-column K = 128 16-bit runs
+    would otherwise take the register kernel (tests/test_state_output_mma.py covers that one)."""
+    monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "wmma")
+
+
 def _sms() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 

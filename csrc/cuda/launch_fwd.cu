@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include <c10/cuda/CUDAException.h>
@@ -16,6 +18,7 @@
 #include "cuda/launch_common.h"
 #include "cuda/launch_fwd.h"
 #include "cuda/params.h"
+#include "cuda/state_output_mma.cuh"
 #include "cuda/static_switch.h"
 
 namespace kda_ext {
@@ -41,6 +44,21 @@ int blocks_per_sm_by_smem(int64_t smem) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
   return static_cast<int>(per_sm / (smem + reserved));
+}
+
+// Which state/output kernel runs where both could (16-bit inputs, chunk 64, K = 128):
+// KDA_EXT_STATE_KERNEL=auto (default: the register kernel on the 32-column grid, the wmma kernel
+// where the grid narrows to 16-column slices), wmma (always the shared-memory kernel), or mma
+// (the register kernel wherever it applies). Read per call (a few hundred ns, no allocation, graph
+// safe), so tests and benchmarks can compare the kernels in one process.
+enum class StateKernelChoice { kAuto, kWmma, kMma };
+
+StateKernelChoice state_kernel_choice() {
+  const char* v = std::getenv("KDA_EXT_STATE_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return StateKernelChoice::kAuto;
+  if (std::strcmp(v, "wmma") == 0) return StateKernelChoice::kWmma;
+  if (std::strcmp(v, "mma") == 0) return StateKernelChoice::kMma;
+  TORCH_CHECK(false, "kda_ext: KDA_EXT_STATE_KERNEL must be auto, wmma or mma, got '", v, "'");
 }
 
 template <typename T, int BT>
@@ -127,6 +145,17 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
             bv = kBVNarrow;
           }
         }
+      }
+    }
+    // The register-resident kernel (state_output_mma.cuh) for the Kimi configuration, on the
+    // 32-column grid (see state_kernel_choice for the switch).
+    if constexpr (BT == 64 && !std::is_same_v<T, float>) {
+      const StateKernelChoice choice = state_kernel_choice();
+      if (p.K == 128 && choice != StateKernelChoice::kWmma &&
+          (bv == kBV || choice == StateKernelChoice::kMma)) {
+        kernel = chunk_state_output_mma_kernel<T>;
+        smem = state_mma::layout<T>().total;
+        bv = state_mma::kBVm;
       }
     }
     set_dynamic_smem(kernel, smem, limit, "chunk_state_output");
