@@ -1,11 +1,12 @@
 # tests/test_state_output_mma.py: the register-resident state/output kernel (state_output_mma.cuh).
 """For 16-bit inputs, chunk 64 and K = 128, launch_fwd.cu can run chunk_state_output_mma_kernel
-(state in registers, mma.sync) instead of chunk_state_output_kernel (state in shared memory, wmma);
-KDA_EXT_STATE_KERNEL=mma|wmma forces one. Each case here runs the forward (and, where marked, the
-backward, whose recompute calls the kernel without o and with h and v_new stored) under both, checks
-each against the float64 reference with FLA's tolerances, and checks the two kernels against each
-other much tighter: they round the same operands at the same points and differ only in the order
-of fp32 sums (bf16 outputs may differ in the last bit).
+(state in registers, mma.sync; V slices of 32 or 64 columns) instead of chunk_state_output_kernel
+(state in shared memory, wmma); KDA_EXT_STATE_KERNEL=mma32|mma64|wmma forces one. Each case here
+runs the forward (and, where marked, the backward, whose recompute calls the kernel without o and
+with h and v_new stored) under a register-kernel width and under wmma, checks each against the
+float64 reference with FLA's tolerances, and checks the two kernels against each other much
+tighter: they round the same operands at the same points and differ only in the order of fp32 sums
+(bf16 outputs may differ in the last bit).
 """
 import pytest
 import torch
@@ -25,10 +26,12 @@ CASES = [
     Case(B=2, T=63, H=2, HV=2, K=128, V=128, dtype=F16),
     Case(B=1, T=64, H=1, HV=1, K=128, V=128, dtype=BF16, h0=False),
     Case(B=1, T=65, H=1, HV=2, K=128, V=128, dtype=F16, state_v_first=True),
-    # V not a multiple of 8 (element loads of u, pair stores), odd V (element stores), two slices
+    # V not a multiple of 8 (element loads of u, pair stores), odd V (element stores), several
+    # slices with a partial last one (200 = 6 x 32 + 8 = 3 x 64 + 8), V below one slice
     Case(B=1, T=130, H=1, HV=2, K=128, V=100, dtype=BF16),
     Case(B=1, T=97, H=1, HV=1, K=128, V=33, dtype=F16, state_v_first=True),
     Case(B=1, T=200, H=2, HV=2, K=128, V=200, dtype=BF16),
+    Case(B=2, T=80, H=1, HV=1, K=128, V=16, dtype=BF16),
     # the unbounded softplus gate in the kernel; a plain gate with -1000 entries (exact decay to 0)
     Case(B=1, T=300, H=1, HV=2, K=128, V=128, dtype=BF16, gate_in_kernel=True),
     Case(B=1, T=300, H=1, HV=2, K=128, V=128, dtype=F16, mask_p=0.1, mask_value=-1000.0),
@@ -68,11 +71,15 @@ def _between_kernels(name, a, b, ratio):
     assert_rel_close(f"{name} (mma vs wmma)", b, a, ratio)
 
 
+WIDTHS = ["mma32", "mma64"]
+
+
 @requires_cuda
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
-def test_cuda_state_kernels_forward(case, monkeypatch):
+def test_cuda_state_kernels_forward(case, width, monkeypatch):
     x = make_inputs(case, "cuda")
-    monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "mma")
+    monkeypatch.setenv("KDA_EXT_STATE_KERNEL", width)
     o_m, ht_m, h_m = _forward(case, x)
     monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "wmma")
     o_w, ht_w, h_w = _forward(case, x)
@@ -89,13 +96,14 @@ def test_cuda_state_kernels_forward(case, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: c.id())
-def test_cuda_state_kernels_backward(case, monkeypatch):
+def test_cuda_state_kernels_backward(case, width, monkeypatch):
     """Gradients through the recompute (no o; h and v_new stored), or with disable_recompute the
     forward's saved h and v_new, under both kernels."""
     x = make_inputs(case, "cuda")
     ref = run_reference(case, x)
-    monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "mma")
+    monkeypatch.setenv("KDA_EXT_STATE_KERNEL", width)
     out_m = run_kernel(case, x)
     monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "wmma")
     out_w = run_kernel(case, x)
@@ -111,5 +119,5 @@ def test_cuda_state_kernel_switch_rejects_unknown(monkeypatch):
     case = CASES[1]
     x = make_inputs(case, "cuda")
     monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "fast")
-    with pytest.raises(RuntimeError, match="KDA_EXT_STATE_KERNEL must be auto, wmma or mma"):
+    with pytest.raises(RuntimeError, match="KDA_EXT_STATE_KERNEL must be auto, mma, mma32, mma64 or wmma"):
         _forward(case, x)

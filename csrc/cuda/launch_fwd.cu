@@ -46,19 +46,32 @@ int blocks_per_sm_by_smem(int64_t smem) {
   return static_cast<int>(per_sm / (smem + reserved));
 }
 
-// Which state/output kernel runs where both could (16-bit inputs, chunk 64, K = 128):
-// KDA_EXT_STATE_KERNEL=auto (default: the register kernel on the 32-column grid, the wmma kernel
-// where the grid narrows to 16-column slices), wmma (always the shared-memory kernel), or mma
-// (the register kernel wherever it applies). Read per call (a few hundred ns, no allocation, graph
-// safe), so tests and benchmarks can compare the kernels in one process.
-enum class StateKernelChoice { kAuto, kWmma, kMma };
+// Which state/output kernel runs where both could (16-bit inputs, chunk 64, K = 128), from
+// KDA_EXT_STATE_KERNEL: auto (default) or mma: the register kernel, V slices of 64 columns when
+// that grid nearly fills the GPU, else 32; mma32 / mma64: the register kernel at that width;
+// wmma: the shared-memory kernel (its own width choice). Read per call (a few hundred ns, no
+// allocation, graph safe), so tests and benchmarks can compare the kernels in one process.
+enum class StateKernelChoice { kMma, kMma32, kMma64, kWmma };
 
 StateKernelChoice state_kernel_choice() {
   const char* v = std::getenv("KDA_EXT_STATE_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return StateKernelChoice::kAuto;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "mma") == 0)
+    return StateKernelChoice::kMma;
+  if (std::strcmp(v, "mma32") == 0) return StateKernelChoice::kMma32;
+  if (std::strcmp(v, "mma64") == 0) return StateKernelChoice::kMma64;
   if (std::strcmp(v, "wmma") == 0) return StateKernelChoice::kWmma;
-  if (std::strcmp(v, "mma") == 0) return StateKernelChoice::kMma;
-  TORCH_CHECK(false, "kda_ext: KDA_EXT_STATE_KERNEL must be auto, wmma or mma, got '", v, "'");
+  TORCH_CHECK(false, "kda_ext: KDA_EXT_STATE_KERNEL must be auto, mma, mma32, mma64 or wmma, got '",
+              v, "'");
+}
+
+template <typename T, int BV>
+void launch_state_output_mma(const ChunkKdaFwdParams& p, int limit, cudaStream_t stream) {
+  auto kernel = chunk_state_output_mma_kernel<T, BV>;
+  const int64_t smem = state_mma::layout<T, BV>().total;
+  set_dynamic_smem(kernel, smem, limit, "chunk_state_output_mma");
+  const dim3 grid(static_cast<unsigned>(p.N * cdiv(p.V, BV)), static_cast<unsigned>(p.HV));
+  kernel<<<grid, state_mma::Cfg<BV>::kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int BT>
@@ -107,6 +120,21 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
   }
 
   if (p.N > 0 && p.HV > 0 && p.V > 0) {
+    // The register-resident kernel (state_output_mma.cuh) for the Kimi configuration (see
+    // state_kernel_choice for the switch). 64-column slices when their grid nearly fills the GPU
+    // in one wave (the main shape (2, 8192, 32, 128): 128 CTAs on 132 SMs); 32 otherwise (B = 1,
+    // T = 32768, HV = 16: 64 CTAs, where 64 columns would leave three quarters of the SMs idle).
+    if constexpr (BT == 64 && !std::is_same_v<T, float>) {
+      const StateKernelChoice choice = state_kernel_choice();
+      if (p.K == 128 && choice != StateKernelChoice::kWmma) {
+        bool wide = choice == StateKernelChoice::kMma64;
+        if (choice == StateKernelChoice::kMma)
+          wide = 8 * p.N * p.HV * cdiv(p.V, 64) >= 7 * static_cast<int64_t>(sm_count());
+        if (wide) launch_state_output_mma<T, 64>(p, limit, stream);
+        else launch_state_output_mma<T, 32>(p, limit, stream);
+        return;
+      }
+    }
     int64_t smem = state_layout<T, BT, kBV>(p.K).total;
     int bv = kBV;
     // The usual head sizes (K = 64, 128, 256) with chunk 64 get a compile-time K layout; the
@@ -145,17 +173,6 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
             bv = kBVNarrow;
           }
         }
-      }
-    }
-    // The register-resident kernel (state_output_mma.cuh) for the Kimi configuration, on the
-    // 32-column grid (see state_kernel_choice for the switch).
-    if constexpr (BT == 64 && !std::is_same_v<T, float>) {
-      const StateKernelChoice choice = state_kernel_choice();
-      if (p.K == 128 && choice != StateKernelChoice::kWmma &&
-          (bv == kBV || choice == StateKernelChoice::kMma)) {
-        kernel = chunk_state_output_mma_kernel<T>;
-        smem = state_mma::layout<T>().total;
-        bv = state_mma::kBVm;
       }
     }
     set_dynamic_smem(kernel, smem, limit, "chunk_state_output");

@@ -6,18 +6,21 @@
 // Why a second kernel: the wmma kernel keeps S in fp32 shared memory and sends every product's
 // accumulator through shared memory for the element-wise work, with six barriers a chunk; it is
 // bound by that chain (H100, (2, 8192, 32, 128) bf16: 0.93 ms, ~7 us a chunk, against FLA's
-// 0.32 ms h kernel + 0.36 ms output kernel). Here:
-// - 8 warps; warp w holds the rows [16 w, 16 w + 16) of the state slice S [128, 32] as four fp32
-//   m16n8 accumulators (16 registers a thread) for the whole sequence;
+// 0.32 ms h kernel + 0.36 ms output kernel). Here (BV = 32 or 64 columns a CTA, BV / 4 warps):
+// - warp w holds the rows [16 (w % 8), +16) and the 32 columns from 32 (w / 8) of the state slice
+//   S [128, BV] as four fp32 m16n8 accumulators (16 registers a thread) for the whole sequence;
 // - per chunk, S goes to shared memory once, rounded to T (Sh: what h stores and what FLA feeds
-//   its dots); warp w then computes the 16 x 16 block (rows 16 (w / 2), columns 16 (w % 2)) of
-//   v_new = u - w Sh and of scale qg Sh, rounds v_new to T into shared memory, adds Aqk v_new to
-//   the output block in registers (only the Aqk blocks on or below the diagonal: the others are
-//   stored zeros) and stores o straight from registers; S <- exp(G_last) S + kg^T v_new with
-//   kg^T read through ldmatrix.trans;
-// - two barriers a chunk; inputs arrive by cp.async in two groups, each refilled for the next chunk
-//   as soon as every warp is past its last use: {w, qg, u, the g_cum row of the last token} after
-//   the v_new barrier, {Aqk, kg} after the Sh barrier. Single buffers (82 KB) keep two CTAs per SM.
+//   its dots); each warp then computes one 16 x 16 block of v_new = u - w Sh and of scale qg Sh,
+//   rounds v_new to T into shared memory, adds Aqk v_new to the output block in registers (only
+//   the Aqk blocks on or below the diagonal: the others are stored zeros) and stores o straight
+//   from registers; S <- exp(G_last) S + kg^T v_new with kg^T read through ldmatrix.trans;
+// - two barriers a chunk; inputs arrive by cp.async in two groups: {Aqk, kg} double-buffered and
+//   issued one chunk ahead; {w, qg, u, the g_cum row of the last token} issued after the v_new
+//   barrier for the next chunk (BV = 32: single buffers, 109 KB, two CTAs per SM) or for the one
+//   after it (BV = 64: double buffers, one CTA of 16 warps per SM).
+// Why two widths: the V slices of a head all read the same w, qg and kg; at 32 columns those reads
+// (4x per head at V = 128) run the kernel near the L2's bandwidth, 64 columns halve them but need
+// N*HV*ceil(V/64) CTAs to fill the GPU (the host picks, launch_fwd.cu).
 // Numerics as the wmma kernel: fp32 state and accumulators, 16-bit operands rounded at the same
 // points (Sh, v_new); only the order of the fp32 sums differs.
 #pragma once
@@ -30,63 +33,79 @@ namespace cuda {
 
 namespace state_mma {
 
-constexpr int kThreads = 256;
 constexpr int kBT = 64;     // chunk
 constexpr int kK = 128;     // K (exactly)
-constexpr int kBVm = 32;    // V slice
-constexpr int kLdw = kK + 8;     // w/qg/kg tiles [64][128]: 272-byte rows, conflict-free ldmatrix
-constexpr int kLdsh = kBVm + 8;  // Sh [128][32], v_new [64][32], u [64][32]: 80-byte rows
-constexpr int kLda = kBT + 8;    // Aqk [64][64]: 144-byte rows
+constexpr int kLdw = kK + 8;  // w/qg/kg tiles [64][128]: 272-byte rows, conflict-free ldmatrix
+constexpr int kLda = kBT + 8;  // Aqk [64][64]: 144-byte rows
 
-struct Layout {
-  int64_t bw, bq, bk, abuf, ubuf, sh, vn, glast, total;
+template <int BV>
+struct Cfg {
+  static_assert(BV == 32 || BV == 64, "state_output_mma: V slices of 32 or 64 columns");
+  static constexpr int kWarps = BV / 4;  // 8 row blocks of S times BV / 32 column groups
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kMinBlocks = BV == 32 ? 2 : 1;  // 128 registers a thread either way
+  static constexpr int kLdv = BV + 8;  // Sh [128][BV], v_new and u [64][BV]: conflict-free rows
+  static constexpr int kBlocksPerRow = BV / 16;  // 16 x 16 v_new/o blocks per 16-row block
+  static constexpr bool kDoubleG1 = BV == 64;    // w/qg/u double-buffered (room at one CTA/SM)
+  static constexpr int kG1Bufs = kDoubleG1 ? 2 : 1;
 };
 
-template <typename T>
+struct Layout {
+  int64_t bw[2], bq[2], ubuf[2], glast[2], bk[2], abuf[2], sh, vn, total;
+};
+
+template <typename T, int BV>
 __host__ __device__ inline Layout layout() {
+  using C = Cfg<BV>;
   Layout l{};
   SmemCarver c;
-  l.bw = c.take<T>(kBT * kLdw);
-  l.bq = c.take<T>(kBT * kLdw);
-  l.bk = c.take<T>(kBT * kLdw);
-  l.abuf = c.take<T>(kBT * kLda);
-  l.ubuf = c.take<T>(kBT * kLdsh);
-  l.sh = c.take<T>(kK * kLdsh);
-  l.vn = c.take<T>(kBT * kLdsh);
-  l.glast = c.take<float>(kK);
+  for (int i = 0; i < 2; ++i) {
+    const bool own = i < C::kG1Bufs;  // single-buffered: both entries name one buffer
+    l.bw[i] = own ? c.take<T>(kBT * kLdw) : l.bw[0];
+    l.bq[i] = own ? c.take<T>(kBT * kLdw) : l.bq[0];
+    l.ubuf[i] = own ? c.take<T>(kBT * C::kLdv) : l.ubuf[0];
+    l.glast[i] = own ? c.take<float>(kK) : l.glast[0];
+    l.bk[i] = c.take<T>(kBT * kLdw);
+    l.abuf[i] = c.take<T>(kBT * kLda);
+  }
+  l.sh = c.take<T>(kK * C::kLdv);
+  l.vn = c.take<T>(kBT * C::kLdv);
   l.total = align_up(c.offset, 128);
   return l;
 }
 
 }  // namespace state_mma
 
-template <typename T>
-__global__ void __launch_bounds__(state_mma::kThreads, 2)
+template <typename T, int BV>
+__global__ void __launch_bounds__(state_mma::Cfg<BV>::kThreads, state_mma::Cfg<BV>::kMinBlocks)
     chunk_state_output_mma_kernel(const ChunkKdaFwdParams p) {
   using namespace state_mma;
-  static_assert(kThreads == kStateThreads, "the host launches both kernels alike");
+  using C = Cfg<BV>;
+  constexpr int kThreads = C::kThreads, kLdv = C::kLdv;
   extern __shared__ __align__(128) unsigned char smem[];
-  const Layout lay = layout<T>();
-  T* bw = reinterpret_cast<T*>(smem + lay.bw);
-  T* bq = reinterpret_cast<T*>(smem + lay.bq);
-  T* bk = reinterpret_cast<T*>(smem + lay.bk);
-  T* abuf = reinterpret_cast<T*>(smem + lay.abuf);
-  T* ubuf = reinterpret_cast<T*>(smem + lay.ubuf);
+  const Layout lay = layout<T, BV>();
+  // Buffers by chunk parity (selects, not lay.x[i & 1]: a run-time index into the layout struct
+  // would put it in local memory).
+  auto buf = [&](const int64_t (&off)[2], int64_t ci) -> T* {
+    return reinterpret_cast<T*>(smem + ((ci & 1) ? off[1] : off[0]));
+  };
+  auto glast_of = [&](int64_t ci) -> float* {
+    return reinterpret_cast<float*>(smem + ((ci & 1) ? lay.glast[1] : lay.glast[0]));
+  };
   T* sh = reinterpret_cast<T*>(smem + lay.sh);
   T* vn = reinterpret_cast<T*>(smem + lay.vn);
-  float* glast = reinterpret_cast<float*>(smem + lay.glast);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
   const int64_t HV = p.HV;
   const int V = static_cast<int>(p.V);
-  // grid (N * V tiles, HV), as chunk_state_output_kernel's 32-column grid.
-  const int64_t v_tiles = (V + kBVm - 1) / kBVm;
+  // grid (N * V tiles, HV), as chunk_state_output_kernel's (a sequence's V tiles adjacent).
+  const int64_t v_tiles = (V + BV - 1) / BV;
   const int64_t n = blockIdx.x / v_tiles;
   const int64_t hv = blockIdx.y;
-  const int v0 = static_cast<int>((blockIdx.x % v_tiles) * kBVm);
+  const int v0 = static_cast<int>((blockIdx.x % v_tiles) * BV);
   if (n >= p.N || v0 >= V) return;
-  const int vcols = V - v0 < kBVm ? V - v0 : kBVm;
+  const int vcols = V - v0 < BV ? V - v0 : BV;
   const int64_t b = p.varlen ? 0 : n;
   const SeqRange r = seq_range(p, n);
   const int64_t slot_base = p.varlen ? p.chunk_offsets[n] : b * p.NT;
@@ -116,38 +135,44 @@ __global__ void __launch_bounds__(state_mma::kThreads, 2)
     L = static_cast<int>(left < kBT ? left : kBT);
     row0 = seq_row0 + ci * kBT;
   };
-  // Group 1 of chunk ci: w, qg (with o), u slice, g_cum of the last row.
+  // Group 1 of chunk ci: w, qg (with o), u slice, g_cum of the last row. Past the last chunk
+  // nothing is issued (the caller still commits, so the group count stays uniform).
   auto issue_group1 = [&](int64_t ci) {
+    if (ci >= nchunks) return;
     int64_t row0;
     int L;
     chunk_rows(ci, row0, L);
-    issue_tile<T, kThreads>(bw, kLdw, w + (row0 * HV + hv) * kK, HV * kK, L, kBT, kK, kK, true);
+    issue_tile<T, kThreads>(buf(lay.bw, ci), kLdw, w + (row0 * HV + hv) * kK, HV * kK, L, kBT,
+                            kK, kK, true);
     if (want_o)
-      issue_tile<T, kThreads>(bq, kLdw, qg + (row0 * HV + hv) * kK, HV * kK, L, kBT, kK, kK, true);
-    issue_tile<T, kThreads>(ubuf, kLdsh, u + (row0 * HV + hv) * V + v0, HV * V, L, kBT, vcols,
-                            kBVm, vec_v);
-    issue_tile<float, kThreads>(glast, 0, p.g_cum + ((row0 + L - 1) * HV + hv) * kK, 0, 1, 1, kK,
-                                kK, true);
+      issue_tile<T, kThreads>(buf(lay.bq, ci), kLdw, qg + (row0 * HV + hv) * kK, HV * kK, L, kBT,
+                              kK, kK, true);
+    issue_tile<T, kThreads>(buf(lay.ubuf, ci), kLdv, u + (row0 * HV + hv) * V + v0, HV * V, L,
+                            kBT, vcols, BV, vec_v);
+    issue_tile<float, kThreads>(glast_of(ci), 0, p.g_cum + ((row0 + L - 1) * HV + hv) * kK, 0, 1,
+                                1, kK, kK, true);
   };
   // Group 2 of chunk ci: Aqk (with o), kg.
   auto issue_group2 = [&](int64_t ci) {
+    if (ci >= nchunks) return;
     int64_t row0;
     int L;
     chunk_rows(ci, row0, L);
     if (want_o)
-      issue_tile<T, kThreads>(abuf, kLda, Aqk + (row0 * HV + hv) * kBT, HV * kBT, L, kBT, kBT, kBT,
-                              true);
-    issue_tile<T, kThreads>(bk, kLdw, kg + (row0 * HV + hv) * kK, HV * kK, L, kBT, kK, kK, true);
+      issue_tile<T, kThreads>(buf(lay.abuf, ci), kLda, Aqk + (row0 * HV + hv) * kBT, HV * kBT, L,
+                              kBT, kBT, kBT, true);
+    issue_tile<T, kThreads>(buf(lay.bk, ci), kLdw, kg + (row0 * HV + hv) * kK, HV * kK, L, kBT,
+                            kK, kK, true);
   };
 
-  // S: this warp's rows 16 warp + g (+8) of K, columns 8 j + 2 t4 (+1) of the slice (C layout).
+  // S: this warp's rows srow (+8) of K, columns scol + 8 j + 2 t4 (+1) of the slice (C layout).
   float S[4][4];
-  const int srow = 16 * warp + g;
+  const int srow = 16 * (warp % 8) + g, scol = 32 * (warp / 8);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int kr = srow + (e >= 2 ? 8 : 0), c = 8 * j + 2 * t4 + (e & 1);
+      const int kr = srow + (e >= 2 ? 8 : 0), c = scol + 8 * j + 2 * t4 + (e & 1);
       float x = 0.f;
       const int64_t state_base = (n * HV + hv) * kK * V;
       if (p.h0 != nullptr && c < vcols)
@@ -157,49 +182,60 @@ __global__ void __launch_bounds__(state_mma::kThreads, 2)
     }
   }
 
-  if (nchunks > 0) {
-    issue_group1(0);
-    issue_group2(0);
+  // cp.async groups, committed by every thread in the same order (empty past the last chunk):
+  // prologue {G1(0), G2(0)}, then [BV = 64: G1(1)]; per chunk ci, G2(ci + 1) after B1 and
+  // G1(ci + 1) (BV = 32) or G1(ci + 2) (BV = 64) after B2. Before B1 of chunk ci everything but
+  // the newest group (BV = 64: G1(ci + 1)) must be complete.
+  issue_group1(0);
+  issue_group2(0);
+  cp_async_commit();
+  if constexpr (C::kDoubleG1) {
+    issue_group1(1);
     cp_async_commit();
   }
-  // This warp's output block: rows 16 mb + g (+8) of the chunk, columns 16 nb + 8 j + 2 t4 (+1).
-  const int mb = warp / 2, nb = warp % 2;
+  // This warp's v_new / output block: rows 16 mb + g (+8) of the chunk, columns
+  // 16 nb + 8 j + 2 t4 (+1) of the slice.
+  const int mb = warp / C::kBlocksPerRow, nb = warp % C::kBlocksPerRow;
 
   for (int64_t ci = 0; ci < nchunks; ++ci) {
     int64_t row0;
     int L;
     chunk_rows(ci, row0, L);
     const int64_t slot = slot_base + ci;
+    const T* bw = buf(lay.bw, ci);
+    const T* bq = buf(lay.bq, ci);
+    const T* ubuf = buf(lay.ubuf, ci);
+    const float* glast = glast_of(ci);
+    const T* bk = buf(lay.bk, ci);
+    const T* abuf = buf(lay.abuf, ci);
 
     // 1. Sh = S rounded to T (the chunk's entering state).
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int c = 8 * j + 2 * t4;
-      *reinterpret_cast<uint32_t*>(sh + srow * kLdsh + c) = pack2<T>(S[j][0], S[j][1]);
-      *reinterpret_cast<uint32_t*>(sh + (srow + 8) * kLdsh + c) = pack2<T>(S[j][2], S[j][3]);
+      const int c = scol + 8 * j + 2 * t4;
+      *reinterpret_cast<uint32_t*>(sh + srow * kLdv + c) = pack2<T>(S[j][0], S[j][1]);
+      *reinterpret_cast<uint32_t*>(sh + (srow + 8) * kLdv + c) = pack2<T>(S[j][2], S[j][3]);
     }
-    cp_async_wait<0>();  // group 1 of this chunk (and, for the first chunk, group 2)
-    __syncthreads();     // B1: Sh and group 1 visible; every warp is done with the previous chunk
-    if (ci > 0) {        // Aqk and kg of this chunk: their buffers were last read before B1
-      issue_group2(ci);
-      cp_async_commit();
-    }
+    if constexpr (C::kDoubleG1) cp_async_wait<1>(); else cp_async_wait<0>();
+    __syncthreads();  // B1: Sh, G1(ci), G2(ci) visible; every warp is done with chunk ci - 1
+    issue_group2(ci + 1);  // into the buffers chunk ci - 1 used
+    cp_async_commit();
     // h[slot] = Sh (only where wanted: the backward's recompute).
     if (h != nullptr && slot < slot_limit) {
       T* h_tile = h + (slot * HV + hv) * kK * V + (p.state_v_first ? v0 * kK : v0);
       if (p.state_v_first) {
         const int kr = tid % kK;
-        for (int c = tid / kK; c < vcols; c += kThreads / kK) h_tile[c * kK + kr] = sh[kr * kLdsh + c];
-      } else if (vec_v && vcols == kBVm) {
-        for (int idx = tid; idx < kK * (kBVm / 8); idx += kThreads) {
-          const int kr = idx / (kBVm / 8), c = (idx % (kBVm / 8)) * 8;
+        for (int c = tid / kK; c < vcols; c += kThreads / kK) h_tile[c * kK + kr] = sh[kr * kLdv + c];
+      } else if (vec_v && vcols == BV) {
+        for (int idx = tid; idx < kK * (BV / 8); idx += kThreads) {
+          const int kr = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
           *reinterpret_cast<uint4*>(h_tile + kr * V + c) =
-              *reinterpret_cast<const uint4*>(sh + kr * kLdsh + c);
+              *reinterpret_cast<const uint4*>(sh + kr * kLdv + c);
         }
       } else {
-        for (int idx = tid; idx < kK * kBVm; idx += kThreads) {
-          const int kr = idx / kBVm, c = idx % kBVm;
-          if (c < vcols) h_tile[kr * V + c] = sh[kr * kLdsh + c];
+        for (int idx = tid; idx < kK * BV; idx += kThreads) {
+          const int kr = idx / BV, c = idx % BV;
+          if (c < vcols) h_tile[kr * V + c] = sh[kr * kLdv + c];
         }
       }
     }
@@ -209,7 +245,7 @@ __global__ void __launch_bounds__(state_mma::kThreads, 2)
 #pragma unroll 4
     for (int kk = 0; kk < kK / 16; ++kk) {
       uint32_t bs[4], aw[4];
-      ldmatrix_x4_trans(bs, sh + (16 * kk + 8 * ((lane / 8) % 2) + lane % 8) * kLdsh + 16 * nb +
+      ldmatrix_x4_trans(bs, sh + (16 * kk + 8 * ((lane / 8) % 2) + lane % 8) * kLdv + 16 * nb +
                                 8 * (lane / 16));
       ldmatrix_x4(aw, bw + (16 * mb + lane % 16) * kLdw + 16 * kk + 8 * (lane / 16));
       mma_16x8x16<T>(pv[0], aw, bs[0], bs[1]);
@@ -227,8 +263,8 @@ __global__ void __launch_bounds__(state_mma::kThreads, 2)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int i = 16 * mb + g + 8 * hf, c = 16 * nb + 8 * j + 2 * t4;
-        const float2 uu = unpack2<T>(*reinterpret_cast<const uint32_t*>(ubuf + i * kLdsh + c));
-        *reinterpret_cast<uint32_t*>(vn + i * kLdsh + c) =
+        const float2 uu = unpack2<T>(*reinterpret_cast<const uint32_t*>(ubuf + i * kLdv + c));
+        *reinterpret_cast<uint32_t*>(vn + i * kLdv + c) =
             pack2<T>(uu.x - pv[j][2 * hf], uu.y - pv[j][2 * hf + 1]);
       }
     }
@@ -243,24 +279,23 @@ __global__ void __launch_bounds__(state_mma::kThreads, 2)
         S[j][3] *= d1;
       }
     }
-    cp_async_wait<0>();  // group 2 of this chunk
-    __syncthreads();     // B2: v_new, Aqk, kg visible; w, qg, u, g_cum row and Sh are free
-    if (ci + 1 < nchunks) {
-      issue_group1(ci + 1);
-      cp_async_commit();
-    }
+    __syncthreads();  // B2: v_new visible; w, qg, u, the g_cum row and Sh of chunk ci are free
+    issue_group1(ci + C::kG1Bufs);
+    cp_async_commit();
     // v_new rows of the chunk (only where wanted: the backward's recompute).
     if (v_new != nullptr) {
       T* vn_tile = v_new + (row0 * HV + hv) * V + v0;
-      if (vec_v && vcols == kBVm) {
-        const int i = tid / (kBVm / 8), c = (tid % (kBVm / 8)) * 8;  // 64 x 4 vectors, one each
-        if (i < L)
-          *reinterpret_cast<uint4*>(vn_tile + i * vs + c) =
-              *reinterpret_cast<const uint4*>(vn + i * kLdsh + c);
+      if (vec_v && vcols == BV) {
+        for (int idx = tid; idx < kBT * (BV / 8); idx += kThreads) {
+          const int i = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
+          if (i < L)
+            *reinterpret_cast<uint4*>(vn_tile + i * vs + c) =
+                *reinterpret_cast<const uint4*>(vn + i * kLdv + c);
+        }
       } else {
-        for (int idx = tid; idx < kBT * kBVm; idx += kThreads) {
-          const int i = idx / kBVm, c = idx % kBVm;
-          if (i < L && c < vcols) vn_tile[i * vs + c] = vn[i * kLdsh + c];
+        for (int idx = tid; idx < kBT * BV; idx += kThreads) {
+          const int i = idx / BV, c = idx % BV;
+          if (i < L && c < vcols) vn_tile[i * vs + c] = vn[i * kLdv + c];
         }
       }
     }
@@ -275,7 +310,7 @@ __global__ void __launch_bounds__(state_mma::kThreads, 2)
       for (int kk = 0; kk <= mb; ++kk) {
         uint32_t aa[4], bv[4];
         ldmatrix_x4(aa, abuf + (16 * mb + lane % 16) * kLda + 16 * kk + 8 * (lane / 16));
-        ldmatrix_x4_trans(bv, vn + (16 * kk + 8 * ((lane / 8) % 2) + lane % 8) * kLdsh + 16 * nb +
+        ldmatrix_x4_trans(bv, vn + (16 * kk + 8 * ((lane / 8) % 2) + lane % 8) * kLdv + 16 * nb +
                                   8 * (lane / 16));
         mma_16x8x16<T>(po[0], aa, bv[0], bv[1]);
         mma_16x8x16<T>(po[1], aa, bv[2], bv[3]);
@@ -298,14 +333,15 @@ __global__ void __launch_bounds__(state_mma::kThreads, 2)
       }
     }
 
-    // 4. S += kg^T v_new: A = kg^T (rows 16 warp.. of K) by ldmatrix.trans of the [t][K] tile,
-    // B = v_new [t][32] for the n-tile pairs (0, 1) and (2, 3).
+    // 4. S += kg^T v_new: A = kg^T (this warp's 16 rows of K) by ldmatrix.trans of the [t][K]
+    // tile, B = v_new [t][scol..scol + 32) for the n-tile pairs (0, 1) and (2, 3).
 #pragma unroll 2
     for (int kk = 0; kk < kBT / 16; ++kk) {
       uint32_t ak[4], b01[4], b23[4];
-      ldmatrix_x4_trans(ak, bk + (16 * kk + 8 * (lane / 16) + lane % 8) * kLdw + 16 * warp +
+      ldmatrix_x4_trans(ak, bk + (16 * kk + 8 * (lane / 16) + lane % 8) * kLdw + 16 * (warp % 8) +
                                 8 * ((lane / 8) % 2));
-      const T* vrow = vn + (16 * kk + 8 * ((lane / 8) % 2) + lane % 8) * kLdsh + 8 * (lane / 16);
+      const T* vrow =
+          vn + (16 * kk + 8 * ((lane / 8) % 2) + lane % 8) * kLdv + scol + 8 * (lane / 16);
       ldmatrix_x4_trans(b01, vrow);
       ldmatrix_x4_trans(b23, vrow + 16);
       mma_16x8x16<T>(S[0], ak, b01[0], b01[1]);
@@ -322,7 +358,7 @@ __global__ void __launch_bounds__(state_mma::kThreads, 2)
     for (int j = 0; j < 4; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int kr = srow + (e >= 2 ? 8 : 0), c = 8 * j + 2 * t4 + (e & 1);
+        const int kr = srow + (e >= 2 ? 8 : 0), c = scol + 8 * j + 2 * t4 + (e & 1);
         if (c >= vcols) continue;
         if (p.state_v_first)
           p.final_state[state_base + static_cast<int64_t>(v0 + c) * kK + kr] = S[j][e];
