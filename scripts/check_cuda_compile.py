@@ -2,7 +2,9 @@
 
 CI machines have nvcc but a CPU build of torch, so setup.py builds the CPU-only extension there.
 This check compiles csrc/cuda/*.cu against the same torch headers (the CPU wheel ships the ATen/c10
-CUDA headers) with the flags setup.py uses, so a CUDA compile error fails CI.
+CUDA headers) with the flags setup.py uses, so a CUDA compile error fails CI. It then looks for
+strong symbols defined in more than one object (nm): a non-template __global__ function in a header
+included by two sources compiles everywhere but fails the GPU build's link.
 Usage: python scripts/check_cuda_compile.py [--jobs N] [--arch 90a]
 """
 import argparse
@@ -83,6 +85,7 @@ def main():
         return src, proc.returncode, proc.stdout + proc.stderr
 
     failed = 0
+    objects = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for src, rc, log in pool.map(compile_one, sources):
             name = os.path.relpath(src, ROOT)
@@ -90,8 +93,28 @@ def main():
             if rc != 0 or "warning" in log.lower():
                 print(log)
             failed += rc != 0
+            if rc == 0:
+                objects.append(os.path.join(out_dir, os.path.basename(src) + ".o"))
+    duplicates = duplicate_definitions(objects)
+    for symbol, where in sorted(duplicates.items()):
+        print(f"FAIL multiple definition of {symbol} in {', '.join(where)}")
     shutil.rmtree(out_dir, ignore_errors=True)
-    return 1 if failed else 0
+    return 1 if failed or duplicates else 0
+
+
+def duplicate_definitions(objects):
+    """{symbol: [objects]} for strong (non-weak) global symbols defined in more than one object."""
+    nm = shutil.which("nm")
+    if nm is None or len(objects) < 2:
+        return {}
+    seen = {}
+    for obj in objects:
+        out = subprocess.run([nm, "--defined-only", "--extern-only", obj], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] in "TDBR":  # W/V (weak), u (unique) may repeat
+                seen.setdefault(parts[2], []).append(os.path.basename(obj))
+    return {s: w for s, w in seen.items() if len(w) > 1}
 
 
 if __name__ == "__main__":

@@ -37,10 +37,12 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
 @pytest.fixture(autouse=True)
-def _wmma_state_kernel(monkeypatch):
-    """One forward state kernel for both widths (the 32-column K = 128 16-bit runs would otherwise
-    take the register kernel, the 16-column ones the wmma kernel): these tests are about bwd_state."""
+def _wmma_state_kernels(monkeypatch):
+    """These tests are about bwd_state_kernel's widths: the register kernels (forward and reverse
+    state passes) would otherwise take the K = 128 16-bit runs (tests/test_state_output_mma.py
+    and tests/test_bwd_state_mma.py cover those), and one forward kernel serves both widths."""
     monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "wmma")
+    monkeypatch.setenv("KDA_EXT_BWD_STATE_KERNEL", "wmma")
 
 
 def _sm_count() -> int:

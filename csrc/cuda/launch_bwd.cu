@@ -3,11 +3,15 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "cuda/bwd_chunk.cuh"
 #include "cuda/bwd_finalize.cuh"
 #include "cuda/bwd_launch.cuh"
 #include "cuda/bwd_state.cuh"
+#include "cuda/bwd_state_mma.cuh"
 #include "cuda/launch_common.h"
 #include "cuda/static_switch.h"
 
@@ -61,6 +65,18 @@ int state_pass_sm_count() {
   return n;
 }
 
+// Which reverse state kernel runs where both could (bf16, chunk 64, K = 128), from
+// KDA_EXT_BWD_STATE_KERNEL: auto (default) or mma: bwd_state_mma_kernel (dS in registers, 32-column
+// slices); wmma: bwd_state_kernel (its own width choice). Read per call, like the forward's
+// KDA_EXT_STATE_KERNEL, so tests and benchmarks can compare the two in one process.
+bool use_bwd_state_mma() {
+  const char* v = std::getenv("KDA_EXT_BWD_STATE_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "mma") == 0)
+    return true;
+  if (std::strcmp(v, "wmma") == 0) return false;
+  TORCH_CHECK(false, "kda_ext: KDA_EXT_BWD_STATE_KERNEL must be auto, mma or wmma, got '", v, "'");
+}
+
 // bwd_state_kernel over V slices of BV columns: grid (N, HV, ceil(V / BV)). The usual head
 // sizes (K = 64, 128, 256) get a compile-time K build; with 16 columns only K = 128 has one
 // (the other K take the general build).
@@ -96,6 +112,16 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       bwd_prep_kernel<<<1, kBwdPrepThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (p.N > 0) {
+        if constexpr (BT == 64 && std::is_same_v<T, __nv_bfloat16>) {
+          if (p.K == 128 && use_bwd_state_mma()) {
+            const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>(p.HV),
+                            static_cast<unsigned>(cdiv(p.V, state_bwd_mma::kBV)));
+            launch_with_smem(bwd_state_mma_kernel<T>, grid, state_bwd_mma::kThreads,
+                             state_bwd_mma::layout<T>().total, limit, "bwd_state_mma_kernel", p,
+                             stream);
+            break;
+          }
+        }
         // V slice width of the reverse state pass. Each block walks all of its sequence's
         // chunks one after another, so once every block has an SM to itself the pass takes
         // (chunks per sequence) x (time of one chunk step of one block): more blocks than SMs

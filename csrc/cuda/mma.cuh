@@ -369,6 +369,83 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// dst[i][c] = src[i * stride + c] for i < rows_valid and c < cols_valid, zero elsewhere in
+// [rows_total, cols_total). With vec (the caller checked 16-byte alignment of every row and
+// that cols_valid is a multiple of the vector width) the copies are cp.async and complete at a
+// later cp_async_wait; otherwise they are plain loads/stores, complete at return. Either way a
+// __syncthreads is needed before other threads read dst. Never forms an address outside the
+// valid rectangle.
+template <typename U, int kThreads>
+__device__ __forceinline__ void issue_tile(U* dst, int ld, const U* src, int64_t stride,
+                                           int rows_valid, int rows_total, int64_t cols_valid,
+                                           int cols_total, bool vec) {
+  constexpr int kVec = 16 / sizeof(U);
+  if (vec) {
+    const int cv = cols_total / kVec;
+    if (kThreads % cv == 0) {
+      // Each thread keeps one column of vectors and walks rows kThreads / cv apart: no division
+      // per vector. The loop below divides by the run-time cv for every vector, most of the
+      // ~35 instructions each copy cost, and the state kernels are issue-bound (ncu on
+      // chunk_state_output_kernel: 334K instructions per warp, "wait" and issue stalls first).
+      const int c = static_cast<int>(threadIdx.x % cv) * kVec;
+      const int row_step = kThreads / cv;
+      const bool col_ok = c < cols_valid;
+#pragma unroll 1
+      for (int i = static_cast<int>(threadIdx.x / cv); i < rows_total; i += row_step) {
+        const bool ok = i < rows_valid && col_ok;
+        cp_async16(dst + i * ld + c, ok ? src + i * stride + c : src, ok);
+      }
+      return;
+    }
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < rows_total * cv; idx += kThreads) {
+      const int i = idx / cv, c = (idx % cv) * kVec;
+      const bool ok = i < rows_valid && c < cols_valid;
+      cp_async16(dst + i * ld + c, ok ? src + i * stride + c : src, ok);
+    }
+  } else {
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < rows_total * cols_total; idx += kThreads) {
+      const int i = idx / cols_total, c = idx % cols_total;
+      dst[i * ld + c] = (i < rows_valid && c < cols_valid) ? src[i * stride + c] : U(0.f);
+    }
+  }
+}
+
+// acc += one of mma_16x16's two accumulation chains for row-major A [16 x kdim] and B [kdim x 16]:
+// the products of the k steps parity, parity + 2, ... in that order. mma_16x16 runs the even
+// steps (an odd count's last step among them) into acc and the odd ones into a second
+// accumulator from zero, then adds that to acc; so, from zero accumulators, (even chain) + (odd
+// chain) here is mma_16x16's result bit for bit. The BV = 16 build splits w Sh over two warps
+// this way (see the header).
+template <typename T>
+__device__ __forceinline__ void mma_16x16_chain(AccFrag<T>& acc, const T* a, int lda, const T* b,
+                                                int ldb, int kdim, int parity) {
+  using Tr = MmaTraits<T>;
+  wmma::fragment<wmma::matrix_a, 16, 16, Tr::kK, typename Tr::Frag, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, Tr::kK, typename Tr::Frag, wmma::row_major> fb;
+  for (int kk = parity * Tr::kK; kk < kdim; kk += 2 * Tr::kK) {
+    load_operand_shared<T, true, true>(fa, a + kk, lda);
+    load_operand_shared<T, false, true>(fb, b + kk * ldb, ldb);
+    if constexpr (std::is_same<T, float>::value) {
+      to_tf32_inplace(fa);
+      to_tf32_inplace(fb);
+    }
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
+// for (int i = first; i < end; i += step) body(i), kept rolled (#pragma unroll 1) when kRolled.
+template <bool kRolled, typename F>
+__device__ __forceinline__ void for_strided(int first, int end, int step, F&& body) {
+  if constexpr (kRolled) {
+#pragma unroll 1
+    for (int i = first; i < end; i += step) body(i);
+  } else {
+    for (int i = first; i < end; i += step) body(i);
+  }
+}
+
 // ---- shared-memory carving -----------------------------------------------------------------
 
 __host__ __device__ constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
