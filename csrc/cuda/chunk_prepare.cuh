@@ -6,20 +6,22 @@
 // - K is processed in slices of 32 columns. The gate cumsum runs along time and is independent
 //   per column, so gate, cumsum, qg, kg, g_cum and the Aqk/Lkk contributions of a slice need only
 //   that slice; K therefore is a run-time size (no head-dim template), K = 60/100 are masked
-//   columns of the last slice, and shared memory stays ~106 KB (bf16, BT = 64) for any K. The
+//   columns of the last slice, and shared memory stays at 88 KiB (bf16, BT = 64) for any K. The
 //   l2norm rstd (which needs whole rows) is computed first, straight from global memory.
 // - A slice costs four barriers: warp w owns BT/8 consecutive rows, so the gate cumsum is a
 //   running sum in registers plus the sums of the warps before it (one exchange through shared
 //   memory) instead of one warp walking all BT rows; the Aqk/Lkk blocks accumulate in register
 //   fragments across the slices; under safe_gate one operand set (median reference row per 16-row
 //   block) serves the diagonal and the off-diagonal blocks alike (fp16: see below). Pass 2
-//   computes the w and u slices together with double-buffered tiles (two barriers a slice).
+//   computes the w and u slices together with double-buffered operand tiles; 16-bit inputs at
+//   chunk 64 on register-level mma.sync, storing the results from registers (one barrier a
+//   slice), the other builds on wmma through fp32 result tiles (two barriers a slice).
 // - Aqk/Lkk: fp32 inputs use tf32 MMAs on fp32 operands (FLA's own inter/solve dots are tf32);
 //   fp16/bf16 inputs use 16-bit operands and MMAs wherever the range allows: the safe_gate
 //   diagonal operand k*exp(G_n - G_j) reaches e^40, so fp16 keeps tf32 for the diagonal blocks
 //   (see "pass 1's Aqk/Lkk products" below; the error margins over FLA's matrices did not move).
-//   w/u/o/state MMAs use the storage dtype (fp16/bf16 m16n16k16, tf32 for fp32 inputs), matching
-//   FLA's casts of their operands.
+//   w/u/o/state MMAs use the storage dtype (fp16/bf16 m16n16k16 or m16n8k16, tf32 for fp32
+//   inputs), matching FLA's casts of their operands.
 // - Akk = (I + L)^-1 in fp32 SIMT: forward substitution inside the 16x16 diagonal blocks (all
 //   blocks at once), then the off-diagonal blocks by block diagonals (FLA's merge order, but in
 //   full fp32 rather than tf32 dots), instead of one thread per column over all BT rows.
@@ -39,6 +41,7 @@
 #pragma once
 
 #include "cuda/mma.cuh"
+#include "cuda/mma_sync.cuh"
 #include "cuda/params.h"
 
 namespace kda_ext {
@@ -190,6 +193,7 @@ struct PrepLayout {
   int64_t qs, ks, gs, qop, kop, kc, tot, kc_src, diag_src;
   int64_t qh, kh, kcd;
   // pass 2, aliasing pass 1: Akk in T, and the w/u operand and result tiles, double-buffered
+  // (the result tiles stw/stu are empty in the mma.sync builds, PrepDims::kPass2Mma)
   int64_t akk, kbw[2], kbu[2], stw[2], stu[2];
   // persistent
   int64_t aacc, lacc, beta, rq, rk;
@@ -225,7 +229,12 @@ struct PrepDims {
   static constexpr int kDiagPer = kSafe ? 1 : (kDiagPairs + kPrepThreads - 1) / kPrepThreads;
   static constexpr int kLda = BT + 4;     // fp32 BT x BT accumulators
   static constexpr int kLdk = BT + 8;     // Akk in T
-  static constexpr int kLdb = kSlice + 8; // w/u operand slice in T
+  static constexpr int kLdb = kSlice + 8; // w/u operand slice in T (80-byte rows: conflict-free
+                                          // ldmatrix, 8 rows hit 8 distinct 16-byte bank groups)
+  // Pass 2 on register-level mma.sync (16-bit inputs, chunk 64): the products' accumulators stay
+  // in registers and are stored to global memory from there, so the fp32 result tiles stw/stu
+  // and the barrier before their read-out go away. fp32 inputs (tf32) and chunk 32 keep wmma.
+  static constexpr bool kPass2Mma = Prep16<T>::k16 && BT == 64;
   static_assert(BT % kWarps == 0 && kKcRows >= BT, "pass-1 row ownership");
 };
 
@@ -260,11 +269,12 @@ __host__ __device__ inline PrepLayout prep_layout() {
   l.diag_src = c1.take<int>(PrepDims<T, BT, false>::kDiagPairs);
   SmemCarver c2;
   l.akk = c2.take<T>(BT * D::kLdk);
+  const int st_elems = D::kPass2Mma ? 0 : BT * kLdf;
   for (int b = 0; b < 2; ++b) {
     l.kbw[b] = c2.take<T>(BT * D::kLdb);
     l.kbu[b] = c2.take<T>(BT * D::kLdb);
-    l.stw[b] = c2.take<float>(BT * kLdf);
-    l.stu[b] = c2.take<float>(BT * kLdf);
+    l.stw[b] = c2.take<float>(st_elems);
+    l.stu[b] = c2.take<float>(st_elems);
   }
   SmemCarver c;
   c.offset = c1.offset > c2.offset ? c1.offset : c2.offset;
@@ -823,7 +833,10 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   if (reuse_akk) {
     // Akk rows of the chunk as the forward stored them (the same rounded values the forward put
     // in `akk` below, so w and u come out bit-identical); rows past the chunk are never stored.
-    // All loads first (branch-free, as load_slice), then the stores.
+    // All loads first (branch-free, as load_slice), then the stores. The mma.sync pass 2 skips
+    // Akk's blocks above the diagonal; entries above the diagonal are zeroed here as the forward
+    // zeroes them in its own tile, so that skip is exact whatever the saved upper triangle holds
+    // (the forward stores zeros there: a no-op for its Akk).
     const T* saved = static_cast<const T*>(p.Akk_saved) + ha0;
     constexpr int kPer = BT * BT / kPrepThreads;
     T raw[kPer];
@@ -835,7 +848,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 #pragma unroll
     for (int it = 0; it < kPer; ++it) {
       const int idx = tid + it * kPrepThreads, i = idx / BT, j = idx % BT;
-      akk[i * LDK + j] = i < L ? raw[it] : from_float<T>(0.f);
+      akk[i * LDK + j] = (i < L && (!D::kPass2Mma || j <= i)) ? raw[it] : from_float<T>(0.f);
     }
     __syncthreads();
   } else {
@@ -902,11 +915,14 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 
   // ---- pass 2: w = Akk_r (beta * k-hat * exp(G)), u = Akk_r (beta * v) ---------------------
   // One loop over 32-column slices of K and V together (two operand tiles, 4*NC products per
-  // slice); operand and result tiles are double-buffered so a slice needs two barriers, and the
-  // next slice's loads are in flight during this slice's products. The w operand comes from w
-  // itself (pass 1 stored it there): one 2-byte load per element instead of k and the fp32
-  // g_cum, and no exp or l2norm rounding here. A thread reads slice s + 1 of w before it writes
-  // slice s, and each element is read and then written by the same thread.
+  // slice); the operand tiles are double-buffered and the next slice's loads are in flight
+  // during this slice's products. The w operand comes from w itself (pass 1 stored it there):
+  // one 2-byte load per element instead of k and the fp32 g_cum, and no exp or l2norm rounding
+  // here. Two variants (PrepDims::kPass2Mma): 16-bit chunk 64 keeps the products' results in
+  // mma.sync accumulators and stores them from there (one barrier a slice; its hazards are
+  // argued below); the others go through double-buffered fp32 result tiles (wmma's fragments
+  // are opaque), two barriers a slice, and there a thread reads slice s + 1 of w before it
+  // writes slice s, and each element is read and then written by the same thread.
   {
     constexpr int kIt2 = BT * kSlice / kPrepThreads;
     const int nslices = ((K > V ? K : V) + kSlice - 1) / kSlice;
@@ -941,43 +957,148 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       return r;
     };
     SliceWU in2 = load_wu(0);
-    // (Rolled as in pass 1; unrolled by 2 the buffer selects below would fold, at twice the code.)
+    if constexpr (D::kPass2Mma) {
+      // 16-bit chunk 64 on mma.sync m16n8k16 (fp32 accumulators, the operands as wmma read them:
+      // akk and the T-rounded tiles kbw/kbu; only the summation order differs).
+      // Warps 0-3 compute w, warps 4-7 u; a warp owns one 16-row block mi of its result and all
+      // 32 columns of the slice (four m16n8 tiles). Akk is lower triangular (zeros above the
+      // diagonal, stored so by both paths above), so block row mi needs the k-blocks kk <= mi
+      // only: mi + 1 k-steps of four MMAs (the skipped ones add exact zeros; only a non-finite
+      // operand row, which wmma's 0 * inf would have turned into NaN in rows that do not depend
+      // on it, comes out differently). The u warps take the row blocks in reverse order:
+      // warps w and w + 4 share an SM sub-partition (warp % 4) and its tensor core, so every
+      // sub-partition gets 5 k-steps a slice (w block w, u block 3 - w), where mi = warp % 4
+      // would give sub-partition 3 eight and sub-partition 0 two.
+      static_assert(NC == 4 && kWarps == 8, "pass 2 mma.sync: 4 row blocks each of w and u");
+      const bool is_u = warp >= NC;
+      const int mi = is_u ? kWarps - 1 - warp : warp;
+      const int g = lane / 4, t4 = lane % 4;  // the C fragment's row / column pair in its tile
+      // The warp's A fragments of Akk (rows 16 mi.., k-blocks kk <= mi) are the same for every
+      // slice: loaded once (akk is complete after the barrier above, in both paths, and pass 2
+      // does not write it). Unrolled with constant indices so they stay in registers.
+      uint32_t afrag[NC][4];
+#pragma unroll
+      for (int kk = 0; kk < NC; ++kk) {
+        if (kk <= mi)
+          ldmatrix_x4(afrag[kk], akk + (16 * mi + lane % 16) * LDK + 16 * kk + 8 * (lane / 16));
+      }
+      T* out = is_u ? u : w;
+      const int out_ld = is_u ? hvs : hks;
+      const int ncols = is_u ? V : K;
+      // 4-byte pair stores: the pair's first column is even, so its address is 4-byte aligned
+      // when the row stride and the chunk base are even element counts, i.e. when K (w) or V (u)
+      // is even (w and u are allocated by the extension, with aligned bases).
+      const bool pair_ok = kWhole || (ncols % 2) == 0;
+      // Hazards with one barrier per slice (slice s stages into buffer s & 1, then the barrier
+      // B_s, then the reads of that buffer and the global stores of slice s):
+      // - buffer reuse: slice s + 1 writes buffer (s + 1) & 1, which slice s - 1's ldmatrix read.
+      //   Every warp does those reads before it arrives at B_s, and a thread writes slice s + 1's
+      //   tile only after B_s, so all of slice s - 1's reads of that buffer are done. (Slice s
+      //   reads the other buffer; slice s + 2 writes buffer s & 1 only after B_{s+1}.)
+      // - w, read as the operand and written as the result: load_wu(s) (issued in iteration
+      //   s - 1, or before the loop) lands in registers that the thread stores into the tile
+      //   before it arrives at B_s; the results of slice s go to global memory after B_s. So
+      //   every read of slice s's w operand precedes every write of slice s's w, even though
+      //   the thread that writes an element (C fragment layout) is not the one that read it.
+      //   The other reads and writes of w in this loop are of other slices: disjoint columns.
+      // - the result tiles and the second barrier are gone: accumulators go straight to global.
+      // (Rolled as in pass 1.)
 #pragma unroll 1
-    for (int s = 0; s < nslices; ++s) {
-      // (selects, not lay.x[s & 1]: a run-time index into the layout would put it in local memory)
-      const bool odd = (s & 1) != 0;
-      T* kbw = reinterpret_cast<T*>(smem + (odd ? lay.kbw[1] : lay.kbw[0]));
-      T* kbu = reinterpret_cast<T*>(smem + (odd ? lay.kbu[1] : lay.kbu[0]));
-      float* stw = reinterpret_cast<float*>(smem + (odd ? lay.stw[1] : lay.stw[0]));
-      float* stu = reinterpret_cast<float*>(smem + (odd ? lay.stu[1] : lay.stu[0]));
-      const int c0 = s * kSlice;
+      for (int s = 0; s < nslices; ++s) {
+        const bool odd = (s & 1) != 0;
+        T* kbw = reinterpret_cast<T*>(smem + (odd ? lay.kbw[1] : lay.kbw[0]));
+        T* kbu = reinterpret_cast<T*>(smem + (odd ? lay.kbu[1] : lay.kbu[0]));
+        const int c0 = s * kSlice;
 #pragma unroll
-      for (int it = 0; it < kIt2; ++it) {
-        const int i = warp + it * kWarps, c = lane;
-        // rows/columns outside the chunk hold 0
-        kbw[i * LDB + c] = in2.kb[it];
-        kbu[i * LDB + c] = from_float<T>(beta_s[i] * in2.v[it]);
-      }
-      if (s + 1 < nslices) in2 = load_wu(s + 1);
-      __syncthreads();
-      for (int job = warp; job < 4 * NC; job += kWarps) {
-        const bool is_u = job >= 2 * NC;
-        if (!kWhole && c0 >= (is_u ? V : K)) continue;  // (K == V: every slice is in both)
-        const int jj = is_u ? job - 2 * NC : job;
-        const int mi = jj / 2, ni = jj % 2;
-        AccFrag<T> acc2;
-        wmma::fill_fragment(acc2, 0.f);
-        mma_16x16<T, wmma::row_major, wmma::row_major>(acc2, akk + 16 * mi * LDK, LDK,
-                                                       (is_u ? kbu : kbw) + 16 * ni, LDB, BT);
-        store_acc_shared<T>((is_u ? stu : stw) + 16 * mi * kLdf + 16 * ni, acc2, kLdf);
-      }
-      __syncthreads();
+        for (int it = 0; it < kIt2; ++it) {
+          const int i = warp + it * kWarps, c = lane;
+          // rows/columns outside the chunk hold 0
+          kbw[i * LDB + c] = in2.kb[it];
+          kbu[i * LDB + c] = from_float<T>(beta_s[i] * in2.v[it]);
+        }
+        if (s + 1 < nslices) in2 = load_wu(s + 1);
+        __syncthreads();
+        if (!kWhole && c0 >= ncols) continue;  // warp-uniform (K == V: every slice is in both)
+        const T* kb = is_u ? kbu : kbw;
+        float acc[4][4];
 #pragma unroll
-      for (int it = 0; it < kIt2; ++it) {
-        const int i = warp + it * kWarps, c = lane;
-        const int col = c0 + c;
-        if (i < L && (kWhole || col < K)) w[i * hks + col] = from_float<T>(stw[i * kLdf + c]);
-        if (i < L && (kWhole || col < V)) u[i * hvs + col] = from_float<T>(stu[i * kLdf + c]);
+        for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < NC; ++kk) {
+          if (kk > mi) continue;  // Akk block (mi, kk) is zero
+          // B of k-block kk: one ldmatrix.trans per two n-tiles (columns +0..15, +16..31).
+          const T* brow =
+              kb + (16 * kk + 8 * ((lane / 8) % 2) + lane % 8) * LDB + 8 * (lane / 16);
+          uint32_t b01[4], b23[4];
+          ldmatrix_x4_trans(b01, brow);
+          ldmatrix_x4_trans(b23, brow + 16);
+          mma_16x8x16<T>(acc[0], afrag[kk], b01[0], b01[1]);
+          mma_16x8x16<T>(acc[1], afrag[kk], b01[2], b01[3]);
+          mma_16x8x16<T>(acc[2], afrag[kk], b23[0], b23[1]);
+          mma_16x8x16<T>(acc[3], afrag[kk], b23[2], b23[3]);
+        }
+        // Row 16 mi + g (+ 8), columns c0 + 8 j + 2 t4 (+ 1) of w or u. (One pointer per row:
+        // the four n-tiles' stores then differ by constant offsets.)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int i = 16 * mi + g + 8 * hf;
+          if (i >= L) continue;
+          T* orow = out + (i * out_ld + c0 + 2 * t4);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int col = c0 + 8 * j + 2 * t4;
+            const float x = acc[j][2 * hf], y = acc[j][2 * hf + 1];
+            T* dst = orow + 8 * j;
+            if (pair_ok && (kWhole || col < ncols)) {
+              *reinterpret_cast<uint32_t*>(dst) = pack2<T>(x, y);
+            } else {
+              if (col < ncols) dst[0] = from_float<T>(x);
+              if (col + 1 < ncols) dst[1] = from_float<T>(y);
+            }
+          }
+        }
+      }
+    } else {
+      // (Rolled as in pass 1; unrolled by 2 the buffer selects below would fold, at twice the
+      // code.)
+#pragma unroll 1
+      for (int s = 0; s < nslices; ++s) {
+        // (selects, not lay.x[s & 1]: a run-time index into the layout would put it in local
+        // memory)
+        const bool odd = (s & 1) != 0;
+        T* kbw = reinterpret_cast<T*>(smem + (odd ? lay.kbw[1] : lay.kbw[0]));
+        T* kbu = reinterpret_cast<T*>(smem + (odd ? lay.kbu[1] : lay.kbu[0]));
+        float* stw = reinterpret_cast<float*>(smem + (odd ? lay.stw[1] : lay.stw[0]));
+        float* stu = reinterpret_cast<float*>(smem + (odd ? lay.stu[1] : lay.stu[0]));
+        const int c0 = s * kSlice;
+#pragma unroll
+        for (int it = 0; it < kIt2; ++it) {
+          const int i = warp + it * kWarps, c = lane;
+          // rows/columns outside the chunk hold 0
+          kbw[i * LDB + c] = in2.kb[it];
+          kbu[i * LDB + c] = from_float<T>(beta_s[i] * in2.v[it]);
+        }
+        if (s + 1 < nslices) in2 = load_wu(s + 1);
+        __syncthreads();
+        for (int job = warp; job < 4 * NC; job += kWarps) {
+          const bool is_u = job >= 2 * NC;
+          if (!kWhole && c0 >= (is_u ? V : K)) continue;  // (K == V: every slice is in both)
+          const int jj = is_u ? job - 2 * NC : job;
+          const int mi = jj / 2, ni = jj % 2;
+          AccFrag<T> acc2;
+          wmma::fill_fragment(acc2, 0.f);
+          mma_16x16<T, wmma::row_major, wmma::row_major>(acc2, akk + 16 * mi * LDK, LDK,
+                                                         (is_u ? kbu : kbw) + 16 * ni, LDB, BT);
+          store_acc_shared<T>((is_u ? stu : stw) + 16 * mi * kLdf + 16 * ni, acc2, kLdf);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int it = 0; it < kIt2; ++it) {
+          const int i = warp + it * kWarps, c = lane;
+          const int col = c0 + c;
+          if (i < L && (kWhole || col < K)) w[i * hks + col] = from_float<T>(stw[i * kLdf + c]);
+          if (i < L && (kWhole || col < V)) u[i * hvs + col] = from_float<T>(stu[i * kLdf + c]);
+        }
       }
     }
   }
