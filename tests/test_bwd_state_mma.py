@@ -59,9 +59,14 @@ def test_cuda_bwd_state_kernels(case, monkeypatch):
         if n in ("o", "ht"):
             assert torch.equal(t, out_w[n]), f"{n}: the forward does not depend on the backward kernel"
             continue
-        # bf16 gradients: a rounding flip is 2^-8 relative; fp32 dh0 and the gate sums tighter
-        # in absolute terms but with cancellation (x2).
-        ratio = 4e-3 if t.dtype == BF16 else 2e-3
+        # bf16 gradients: a rounding flip is 2^-8 relative; fp32 dh0 2e-3. dA_log / ddt_bias are
+        # sums over every token with cancellation, where the wmma kernel's tf32 products alone
+        # move them by ~3e-3 (H100: 2.9e-3 for dA_log in the softplus case): FLA's 0.008 bar,
+        # which both kernels also meet against the reference above.
+        if n in ("dA_log", "ddt_bias"):
+            ratio = FLA_TOL[n]
+        else:
+            ratio = 4e-3 if t.dtype == BF16 else 2e-3
         assert_rel_close(f"{n} (mma vs wmma)", out_w[n], t, ratio)
 
 
