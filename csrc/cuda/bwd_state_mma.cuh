@@ -145,7 +145,8 @@ __global__ void __launch_bounds__(state_bwd_mma::kThreads, 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int kr = srow + (e >= 2 ? 8 : 0), c = 8 * j + 2 * t4 + (e & 1);
-      S[j][e] = (p.dht != nullptr && c < vcols) ? p.dht[state_off(p, n * HV + hv, kr, v0 + c)] : 0.f;
+      S[j][e] = (p.dht != nullptr && c < vcols) ? p.dht[state_off(p, n * HV + hv, kr, v0 + c)]
+                                                : 0.f;
     }
   }
   // This warp's dv_new block: rows 16 mb + g (+8), columns 16 nb + 8 j + 2 t4 (+1).
@@ -190,21 +191,9 @@ __global__ void __launch_bounds__(state_bwd_mma::kThreads, 2)
     cp_async_commit();
 
     // dh[slot] = dS rounded to T (always [K, V]).
-    if (ok_slot) {
-      T* dh_tile = static_cast<T*>(p.dh) + (slot * HV + hv) * kK * V + v0;
-      if (vec_v && vcols == kBV) {
-        for (int idx = tid; idx < kK * (kBV / 8); idx += kThreads) {
-          const int kr = idx / (kBV / 8), cc = (idx % (kBV / 8)) * 8;
-          *reinterpret_cast<uint4*>(dh_tile + kr * V + cc) =
-              *reinterpret_cast<const uint4*>(dsh + kr * kLdv + cc);
-        }
-      } else {
-        for (int idx = tid; idx < kK * kBV; idx += kThreads) {
-          const int kr = idx / kBV, cc = idx % kBV;
-          if (cc < vcols) dh_tile[kr * V + cc] = dsh[kr * kLdv + cc];
-        }
-      }
-    }
+    if (ok_slot)
+      store_smem_tile<T, kThreads, kBV>(static_cast<T*>(p.dh) + (slot * HV + hv) * kK * V + v0,
+                                        V, dsh, kLdv, kK, vcols, vec_v && vcols == kBV);
 
     // b. dv_new block = Aqk^T do (Aqk^T by ldmatrix.trans; Aqk[j][i] is 0 for j < i, so only the
     // k blocks kk >= mb) + kg dS_hi + kg dS_lo.
@@ -222,7 +211,8 @@ __global__ void __launch_bounds__(state_bwd_mma::kThreads, 2)
     for (int kk = 0; kk < kK / 16; ++kk) {
       uint32_t a[4], bh[4], bl[4];
       ldmatrix_x4(a, kgs + (16 * mb + lane % 16) * kLdk + 16 * kk + 8 * (lane / 16));
-      const int boff = (16 * kk + 8 * ((lane / 8) % 2) + lane % 8) * kLdv + 16 * nb + 8 * (lane / 16);
+      const int boff =
+          (16 * kk + 8 * ((lane / 8) % 2) + lane % 8) * kLdv + 16 * nb + 8 * (lane / 16);
       ldmatrix_x4_trans(bh, dsh + boff);
       ldmatrix_x4_trans(bl, dsl + boff);
       mma_16x8x16<T>(dv[0], a, bh[0], bh[1]);

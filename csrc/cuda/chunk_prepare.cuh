@@ -957,6 +957,25 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       return r;
     };
     SliceWU in2 = load_wu(0);
+    // Slice s's operand tiles: buffer s & 1 (selects, not lay.x[s & 1]: a run-time index into the
+    // layout would put it in local memory). stage_slice writes in2 (slice s's operands; rows and
+    // columns outside the chunk hold 0) into them, starts slice s + 1's loads and waits at the
+    // slice's barrier; both pass-2 variants below begin each slice with it.
+    auto operand_tiles = [&](int s, T*& kbw, T*& kbu) {
+      const bool odd = (s & 1) != 0;
+      kbw = reinterpret_cast<T*>(smem + (odd ? lay.kbw[1] : lay.kbw[0]));
+      kbu = reinterpret_cast<T*>(smem + (odd ? lay.kbu[1] : lay.kbu[0]));
+    };
+    auto stage_slice = [&](int s, T* kbw, T* kbu) {
+#pragma unroll
+      for (int it = 0; it < kIt2; ++it) {
+        const int i = warp + it * kWarps, c = lane;
+        kbw[i * LDB + c] = in2.kb[it];
+        kbu[i * LDB + c] = from_float<T>(beta_s[i] * in2.v[it]);
+      }
+      if (s + 1 < nslices) in2 = load_wu(s + 1);
+      __syncthreads();
+    };
     if constexpr (D::kPass2Mma) {
       // 16-bit chunk 64 on mma.sync m16n8k16 (fp32 accumulators, the operands as wmma read them:
       // akk and the T-rounded tiles kbw/kbu; only the summation order differs).
@@ -1005,19 +1024,10 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       // (Rolled as in pass 1.)
 #pragma unroll 1
       for (int s = 0; s < nslices; ++s) {
-        const bool odd = (s & 1) != 0;
-        T* kbw = reinterpret_cast<T*>(smem + (odd ? lay.kbw[1] : lay.kbw[0]));
-        T* kbu = reinterpret_cast<T*>(smem + (odd ? lay.kbu[1] : lay.kbu[0]));
+        T *kbw, *kbu;
+        operand_tiles(s, kbw, kbu);
+        stage_slice(s, kbw, kbu);
         const int c0 = s * kSlice;
-#pragma unroll
-        for (int it = 0; it < kIt2; ++it) {
-          const int i = warp + it * kWarps, c = lane;
-          // rows/columns outside the chunk hold 0
-          kbw[i * LDB + c] = in2.kb[it];
-          kbu[i * LDB + c] = from_float<T>(beta_s[i] * in2.v[it]);
-        }
-        if (s + 1 < nslices) in2 = load_wu(s + 1);
-        __syncthreads();
         if (!kWhole && c0 >= ncols) continue;  // warp-uniform (K == V: every slice is in both)
         const T* kb = is_u ? kbu : kbw;
         float acc[4][4];
@@ -1063,23 +1073,13 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       // code.)
 #pragma unroll 1
       for (int s = 0; s < nslices; ++s) {
-        // (selects, not lay.x[s & 1]: a run-time index into the layout would put it in local
-        // memory)
+        T *kbw, *kbu;
+        operand_tiles(s, kbw, kbu);
         const bool odd = (s & 1) != 0;
-        T* kbw = reinterpret_cast<T*>(smem + (odd ? lay.kbw[1] : lay.kbw[0]));
-        T* kbu = reinterpret_cast<T*>(smem + (odd ? lay.kbu[1] : lay.kbu[0]));
         float* stw = reinterpret_cast<float*>(smem + (odd ? lay.stw[1] : lay.stw[0]));
         float* stu = reinterpret_cast<float*>(smem + (odd ? lay.stu[1] : lay.stu[0]));
         const int c0 = s * kSlice;
-#pragma unroll
-        for (int it = 0; it < kIt2; ++it) {
-          const int i = warp + it * kWarps, c = lane;
-          // rows/columns outside the chunk hold 0
-          kbw[i * LDB + c] = in2.kb[it];
-          kbu[i * LDB + c] = from_float<T>(beta_s[i] * in2.v[it]);
-        }
-        if (s + 1 < nslices) in2 = load_wu(s + 1);
-        __syncthreads();
+        stage_slice(s, kbw, kbu);
         for (int job = warp; job < 4 * NC; job += kWarps) {
           const bool is_u = job >= 2 * NC;
           if (!kWhole && c0 >= (is_u ? V : K)) continue;  // (K == V: every slice is in both)

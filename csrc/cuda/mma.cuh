@@ -446,6 +446,28 @@ __device__ __forceinline__ void for_strided(int first, int end, int step, F&& bo
   }
 }
 
+// The other direction, for 16-bit tiles: dst[i * dst_ld + c] = src[i * src_ld + c] for i < rows
+// and c < cols_valid (cols_valid <= kCols). With vec (the caller checked that cols_valid == kCols
+// and that dst's rows are 16-byte aligned) each thread copies 16-byte vectors, else elements.
+// The caller publishes src with a barrier first.
+template <typename U, int kThreads, int kCols>
+__device__ __forceinline__ void store_smem_tile(U* dst, int dst_ld, const U* src, int src_ld,
+                                                int rows, int cols_valid, bool vec) {
+  static_assert(sizeof(U) == 2 && kCols % 8 == 0, "store_smem_tile: 16-bit tiles, whole vectors");
+  if (vec) {
+    for (int idx = threadIdx.x; idx < rows * (kCols / 8); idx += kThreads) {
+      const int i = idx / (kCols / 8), c = (idx % (kCols / 8)) * 8;
+      *reinterpret_cast<uint4*>(dst + i * dst_ld + c) =
+          *reinterpret_cast<const uint4*>(src + i * src_ld + c);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < rows * kCols; idx += kThreads) {
+      const int i = idx / kCols, c = idx % kCols;
+      if (c < cols_valid) dst[i * dst_ld + c] = src[i * src_ld + c];
+    }
+  }
+}
+
 // ---- shared-memory carving -----------------------------------------------------------------
 
 __host__ __device__ constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }

@@ -17,7 +17,8 @@
 //   - A from a row-major [K][M] tile (A = X^T): ldmatrix.trans, lane l points at
 //     (row 8 (l / 16) + l % 8, col 8 ((l / 8) % 2));
 //   - B for two n-tiles from a row-major [K][N] tile: ldmatrix.trans, lane l points at
-//     (row 8 ((l / 8) % 2) + l % 8, col 8 (l / 16)); registers {0, 1} are n-tile 0, {2, 3} n-tile 1.
+//     (row 8 ((l / 8) % 2) + l % 8, col 8 (l / 16)); registers {0, 1} are n-tile 0, {2, 3}
+//     n-tile 1.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -225,18 +225,10 @@ __global__ void __launch_bounds__(state_mma::Cfg<BV>::kThreads, state_mma::Cfg<B
       T* h_tile = h + (slot * HV + hv) * kK * V + (p.state_v_first ? v0 * kK : v0);
       if (p.state_v_first) {
         const int kr = tid % kK;
-        for (int c = tid / kK; c < vcols; c += kThreads / kK) h_tile[c * kK + kr] = sh[kr * kLdv + c];
-      } else if (vec_v && vcols == BV) {
-        for (int idx = tid; idx < kK * (BV / 8); idx += kThreads) {
-          const int kr = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
-          *reinterpret_cast<uint4*>(h_tile + kr * V + c) =
-              *reinterpret_cast<const uint4*>(sh + kr * kLdv + c);
-        }
+        for (int c = tid / kK; c < vcols; c += kThreads / kK)
+          h_tile[c * kK + kr] = sh[kr * kLdv + c];
       } else {
-        for (int idx = tid; idx < kK * BV; idx += kThreads) {
-          const int kr = idx / BV, c = idx % BV;
-          if (c < vcols) h_tile[kr * V + c] = sh[kr * kLdv + c];
-        }
+        store_smem_tile<T, kThreads, BV>(h_tile, V, sh, kLdv, kK, vcols, vec_v && vcols == BV);
       }
     }
 
@@ -283,22 +275,9 @@ __global__ void __launch_bounds__(state_mma::Cfg<BV>::kThreads, state_mma::Cfg<B
     issue_group1(ci + C::kG1Bufs);
     cp_async_commit();
     // v_new rows of the chunk (only where wanted: the backward's recompute).
-    if (v_new != nullptr) {
-      T* vn_tile = v_new + (row0 * HV + hv) * V + v0;
-      if (vec_v && vcols == BV) {
-        for (int idx = tid; idx < kBT * (BV / 8); idx += kThreads) {
-          const int i = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
-          if (i < L)
-            *reinterpret_cast<uint4*>(vn_tile + i * vs + c) =
-                *reinterpret_cast<const uint4*>(vn + i * kLdv + c);
-        }
-      } else {
-        for (int idx = tid; idx < kBT * BV; idx += kThreads) {
-          const int i = idx / BV, c = idx % BV;
-          if (i < L && c < vcols) vn_tile[i * vs + c] = vn[i * kLdv + c];
-        }
-      }
-    }
+    if (v_new != nullptr)
+      store_smem_tile<T, kThreads, BV>(v_new + (row0 * HV + hv) * V + v0, vs, vn, kLdv, L, vcols,
+                                       vec_v && vcols == BV);
 
     // 3. o = scale qg Sh + Aqk v_new over the Aqk blocks on or below the diagonal; stored from
     // registers.
