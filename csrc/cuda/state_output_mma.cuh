@@ -1,7 +1,7 @@
 // kda_ext CUDA: chunk_state_output with the state in registers (mma.sync), for 16-bit inputs,
-// K = 128 and chunk 64: the Kimi configuration. Same contract and grid as
-// chunk_state_output_kernel (chunk_state_output.cuh) with 32-column V slices; every other
-// configuration keeps that kernel.
+// K = 128 and chunk 64: the Kimi configuration. Same contract as chunk_state_output_kernel
+// (chunk_state_output.cuh), grid (N * ceil(V / BV), HV); every other configuration keeps that
+// kernel.
 //
 // Why a second kernel: the wmma kernel keeps S in fp32 shared memory and sends every product's
 // accumulator through shared memory for the element-wise work, with six barriers a chunk; it is
@@ -19,14 +19,16 @@
 //   barrier for the next chunk (BV = 32: single buffers, 109 KB, two CTAs per SM) or for the one
 //   after it (BV = 64: double buffers, one CTA of 16 warps per SM).
 // Why two widths: the V slices of a head all read the same w, qg and kg; at 32 columns those reads
-// (4x per head at V = 128) run the kernel near the L2's bandwidth, 64 columns halve them but need
+// (4x per head at V = 128) move ~4 TB/s through L2 by the traffic model, 64 columns halve them
+// (H100, main shape: -4% of the kernel, so latency, not L2, is most of its time) but need
 // N*HV*ceil(V/64) CTAs to fill the GPU (the host picks, launch_fwd.cu).
 // Numerics as the wmma kernel: fp32 state and accumulators, 16-bit operands rounded at the same
 // points (Sh, v_new); only the order of the fp32 sums differs.
 #pragma once
 
-#include "cuda/chunk_state_output.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/mma_sync.cuh"
+#include "cuda/params.h"
 
 namespace kda_ext {
 namespace cuda {
