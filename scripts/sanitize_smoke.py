@@ -55,9 +55,10 @@ if __name__ == "__main__":
     case(1, 70, 1, 1, 32, 48, dtype=torch.float32)
     # Zero-length sequences with the [V, K] state layout (the final-state store reads S across warps).
     case(1, 70, 1, 2, 64, 48, cu=[0, 0, 5, 5, 70], state_v_first=True)
-    # K = 128 16-bit shapes for the register state kernel (KDA_EXT_STATE_KERNEL=mma runs it on
-    # these; the default runs the 16-column wmma grid here): V not a multiple of 8 with the [V, K]
-    # layout and empty sequences, an odd V.
+    # K = 128 16-bit shapes for the register state kernels (the default runs the forward one at
+    # 32 columns here, KDA_EXT_STATE_KERNEL=mma64 its 64-column build, wmma the shared-memory
+    # kernel; the bf16 one also runs the register reverse pass): V not a multiple of 8 with the
+    # [V, K] layout and empty sequences, an odd V.
     case(1, 131, 2, 2, 128, 100, cu=[0, 0, 1, 67, 131], safe=True, dtype=torch.float16, state_v_first=True)
     case(2, 97, 1, 2, 128, 33)
     print("sanitize smoke: ok")

@@ -94,3 +94,31 @@ def test_ncu_stalls_summarises_a_saved_report():
     assert ncu_stalls.summarize_mix(text, top=2)[2] == (
         "| 3 | kda_ext::cuda::k<float> | 100 | alu 50, fma 38 | 12, 6, 2, 1 |")
     assert ncu_stalls.summarize_mix("no report here") == []
+
+
+def test_compile_check_finds_symbols_defined_twice(tmp_path):
+    # check_cuda_compile.py compiles each CUDA source alone; a non-template kernel defined in a header
+    # that two sources include links nowhere (session 8's first reverse-state build). Its nm pass
+    # must flag a strong symbol defined in two objects and let weak (inline/template) ones repeat.
+    import shutil
+
+    import pytest
+
+    cc, nm = shutil.which("cc") or shutil.which("gcc"), shutil.which("nm")
+    if cc is None or nm is None:
+        pytest.skip("needs a C compiler and nm")
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import check_cuda_compile
+
+    header = "int shared_strong(int x) { return x + 1; }\n__attribute__((weak)) int shared_weak(int x) { return x; }\n"
+    objects = []
+    for name in ("a", "b"):
+        src = tmp_path / f"{name}.c"
+        src.write_text(header + f"int only_{name}(void) {{ return shared_strong(1) + shared_weak(2); }}\n")
+        obj = tmp_path / f"{name}.o"
+        subprocess.run([cc, "-c", str(src), "-o", str(obj)], check=True)
+        objects.append(str(obj))
+    found = check_cuda_compile.duplicate_definitions(objects)
+    assert set(found) == {"shared_strong"}, found
+    assert found["shared_strong"] == ["a.o", "b.o"]
+    assert check_cuda_compile.duplicate_definitions(objects[:1]) == {}
