@@ -92,6 +92,9 @@ struct PrepMode {
   static constexpr bool kOffOwnRef = kSafe && kOffH && !kDiagH;
   static constexpr bool kRowF = (kSafe && !kDiagH) || (!kOffOwnRef && !kOffH);
   static constexpr bool kRowH = (kSafe && kDiagH) || (!kOffOwnRef && kOffH);
+  // The restructured pass 1 always runs its off-diagonal products on 16-bit operands (the fp32
+  // off-diagonal variant was an experiment, measured and dropped): the code below relies on it.
+  static_assert(!kNew || kOffH, "chunk_prepare: the new pass-1 layout has 16-bit off-diagonals");
 };
 
 // ---- kernel 0 ------------------------------------------------------------------------------
@@ -255,13 +258,14 @@ __host__ __device__ inline PrepLayout prep_layout() {
     // The union of the safe_gate and the plain build: fp32 row operands if some product reads
     // them, 16-bit ones likewise, the off-diagonal column rows (16 per block pair) and the
     // diagonal ones (16 per block; safe_gate only) each in its products' precision.
-    const bool row_f = !(P::kOff && P::kDiag), row_h = P::kOff || P::kDiag;
+    // (The off-diagonal operands are always 16-bit here: PrepMode's static_assert.)
+    const bool row_f = !P::kDiag;
     l.qop = c1.take<float>(row_f ? BT * kLdf : 0);
     l.kop = c1.take<float>(row_f ? BT * kLdf : 0);
-    l.qh = c1.take<T>(row_h ? BT * kLd16 : 0);
-    l.kh = c1.take<T>(row_h ? BT * kLd16 : 0);
+    l.qh = c1.take<T>(BT * kLd16);
+    l.kh = c1.take<T>(BT * kLd16);
     constexpr int kOffRows = 16 * D::kOffPairs, kDiagRows = 16 * D::NC;
-    l.kc = P::kOff ? c1.take<T>(kOffRows * kLd16) : c1.take<float>(kOffRows * kLdf);
+    l.kc = c1.take<T>(kOffRows * kLd16);
     l.kcd = P::kDiag ? c1.take<T>(kDiagRows * kLd16) : c1.take<float>(kDiagRows * kLdf);
   }
   l.tot = c1.take<float>(D::kWarps * kSlice);
@@ -529,8 +533,8 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 #pragma unroll
     for (int s = 0; s < D::kMaxJobs; ++s) {
       const bool has_d = !D::slot_all_off(s), has_o = !D::slot_all_diag(s);
-      if ((has_d && !M::kDiagH) || (has_o && !M::kOffH)) wmma::fill_fragment(acc[s], 0.f);
-      if ((has_d && M::kDiagH) || (has_o && M::kOffH)) wmma::fill_fragment(accH[s], 0.f);
+      if (has_d && !M::kDiagH) wmma::fill_fragment(acc[s], 0.f);
+      if ((has_d && M::kDiagH) || has_o) wmma::fill_fragment(accH[s], 0.f);
     }
   }
   // Element-wise diagonal entries (no safe_gate): entry s of this thread is pair tid + s * threads
@@ -734,8 +738,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
           const unsigned src = static_cast<unsigned>(kc_src[rr]);
           const unsigned oj = src & 0xffffu, oref = src >> 16;  // byte offsets of rows j, ref
           const float x = at(kscol, oj) * __expf(at(gscol, oref) - at(gscol, oj));
-          if constexpr (M::kOffH) kch()[rr * kLd16 + c] = from_float<T>(x);
-          else kc[rr * kLdf + c] = x;
+          kch()[rr * kLd16 + c] = from_float<T>(x);
         }
       }
     }
@@ -773,15 +776,9 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
         } else {
           const Blk jb = off_job(j);
           const int crow = 16 * (jb.bb * (jb.bb - 1) / 2 + jb.aa);
-          if constexpr (M::kOffH) {
-            const T* ra = (jb.is_l ? kh() : qh()) + 16 * jb.bb * kLd16;
-            mma_16x16<T, row_major, col_major>(accH[s], ra, kLd16, kch() + crow * kLd16, kLd16,
-                                               kSlice);
-          } else {
-            const float* ra = (jb.is_l ? kop : qop) + 16 * jb.bb * kLdf;
-            mma_16x16<float, row_major, col_major>(acc[s], ra, kLdf, kc + crow * kLdf, kLdf,
-                                                   kSlice);
-          }
+          const T* ra = (jb.is_l ? kh() : qh()) + 16 * jb.bb * kLd16;
+          mma_16x16<T, row_major, col_major>(accH[s], ra, kLd16, kch() + crow * kLd16, kLd16,
+                                             kSlice);
         }
       }
     }
@@ -816,7 +813,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
         const bool diag = D::slot_all_diag(s) || (!D::slot_all_off(s) && j < D::kDiagJobs);
         const Blk jb = diag ? diag_job(j) : off_job(j);
         float* cp = (jb.is_l ? lacc : aacc) + 16 * jb.bb * LDA + 16 * jb.aa;
-        if (diag ? M::kDiagH : M::kOffH) store_acc_shared<T>(cp, accH[s], LDA);
+        if (!diag || M::kDiagH) store_acc_shared<T>(cp, accH[s], LDA);
         else store_acc_shared<float>(cp, acc[s], LDA);
       }
     }
