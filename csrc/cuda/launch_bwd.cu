@@ -2,7 +2,6 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -49,21 +48,6 @@ void launch_with_smem(Kernel kernel, dim3 grid, int threads, int64_t smem, int l
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The current device's SM count, asked of the runtime once per device and kept (a device
-// attribute: no stream work, no synchronisation, so nothing that breaks CUDA graph capture).
-int state_pass_sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  const bool cacheable = dev >= 0 && dev < kMaxDevices;
-  int n = cacheable ? known[dev].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    if (cacheable) known[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
 
 // Which reverse state kernel runs where both could (bf16, chunk 64, K = 128), from
 // KDA_EXT_BWD_STATE_KERNEL: auto (default) or mma: bwd_state_mma_kernel (dS in registers, 32-column
@@ -137,7 +121,7 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
         if constexpr (BT == 64) {
           const int64_t Kp = align_up(p.K, 16);
           if (Kp != 64 && Kp != 256 &&
-              p.N * p.HV * cdiv(p.V, kBwdStateBV) < state_pass_sm_count()) {
+              p.N * p.HV * cdiv(p.V, kBwdStateBV) < sm_count()) {
             launch_state<T, BT, kBwdStateBVNarrow>(p, limit, stream);
             break;
           }

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace kda_ext {
@@ -20,6 +21,23 @@ inline int max_optin_smem() {
   int v = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   return v;
+}
+
+// The current device's SM count, asked of the runtime once per device and kept (a device
+// attribute: no stream work, no synchronisation, so nothing that breaks CUDA graph capture).
+// Both launch layers size their state-pass grids by it.
+inline int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  int n = cacheable ? known[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    if (cacheable) known[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 // Raises `kernel`'s dynamic shared-memory limit to `bytes`, or fails with a message naming the

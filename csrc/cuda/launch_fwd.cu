@@ -26,17 +26,9 @@ namespace cuda {
 
 namespace {
 
-// The current device's SM count and how many blocks of `smem` dynamic shared-memory bytes one SM
-// holds by shared memory alone: attribute queries like max_optin_smem's (no synchronisation, no
-// stream work, so safe under CUDA graph capture).
-int sm_count() {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-  return v;
-}
-
+// How many blocks of `smem` dynamic shared-memory bytes one SM holds by shared memory alone:
+// attribute queries like max_optin_smem's (no synchronisation, no stream work, so safe under
+// CUDA graph capture).
 int blocks_per_sm_by_smem(int64_t smem) {
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
