@@ -61,4 +61,7 @@ if __name__ == "__main__":
     # [V, K] layout and empty sequences, an odd V.
     case(1, 131, 2, 2, 128, 100, cu=[0, 0, 1, 67, 131], safe=True, dtype=torch.float16, state_v_first=True)
     case(2, 97, 1, 2, 128, 33)
+    # K = V = 128 bf16 with GVA, a partial last chunk and the [V, K] layout: the register
+    # per-chunk backward kernels (A's state_v_first path); the varlen bf16 case above runs them too.
+    case(2, 100, 2, 4, 128, 128, state_v_first=True)
     print("sanitize smoke: ok")
