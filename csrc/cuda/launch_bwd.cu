@@ -2,11 +2,13 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
 #include "cuda/bwd_chunk.cuh"
+#include "cuda/bwd_chunk_a_mma.cuh"
 #include "cuda/bwd_finalize.cuh"
 #include "cuda/bwd_launch.cuh"
 #include "cuda/bwd_state.cuh"
@@ -59,6 +61,27 @@ bool use_bwd_state_mma() {
     return true;
   if (std::strcmp(v, "wmma") == 0) return false;
   TORCH_CHECK(false, "kda_ext: KDA_EXT_BWD_STATE_KERNEL must be auto, mma or wmma, got '", v, "'");
+}
+
+// Which kernel A runs where both could (bf16, chunk 64, K = V = 128, 16-byte aligned tensors,
+// rstd from the recompute or no l2norm), from KDA_EXT_BWD_A_KERNEL: auto (default) or mma:
+// bwd_chunk_a_mma_kernel (products in registers); wmma: bwd_chunk_a_kernel. Read per call.
+bool use_bwd_a_mma() {
+  const char* v = std::getenv("KDA_EXT_BWD_A_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "mma") == 0)
+    return true;
+  if (std::strcmp(v, "wmma") == 0) return false;
+  TORCH_CHECK(false, "kda_ext: KDA_EXT_BWD_A_KERNEL must be auto, mma or wmma, got '", v, "'");
+}
+
+// Whether bwd_chunk_a_mma_kernel takes p (T == bf16 and BT == 64 checked by the caller): its
+// fixed shape, every tensor it copies with cp.async 16-byte aligned, and no rstd to compute
+// (bwd_chunk_a_kernel computes and stores it for kernel C when the recompute did not).
+bool chunk_a_mma_applies(const ChunkKdaBwdParams& p) {
+  auto al = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
+  return p.K == 128 && p.V == 128 && p.NKS == 2 && (p.rstd_ready || !p.use_qk_l2norm) &&
+         al(p.h) && al(p.dh) && al(p.dout) && al(p.v_new) && al(p.dvn) && al(p.q) && al(p.k) &&
+         al(p.g_cum) && al(p.Akk);
 }
 
 // bwd_state_kernel over V slices of BV columns: grid (N, HV, ceil(V / BV)). The usual head
@@ -130,6 +153,15 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       }
       break;
     case BwdStage::kChunkA:
+      if constexpr (BT == 64 && std::is_same_v<T, __nv_bfloat16>) {
+        // The switch is read first: an invalid value raises for any bf16, chunk-64 shape.
+        if (use_bwd_a_mma() && slots > 0 && chunk_a_mma_applies(p)) {
+          launch_with_smem(bwd_chunk_a_mma_kernel<T>, dim3(static_cast<unsigned>(slots), hv, nks),
+                           chunk_a_mma::kThreads, chunk_a_mma::layout().total, limit,
+                           "bwd_chunk_a_mma_kernel", p, stream);
+          break;
+        }
+      }
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_a_kernel<T, BT, 128> : bwd_chunk_a_kernel<T, BT, 0>,
                          dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads,
