@@ -9,6 +9,7 @@
 
 #include "cuda/bwd_chunk.cuh"
 #include "cuda/bwd_chunk_a_mma.cuh"
+#include "cuda/bwd_chunk_b_mma.cuh"
 #include "cuda/bwd_finalize.cuh"
 #include "cuda/bwd_launch.cuh"
 #include "cuda/bwd_state.cuh"
@@ -51,28 +52,31 @@ void launch_with_smem(Kernel kernel, dim3 grid, int threads, int64_t smem, int l
 }
 
 
+// The backward's register-kernel switches: unset, empty, auto or mma pick the register kernel
+// (mma.sync) where it applies, wmma the shared-memory one; anything else raises, naming `var`.
+bool use_register_kernel(const char* var) {
+  const char* v = std::getenv(var);
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "mma") == 0)
+    return true;
+  if (std::strcmp(v, "wmma") == 0) return false;
+  TORCH_CHECK(false, "kda_ext: ", var, " must be auto, mma or wmma, got '", v, "'");
+}
+
 // Which reverse state kernel runs where both could (bf16, chunk 64, K = 128), from
 // KDA_EXT_BWD_STATE_KERNEL: auto (default) or mma: bwd_state_mma_kernel (dS in registers, 32-column
 // slices); wmma: bwd_state_kernel (its own width choice). Read per call, like the forward's
 // KDA_EXT_STATE_KERNEL, so tests and benchmarks can compare the two in one process.
-bool use_bwd_state_mma() {
-  const char* v = std::getenv("KDA_EXT_BWD_STATE_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "mma") == 0)
-    return true;
-  if (std::strcmp(v, "wmma") == 0) return false;
-  TORCH_CHECK(false, "kda_ext: KDA_EXT_BWD_STATE_KERNEL must be auto, mma or wmma, got '", v, "'");
-}
+bool use_bwd_state_mma() { return use_register_kernel("KDA_EXT_BWD_STATE_KERNEL"); }
 
 // Which kernel A runs where both could (bf16, chunk 64, K = V = 128, 16-byte aligned tensors,
 // rstd from the recompute or no l2norm), from KDA_EXT_BWD_A_KERNEL: auto (default) or mma:
 // bwd_chunk_a_mma_kernel (products in registers); wmma: bwd_chunk_a_kernel. Read per call.
-bool use_bwd_a_mma() {
-  const char* v = std::getenv("KDA_EXT_BWD_A_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "mma") == 0)
-    return true;
-  if (std::strcmp(v, "wmma") == 0) return false;
-  TORCH_CHECK(false, "kda_ext: KDA_EXT_BWD_A_KERNEL must be auto, mma or wmma, got '", v, "'");
-}
+bool use_bwd_a_mma() { return use_register_kernel("KDA_EXT_BWD_A_KERNEL"); }
+
+// Which kernel B runs where both could (bf16, chunk 64, K = V = 128, 16-byte aligned operands),
+// from KDA_EXT_BWD_B_KERNEL: auto (default) or mma: bwd_chunk_b_mma_kernel (products in
+// registers); wmma: bwd_chunk_b_kernel. Read per call, as KDA_EXT_BWD_STATE_KERNEL.
+bool use_bwd_b_mma() { return use_register_kernel("KDA_EXT_BWD_B_KERNEL"); }
 
 // Whether bwd_chunk_a_mma_kernel takes p (T == bf16 and BT == 64 checked by the caller): its
 // fixed shape, every tensor it copies with cp.async 16-byte aligned, and no rstd to compute
@@ -169,6 +173,19 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
                          stream);
       break;
     case BwdStage::kChunkB:
+      if constexpr (BT == 64 && std::is_same_v<T, __nv_bfloat16>) {
+        // bwd_chunk_b_mma_kernel reads its tiles by cp.async / 16-byte vectors and the dAkk
+        // partials as float2 (rows of 64 floats): every operand 16-byte aligned (V = 128 and
+        // BT = 64 keep the rows aligned given aligned bases).
+        auto al16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+        if (slots > 0 && kv128 && al16(p.dvn) && al16(p.v) && al16(p.dout) && al16(p.v_new) &&
+            al16(p.Akk) && al16(p.dAkk_part) && use_bwd_b_mma()) {
+          launch_with_smem(bwd_chunk_b_mma_kernel<T>, dim3(static_cast<unsigned>(slots), hv),
+                           chunk_b_mma::kThreads, chunk_b_mma::layout<T>().total, limit,
+                           "bwd_chunk_b_mma_kernel", p, stream);
+          break;
+        }
+      }
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_b_kernel<T, BT, 128> : bwd_chunk_b_kernel<T, BT, 0>,
                          dim3(static_cast<unsigned>(slots), hv), kBwdThreads,
