@@ -8,8 +8,8 @@ as the kernels do. Reported: max and median over outputs of |error| / sum_k |a||
 
 usage: python scripts/bf16x3_error.py [--trials N] [--seed S]
 
-Result (seed 0, 200 trials per kd): bf16x3 worst ~2^-16, 3xTF32 ~2^-21 to 2^-22, one tf32 pass
-~2^-10 to 2^-11 (see the printed table).
+Result (seed 0, 100 trials per kd), log2 of worst / median: bf16x3 -15.4 / -19.0,
+3xTF32 -21.0 / -24.7, one tf32 pass -10.2 / -12.7 (about the same for kd = 16, 32, 48).
 """
 import argparse
 import math

@@ -699,15 +699,17 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
 // from fp32 tiles (each fragment element a scalar LDS and a tf32 split: most of the kernel's
 // instructions went there). On for fp16/bf16 inputs; fp32 inputs keep 3xTF32 (the accuracy an
 // fp32 caller asks for), and false builds the old code exactly.
-// Precision: bf16x3 carries ~16 bits of each operand (worst error ~2^-16 of sum |a||b| per
-// product) against 3xTF32's ~2^-21, far more than one tf32 pass (~2^-11, which cost dA_log /
-// ddt_bias their margin: wip/c-tf32-per-product in docs/perf-notes.md).
+// Precision: bf16x3 carries ~16 bits of each operand (worst error ~2^-15 of sum |a||b| per
+// product; 2^-15.4 in scripts/bf16x3_error.py's fp64 emulation) against 3xTF32's ~2^-21, far
+// more than one tf32 pass (~2^-10, which cost dA_log / ddt_bias their margin:
+// wip/c-tf32-per-product in docs/perf-notes.md). Details in bwd_bf16x3.cuh.
 template <typename T>
 constexpr bool kCBf16x3 = sizeof(T) == 2;
 
-// Layout with bf16x3 (b16 true): sAqk' and dL as bf16 hi/lo [BT][BT + 8] (ldmatrix rows of 80 or
-// 144 bytes: conflict-free), and in fp32 only their diagonal 16 x 16 blocks ([BT][16] at daqk /
-// dl: the diagonal units read nothing else). The products' xm/ym operands (bf16 hi/lo slabs of at
+// Layout with bf16x3 (b16 true): sAqk' and dL as bf16 hi/lo, only the part the products read
+// (rows 16.., columns ..BT - 16: everything strictly below the diagonal blocks), [BT - 16][BT - 8]
+// (ldmatrix rows of 48 or 112 bytes: the 8 rows of a phase on different banks), and in fp32 only
+// their diagonal 16 x 16 blocks ([BT][16] at daqk / dl: the diagonal units read nothing else). The products' xm/ym operands (bf16 hi/lo slabs of at
 // most BT - 16 rows) live in the xm + ym fp32 tiles, which are free until the diagonal units.
 struct BwdChunkCSmem {
   int64_t qh, kh, G, daqk, dl, xm, ym, rq, rl, cc, vec, aqh, aql, dlh, dll, total;
@@ -727,7 +729,7 @@ struct BwdChunkCSmem {
     vec = c.take<float>(4 * 64);
     aqh = aql = dlh = dll = 0;
     if (b16) {
-      const int64_t sq16 = BT * (BT + 8);
+      const int64_t sq16 = (BT - 16) * (BT - 8);
       aqh = c.take<__nv_bfloat16>(sq16);
       aql = c.take<__nv_bfloat16>(sq16);
       dlh = c.take<__nv_bfloat16>(sq16);
@@ -767,11 +769,11 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   float* vred = vrk + 64;
   constexpr int ld = kTileLd;
   constexpr int ldA = BT + 4;
-  // bf16x3: sAqk' / dL hi and lo ([BT][ld16A]), the slabs of the products' xm / ym operands
+  // bf16x3: sAqk' / dL hi and lo (rows 16.. and columns ..BT - 16: [BT - 16][ld16A]), the slabs of the products' xm / ym operands
   // (hi and lo, [BT - 16][ld16], in the xm + ym tiles), and the fp32 diagonal blocks of sAqk' / dL
   // at daqk / dl ([BT][16]; the diagonal units' only reads of them).
   using B16 = __nv_bfloat16;
-  constexpr int ld16A = BT + 8, ld16 = kTileLd16, slab = (BT - 16) * ld16;
+  constexpr int ld16A = BT - 8, ld16 = kTileLd16, slab = (BT - 16) * ld16;
   B16* aq_hi = reinterpret_cast<B16*>(smem_raw + Lay.aqh);
   B16* aq_lo = reinterpret_cast<B16*>(smem_raw + Lay.aql);
   B16* dl_hi = reinterpret_cast<B16*>(smem_raw + Lay.dlh);
@@ -832,8 +834,9 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
             x.v[j] = in ? x.v[j] : 0.f;
           }
           if constexpr (kB3) {
-            const int o = r * ld16A + j0;
-            store_split8(which ? dl_hi + o : aq_hi + o, which ? dl_lo + o : aq_lo + o, x.v);
+            const int o = (r - 16) * ld16A + j0;
+            if (r >= 16 && j0 < BT - 16)
+              store_split8(which ? dl_hi + o : aq_hi + o, which ? dl_lo + o : aq_lo + o, x.v);
             if ((j0 >> 4) == (r >> 4)) store8((which ? dl : daqk) + r * 16 + (j0 & 15), x);
           } else {
             store8((which ? dl : daqk) + r * ldA + j0, x);
@@ -883,8 +886,9 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
         const bool second = warp >= 8;
         const int n0 = 8 * (warp & 7);
         float big[4] = {0.f, 0.f, 0.f, 0.f}, small[4] = {0.f, 0.f, 0.f, 0.f};
-        mma_bf16x3_16x8<false>(big, small, (second ? dl_hi : aq_hi) + i0 * ld16A,
-                               (second ? dl_lo : aq_lo) + i0 * ld16A, ld16A, xs_hi + n0,
+        const int a0 = (i0 - 16) * ld16A;
+        mma_bf16x3_16x8<false>(big, small, (second ? dl_hi : aq_hi) + a0,
+                               (second ? dl_lo : aq_lo) + a0, ld16A, xs_hi + n0,
                                xs_lo + n0, ld16, i0);
         store_acc_16x8((second ? rl : rq) + i0 * ld + n0, ld, big, small);
       }
@@ -925,7 +929,7 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
       }
       __syncthreads();
       if (warp < 8) {
-        const int n0 = 8 * warp, a0 = j1 * ld16A + (j1 - 16);
+        const int n0 = 8 * warp, a0 = (j1 - 16) * ld16A + (j1 - 16);
         float big[4] = {0.f, 0.f, 0.f, 0.f}, small[4] = {0.f, 0.f, 0.f, 0.f};
         mma_bf16x3_16x8<true>(big, small, aq_hi + a0, aq_lo + a0, ld16A, xs_hi + n0, xs_lo + n0,
                               ld16, BT - j1);
