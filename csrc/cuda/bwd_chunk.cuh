@@ -863,37 +863,54 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   // where __expf (ex2.approx of x*log2e: ~2 ulp plus |x|*2^-24 relative) is as good as the
   // diagonal blocks need, at about half of expf's instructions (the kernel is issue-bound).
   // Row side: sub-chunk I against all earlier rows through its first row.
-  // bf16x3 (kB3): the fills write bf16 hi/lo slabs (slab row s = tile row j on the row side,
-  // i - j1 on the column side) and the products go over all 16 warps, one 16 x 8 output tile each
-  // (warp w: column tile w % 8; row side: rq for w < 8, rl for the others; column side: warps
-  // 0..7, both terms into one accumulator). The old wmma products kept warps 4..15 idle.
+  // bf16x3 (kB3): the fills write bf16 hi/lo slabs (row side: all sub-chunks' at once, below;
+  // column side: slab row s = tile row i - j1) and each warp computes 16 x 8 output tiles (warp
+  // w: column tile w % 8; row side: rq for w < 8, rl for the others; column side: warps 0..7,
+  // both terms into one accumulator). The old wmma products kept warps 4..15 idle.
   const int warp = static_cast<int>(threadIdx.x) >> 5;
-  for (int I = 1; I < nsub; ++I) {
-    const int i0 = 16 * I;
-    if constexpr (kB3) {
+  if constexpr (kB3) {
+    // All reference-row slabs at once (sub-chunk I's, rows j < 16 I, from slab row 8 I (I - 1)
+    // on: 16 + 32 + 48 rows at chunk 64), one barrier, all products, one barrier: 2 barriers
+    // instead of 2 per sub-chunk. Each warp then does its column tile for every I (1 + 2 + 3
+    // k16 steps at chunk 64: the same for all 16 warps).
+    constexpr int kRowSlabRows = 8 * (BT / 16 - 1) * (BT / 16);
+    static_assert(2 * kRowSlabRows * kTileLd16 * 2 <= 2 * 64 * kTileLd * 4,
+                  "the row side's slabs must fit in xm + ym");
+    B16* const rs_hi = xs_hi;
+    B16* const rs_lo = xs_hi + kRowSlabRows * ld16;
+    for (int I = 1; I < nsub; ++I) {
+      const int i0 = 16 * I, base = 8 * I * (I - 1);
       for (int idx = threadIdx.x; idx < i0 * 32; idx += blockDim.x) {
-        const int j = idx / 32, kk = 2 * (idx % 32);
+        const int j = idx / 32, kk = 2 * (idx % 32), o = (base + j) * ld16 + kk;
         const float2 gi = *reinterpret_cast<const float2*>(G + i0 * ld + kk);
         const float2 gj = *reinterpret_cast<const float2*>(G + j * ld + kk);
         const float2 kv = *reinterpret_cast<const float2*>(kh + j * ld + kk);
         uint32_t h, l;
         split_bf16x2(kv.x * __expf(gi.x - gj.x), kv.y * __expf(gi.y - gj.y), h, l);
-        *reinterpret_cast<uint32_t*>(xs_hi + j * ld16 + kk) = h;
-        *reinterpret_cast<uint32_t*>(xs_lo + j * ld16 + kk) = l;
+        *reinterpret_cast<uint32_t*>(rs_hi + o) = h;
+        *reinterpret_cast<uint32_t*>(rs_lo + o) = l;
       }
-      __syncthreads();
-      {
-        const bool second = warp >= 8;
-        const int n0 = 8 * (warp & 7);
+    }
+    if (nsub > 1) __syncthreads();  // nsub is the block's: uniform
+    if (nsub > 1) {
+      const bool second = warp >= 8;
+      const int n0 = 8 * (warp & 7);
+      const B16* const a_hi = second ? dl_hi : aq_hi;
+      const B16* const a_lo = second ? dl_lo : aq_lo;
+      float* const out = second ? rl : rq;
+#pragma unroll 1
+      for (int I = 1; I < nsub; ++I) {
+        const int i0 = 16 * I, base = 8 * I * (I - 1), a0 = (i0 - 16) * ld16A;
         float big[4] = {0.f, 0.f, 0.f, 0.f}, small[4] = {0.f, 0.f, 0.f, 0.f};
-        const int a0 = (i0 - 16) * ld16A;
-        mma_bf16x3_16x8<false>(big, small, (second ? dl_hi : aq_hi) + a0,
-                               (second ? dl_lo : aq_lo) + a0, ld16A, xs_hi + n0,
-                               xs_lo + n0, ld16, i0);
-        store_acc_16x8((second ? rl : rq) + i0 * ld + n0, ld, big, small);
+        mma_bf16x3_16x8<false>(big, small, a_hi + a0, a_lo + a0, ld16A, rs_hi + base * ld16 + n0,
+                               rs_lo + base * ld16 + n0, ld16, i0);
+        store_acc_16x8(out + i0 * ld + n0, ld, big, small);
       }
       __syncthreads();
-    } else {
+    }
+  } else {
+    for (int I = 1; I < nsub; ++I) {
+      const int i0 = 16 * I;
       for (int idx = threadIdx.x; idx < i0 * 64; idx += blockDim.x) {
         const int j = idx / 64, kk = idx % 64;
         xm[j * ld + kk] = kh[j * ld + kk] * __expf(G[i0 * ld + kk] - G[j * ld + kk]);
