@@ -122,3 +122,18 @@ def test_compile_check_finds_symbols_defined_twice(tmp_path):
     assert set(found) == {"shared_strong"}, found
     assert found["shared_strong"] == ["a.o", "b.o"]
     assert check_cuda_compile.duplicate_definitions(objects[:1]) == {}
+
+
+def test_bf16x3_error_estimate_sits_between_tf32_and_3xtf32():
+    # Kernel C's bf16x3 products (kCBf16x3, bwd_bf16x3.cuh) rest on this estimate: worst error
+    # about 2^-15 of sum |a||b|, far below one tf32 pass and above 3xTF32.
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bf16x3_error.py"), "--trials", "5"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    worst = {}
+    for line in proc.stdout.splitlines()[1:]:
+        kd, mode, w, _ = line.split()
+        worst[mode] = max(worst.get(mode, -99.0), float(w))
+    assert worst["bf16x3"] < -14.5, proc.stdout
+    assert worst["3xtf32"] < worst["bf16x3"] - 4, proc.stdout
+    assert worst["tf32"] > worst["bf16x3"] + 4, proc.stdout

@@ -3,6 +3,7 @@
 
 #include <type_traits>
 
+#include "cuda/bwd_bf16x3.cuh"
 #include "cuda/bwd_common.cuh"
 
 namespace kda_ext {
@@ -692,25 +693,54 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
 // the reverse within-chunk cumsum of dG and the in-kernel gate backward, with per-chunk partials
 // of dA_log / ddt_bias.
 // ---------------------------------------------------------------------------------------------
+// kCBf16x3<T>: kernel C's four off-diagonal products (row side rq += sAqk' xm, rl += dL xm;
+// column side cc += sAqk'^T xm + dL^T ym) as bf16x3 (bwd_bf16x3.cuh: both fp32 operands as bf16
+// hi/lo tiles, a_hi b_hi + a_lo b_hi + a_hi b_lo with mma.sync m16n8k16) instead of 3xTF32 wmma
+// from fp32 tiles (each fragment element a scalar LDS and a tf32 split: most of the kernel's
+// instructions went there). On for fp16/bf16 inputs; fp32 inputs keep 3xTF32 (the accuracy an
+// fp32 caller asks for), and false builds the old code exactly.
+// Precision: bf16x3 carries ~16 bits of each operand (worst error ~2^-15 of sum |a||b| per
+// product; 2^-15.4 in scripts/bf16x3_error.py's fp64 emulation) against 3xTF32's ~2^-21, far
+// more than one tf32 pass (~2^-10, which cost dA_log / ddt_bias their margin:
+// wip/c-tf32-per-product in docs/perf-notes.md). Details in bwd_bf16x3.cuh.
+template <typename T>
+constexpr bool kCBf16x3 = sizeof(T) == 2;
+
+// Layout with bf16x3 (b16 true): sAqk' and dL as bf16 hi/lo, only the part the products read
+// (rows 16.., columns ..BT - 16: everything strictly below the diagonal blocks), [BT - 16][BT - 8]
+// (ldmatrix rows of 48 or 112 bytes: the 8 rows of a phase on different banks), and in fp32 only
+// their diagonal 16 x 16 blocks ([BT][16] at daqk / dl: the diagonal units read nothing else). The products' xm/ym operands (bf16 hi/lo slabs of at
+// most BT - 16 rows) live in the xm + ym fp32 tiles, which are free until the diagonal units.
 struct BwdChunkCSmem {
-  int64_t qh, kh, G, daqk, dl, xm, ym, rq, rl, cc, vec, total;
-  __host__ __device__ explicit BwdChunkCSmem(int BT) {
+  int64_t qh, kh, G, daqk, dl, xm, ym, rq, rl, cc, vec, aqh, aql, dlh, dll, total;
+  __host__ __device__ explicit BwdChunkCSmem(int BT, bool b16 = false) {
     SmemCarver c;
     const int64_t tile = 64 * kTileLd, sq = BT * (BT + 4);
     qh = c.take<float>(tile);
     kh = c.take<float>(tile);
     G = c.take<float>(tile);
-    daqk = c.take<float>(sq);
-    dl = c.take<float>(sq);
+    daqk = c.take<float>(b16 ? BT * 16 : sq);
+    dl = c.take<float>(b16 ? BT * 16 : sq);
     xm = c.take<float>(tile);
     ym = c.take<float>(tile);
     rq = c.take<float>(tile);
     rl = c.take<float>(tile);
     cc = c.take<float>(tile);
     vec = c.take<float>(4 * 64);
+    aqh = aql = dlh = dll = 0;
+    if (b16) {
+      const int64_t sq16 = (BT - 16) * (BT - 8);
+      aqh = c.take<__nv_bfloat16>(sq16);
+      aql = c.take<__nv_bfloat16>(sq16);
+      dlh = c.take<__nv_bfloat16>(sq16);
+      dll = c.take<__nv_bfloat16>(sq16);
+    }
     total = c.offset;
   }
 };
+// The four bf16 slabs (xm hi/lo, ym hi/lo) of up to 48 rows fit in xm + ym (adjacent tiles).
+static_assert(4 * 48 * kTileLd16 * 2 <= 2 * 64 * kTileLd * 4, "bf16x3 slabs must fit in xm + ym");
+static_assert((64 * kTileLd * 4) % 128 == 0, "xm and ym are adjacent");
 
 // BT (== p.BT, 32 or 64) is a template parameter: the per-element divisions by BT and BT / 8,
 // the loop bounds and the GEMM shapes fold to constants (the kernel is issue-bound). kFixedKV
@@ -721,7 +751,8 @@ template <typename T, int BT, int kFixedKV = 0>
 __global__ void __launch_bounds__(kBwdThreads)
 bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const BwdChunkCSmem Lay(BT);
+  constexpr bool kB3 = kCBf16x3<T>;
+  const BwdChunkCSmem Lay(BT, kB3);
   float* qh = reinterpret_cast<float*>(smem_raw + Lay.qh);
   float* kh = reinterpret_cast<float*>(smem_raw + Lay.kh);
   float* G = reinterpret_cast<float*>(smem_raw + Lay.G);
@@ -738,6 +769,21 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   float* vred = vrk + 64;
   constexpr int ld = kTileLd;
   constexpr int ldA = BT + 4;
+  // bf16x3: sAqk' / dL hi and lo (rows 16.. and columns ..BT - 16: [BT - 16][ld16A]), the slabs of the products' xm / ym operands
+  // (hi and lo, [BT - 16][ld16], in the xm + ym tiles), and the fp32 diagonal blocks of sAqk' / dL
+  // at daqk / dl ([BT][16]; the diagonal units' only reads of them).
+  using B16 = __nv_bfloat16;
+  constexpr int ld16A = BT - 8, ld16 = kTileLd16, slab = (BT - 16) * ld16;
+  B16* aq_hi = reinterpret_cast<B16*>(smem_raw + Lay.aqh);
+  B16* aq_lo = reinterpret_cast<B16*>(smem_raw + Lay.aql);
+  B16* dl_hi = reinterpret_cast<B16*>(smem_raw + Lay.dlh);
+  B16* dl_lo = reinterpret_cast<B16*>(smem_raw + Lay.dll);
+  B16* xs_hi = reinterpret_cast<B16*>(smem_raw + Lay.xm);
+  B16* xs_lo = xs_hi + slab;
+  B16* ys_hi = xs_lo + slab;
+  B16* ys_lo = ys_hi + slab;
+  // The diagonal units read row r, columns ub0.. of the diagonal block at d + r * ldDg + dcol(ub0).
+  constexpr int ldDg = kB3 ? 16 : ldA;
 
   constexpr bool kWhole = kWholeKV<kFixedKV>;
   const int64_t HV = p.HV, H = p.H, K = kv_size<kFixedKV>(p.K);
@@ -787,7 +833,14 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
             const bool in = r < len && jj < len && (which ? jj < r : jj <= r);
             x.v[j] = in ? x.v[j] : 0.f;
           }
-          store8((which ? dl : daqk) + r * ldA + j0, x);
+          if constexpr (kB3) {
+            const int o = (r - 16) * ld16A + j0;
+            if (r >= 16 && j0 < BT - 16)
+              store_split8(which ? dl_hi + o : aq_hi + o, which ? dl_lo + o : aq_lo + o, x.v);
+            if ((j0 >> 4) == (r >> 4)) store8((which ? dl : daqk) + r * 16 + (j0 & 15), x);
+          } else {
+            store8((which ? dl : daqk) + r * ldA + j0, x);
+          }
         });
   }
   __syncthreads();
@@ -810,34 +863,114 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   // where __expf (ex2.approx of x*log2e: ~2 ulp plus |x|*2^-24 relative) is as good as the
   // diagonal blocks need, at about half of expf's instructions (the kernel is issue-bound).
   // Row side: sub-chunk I against all earlier rows through its first row.
-  for (int I = 1; I < nsub; ++I) {
-    const int i0 = 16 * I;
-    for (int idx = threadIdx.x; idx < i0 * 64; idx += blockDim.x) {
-      const int j = idx / 64, kk = idx % 64;
-      xm[j * ld + kk] = kh[j * ld + kk] * __expf(G[i0 * ld + kk] - G[j * ld + kk]);
+  // bf16x3 (kB3): the fills write bf16 hi/lo slabs (row side: all sub-chunks' at once, below;
+  // column side: slab row s = tile row i - j1) and each warp computes 16 x 8 output tiles (warp
+  // w: column tile w % 8; row side: rq for w < 8, rl for the others; column side: warps 0..7,
+  // both terms into one accumulator). The old wmma products kept warps 4..15 idle.
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  if constexpr (kB3) {
+    // All reference-row slabs at once (sub-chunk I's, rows j < 16 I, from slab row 8 I (I - 1)
+    // on: 16 + 32 + 48 rows at chunk 64), one barrier, all products, one barrier: 2 barriers
+    // instead of 2 per sub-chunk. Each warp then does its column tile for every I (1 + 2 + 3
+    // k16 steps at chunk 64: the same for all 16 warps).
+    constexpr int kRowSlabRows = 8 * (BT / 16 - 1) * (BT / 16);
+    static_assert(2 * kRowSlabRows * kTileLd16 * 2 <= 2 * 64 * kTileLd * 4,
+                  "the row side's slabs must fit in xm + ym");
+    B16* const rs_hi = xs_hi;
+    B16* const rs_lo = xs_hi + kRowSlabRows * ld16;
+    for (int I = 1; I < nsub; ++I) {
+      const int i0 = 16 * I, base = 8 * I * (I - 1);
+      for (int idx = threadIdx.x; idx < i0 * 32; idx += blockDim.x) {
+        const int j = idx / 32, kk = 2 * (idx % 32), o = (base + j) * ld16 + kk;
+        const float2 gi = *reinterpret_cast<const float2*>(G + i0 * ld + kk);
+        const float2 gj = *reinterpret_cast<const float2*>(G + j * ld + kk);
+        const float2 kv = *reinterpret_cast<const float2*>(kh + j * ld + kk);
+        uint32_t h, l;
+        split_bf16x2(kv.x * __expf(gi.x - gj.x), kv.y * __expf(gi.y - gj.y), h, l);
+        *reinterpret_cast<uint32_t*>(rs_hi + o) = h;
+        *reinterpret_cast<uint32_t*>(rs_lo + o) = l;
+      }
     }
-    __syncthreads();
-    smem_gemm<false, false>(rq + i0 * ld, ld, daqk + i0 * ldA, ldA, xm, ld, 16, 64, i0, false);
-    smem_gemm<false, false>(rl + i0 * ld, ld, dl + i0 * ldA, ldA, xm, ld, 16, 64, i0, false);
-    __syncthreads();
+    if (nsub > 1) __syncthreads();  // nsub is the block's: uniform
+    if (nsub > 1) {
+      const bool second = warp >= 8;
+      const int n0 = 8 * (warp & 7);
+      const B16* const a_hi = second ? dl_hi : aq_hi;
+      const B16* const a_lo = second ? dl_lo : aq_lo;
+      float* const out = second ? rl : rq;
+#pragma unroll 1
+      for (int I = 1; I < nsub; ++I) {
+        const int i0 = 16 * I, base = 8 * I * (I - 1), a0 = (i0 - 16) * ld16A;
+        float big[4] = {0.f, 0.f, 0.f, 0.f}, small[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_bf16x3_16x8<false>(big, small, a_hi + a0, a_lo + a0, ld16A, rs_hi + base * ld16 + n0,
+                               rs_lo + base * ld16 + n0, ld16, i0);
+        store_acc_16x8(out + i0 * ld + n0, ld, big, small);
+      }
+      __syncthreads();
+    }
+  } else {
+    for (int I = 1; I < nsub; ++I) {
+      const int i0 = 16 * I;
+      for (int idx = threadIdx.x; idx < i0 * 64; idx += blockDim.x) {
+        const int j = idx / 64, kk = idx % 64;
+        xm[j * ld + kk] = kh[j * ld + kk] * __expf(G[i0 * ld + kk] - G[j * ld + kk]);
+      }
+      __syncthreads();
+      smem_gemm<false, false>(rq + i0 * ld, ld, daqk + i0 * ldA, ldA, xm, ld, 16, 64, i0, false);
+      smem_gemm<false, false>(rl + i0 * ld, ld, dl + i0 * ldA, ldA, xm, ld, 16, 64, i0, false);
+      __syncthreads();
+    }
   }
   // Column side: sub-chunk J against all later rows through J's last row.
   for (int J = 0; J + 1 < nsub; ++J) {
     const int j1 = 16 * (J + 1), r = j1 - 1;
-    for (int idx = threadIdx.x; idx < (BT - j1) * 64; idx += blockDim.x) {
-      const int i = j1 + idx / 64, kk = idx % 64;
-      float e = 0.f;
-      if (i < len) e = __expf(G[i * ld + kk] - G[r * ld + kk]);
-      xm[i * ld + kk] = qh[i * ld + kk] * e;
-      ym[i * ld + kk] = vbeta[i] * kh[i * ld + kk] * e;
+    if constexpr (kB3) {
+      for (int idx = threadIdx.x; idx < (BT - j1) * 32; idx += blockDim.x) {
+        const int s = idx / 32, i = j1 + s, kk = 2 * (idx % 32);
+        float2 e = make_float2(0.f, 0.f);
+        if (i < len) {
+          const float2 gi = *reinterpret_cast<const float2*>(G + i * ld + kk);
+          const float2 gr = *reinterpret_cast<const float2*>(G + r * ld + kk);
+          e = make_float2(__expf(gi.x - gr.x), __expf(gi.y - gr.y));
+        }
+        const float2 qv = *reinterpret_cast<const float2*>(qh + i * ld + kk);
+        const float2 kv = *reinterpret_cast<const float2*>(kh + i * ld + kk);
+        const float bb = vbeta[i];
+        uint32_t h, l;
+        split_bf16x2(qv.x * e.x, qv.y * e.y, h, l);
+        *reinterpret_cast<uint32_t*>(xs_hi + s * ld16 + kk) = h;
+        *reinterpret_cast<uint32_t*>(xs_lo + s * ld16 + kk) = l;
+        split_bf16x2(bb * kv.x * e.x, bb * kv.y * e.y, h, l);
+        *reinterpret_cast<uint32_t*>(ys_hi + s * ld16 + kk) = h;
+        *reinterpret_cast<uint32_t*>(ys_lo + s * ld16 + kk) = l;
+      }
+      __syncthreads();
+      if (warp < 8) {
+        const int n0 = 8 * warp, a0 = (j1 - 16) * ld16A + (j1 - 16);
+        float big[4] = {0.f, 0.f, 0.f, 0.f}, small[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_bf16x3_16x8<true>(big, small, aq_hi + a0, aq_lo + a0, ld16A, xs_hi + n0, xs_lo + n0,
+                              ld16, BT - j1);
+        mma_bf16x3_16x8<true>(big, small, dl_hi + a0, dl_lo + a0, ld16A, ys_hi + n0, ys_lo + n0,
+                              ld16, BT - j1);
+        store_acc_16x8(cc + (j1 - 16) * ld + n0, ld, big, small);
+      }
+      __syncthreads();
+    } else {
+      for (int idx = threadIdx.x; idx < (BT - j1) * 64; idx += blockDim.x) {
+        const int i = j1 + idx / 64, kk = idx % 64;
+        float e = 0.f;
+        if (i < len) e = __expf(G[i * ld + kk] - G[r * ld + kk]);
+        xm[i * ld + kk] = qh[i * ld + kk] * e;
+        ym[i * ld + kk] = vbeta[i] * kh[i * ld + kk] * e;
+      }
+      __syncthreads();
+      float* out = cc + (j1 - 16) * ld;
+      smem_gemm<true, false>(out, ld, daqk + j1 * ldA + (j1 - 16), ldA, xm + j1 * ld, ld, 16, 64,
+                             BT - j1, false);
+      smem_gemm<true, false>(out, ld, dl + j1 * ldA + (j1 - 16), ldA, ym + j1 * ld, ld, 16, 64,
+                             BT - j1, true);
+      __syncthreads();
     }
-    __syncthreads();
-    float* out = cc + (j1 - 16) * ld;
-    smem_gemm<true, false>(out, ld, daqk + j1 * ldA + (j1 - 16), ldA, xm + j1 * ld, ld, 16, 64,
-                           BT - j1, false);
-    smem_gemm<true, false>(out, ld, dl + j1 * ldA + (j1 - 16), ldA, ym + j1 * ld, ld, 16, 64,
-                           BT - j1, true);
-    __syncthreads();
   }
 
   // Diagonal 16x16 blocks, pair by pair. A pair (a, b), b <= a, of one block and one column has
@@ -871,8 +1004,9 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
       float sa[16], sl[16];  // row a of the block's sAqk' and dL, columns 0..a
 #pragma unroll
       for (int m = 0; m <= a / 4; ++m) {
-        const float4 x = *reinterpret_cast<const float4*>(daqk + r * ldA + ub0 + 4 * m);
-        const float4 y = *reinterpret_cast<const float4*>(dl + r * ldA + ub0 + 4 * m);
+        const int o = r * ldDg + (kB3 ? 0 : ub0) + 4 * m;
+        const float4 x = *reinterpret_cast<const float4*>(daqk + o);
+        const float4 y = *reinterpret_cast<const float4*>(dl + o);
         sa[4 * m] = x.x, sa[4 * m + 1] = x.y, sa[4 * m + 2] = x.z, sa[4 * m + 3] = x.w;
         sl[4 * m] = y.x, sl[4 * m + 1] = y.y, sl[4 * m + 2] = y.z, sl[4 * m + 3] = y.w;
       }

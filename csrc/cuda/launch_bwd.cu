@@ -196,7 +196,7 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       if (slots > 0)
         launch_with_smem(kv128 ? bwd_chunk_c_kernel<T, BT, 128> : bwd_chunk_c_kernel<T, BT, 0>,
                          dim3(static_cast<unsigned>(slots), hv, nks), kBwdThreads,
-                         BwdChunkCSmem(BT).total, limit, "bwd_chunk_c_kernel", p, stream);
+                         BwdChunkCSmem(BT, kCBf16x3<T>).total, limit, "bwd_chunk_c_kernel", p, stream);
       break;
     case BwdStage::kFinish:
       if (ntok > 0) {
