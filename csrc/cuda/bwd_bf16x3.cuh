@@ -27,15 +27,6 @@ namespace kda_ext {
 namespace cuda {
 namespace bwd {
 
-// x0, x1 (adjacent columns) as packed bf16 hi and lo pairs, x0 in the low half.
-__device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-  const float2 hf = __bfloat1622float2(h);
-  const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  lo = *reinterpret_cast<const uint32_t*>(&l);
-}
-
 // Eight consecutive values as two 16-byte vectors of bf16 hi and lo (16-byte aligned dst).
 __device__ __forceinline__ void store_split8(__nv_bfloat16* hi, __nv_bfloat16* lo,
                                              const float (&v)[8]) {
@@ -44,13 +35,6 @@ __device__ __forceinline__ void store_split8(__nv_bfloat16* hi, __nv_bfloat16* l
   for (int q = 0; q < 4; ++q) split_bf16x2(v[2 * q], v[2 * q + 1], h[q], l[q]);
   *reinterpret_cast<uint4*>(hi) = make_uint4(h[0], h[1], h[2], h[3]);
   *reinterpret_cast<uint4*>(lo) = make_uint4(l[0], l[1], l[2], l[3]);
-}
-
-// ldmatrix .x2 .trans: lanes 0..15 give the row addresses (lanes 16..31 are ignored).
-__device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], const void* row_ptr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(smem_addr(row_ptr)));
 }
 
 // One warp: big += A_hi B_hi and small += A_lo B_hi + A_hi B_lo for a 16 x 8 output tile, over
@@ -82,8 +66,8 @@ __device__ __forceinline__ void mma_bf16x3_16x8(float (&big)[4], float (&small)[
       ldmatrix_x4(ah, a_hi + a_off + ak);
       ldmatrix_x4(al, a_lo + a_off + ak);
     }
-    ldsm_x2_trans(bh, b_hi + b_off + kk * ldb);
-    ldsm_x2_trans(bl, b_lo + b_off + kk * ldb);
+    ldmatrix_x2_trans(bh, b_hi + b_off + kk * ldb);
+    ldmatrix_x2_trans(bl, b_lo + b_off + kk * ldb);
     // Small terms in their own accumulator (added once at the end, as mma_16x16_split_tf32).
     mma_16x8x16<__nv_bfloat16>(small, al, bh[0], bh[1]);
     mma_16x8x16<__nv_bfloat16>(small, ah, bl[0], bl[1]);

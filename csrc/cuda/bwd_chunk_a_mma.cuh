@@ -288,10 +288,10 @@ __global__ void __launch_bounds__(chunk_a_mma::kThreads, 2)
     for (int hf = 0; hf < 2; ++hf) {
       const int row = 16 * mb + g + 8 * hf, col = 32 * nh + 8 * n + 2 * t4;
       const float x = -aw[n][2 * hf], y = -aw[n][2 * hf + 1];
-      const uint32_t hi = pack2<T>(x, y);
-      const float2 h2 = unpack2<T>(hi);
+      uint32_t hi, lo;
+      split_bf16x2(x, y, hi, lo);
       *reinterpret_cast<uint32_t*>(dwh + row * kLdn + col) = hi;
-      *reinterpret_cast<uint32_t*>(dwl + row * kLdn + col) = pack2<T>(x - h2.x, y - h2.y);
+      *reinterpret_cast<uint32_t*>(dwl + row * kLdn + col) = lo;
     }
   }
   cp_async_wait<0>();
@@ -326,9 +326,7 @@ __global__ void __launch_bounds__(chunk_a_mma::kThreads, 2)
         k32[e] = pack2<T>(k2.x, k2.y);
       }
       const float b0 = bb * k2.x * __expf(gv[2 * e]), b1 = bb * k2.y * __expf(gv[2 * e + 1]);
-      hi32[e] = pack2<T>(b0, b1);
-      const float2 h2 = unpack2<T>(hi32[e]);
-      lo32[e] = pack2<T>(b0 - h2.x, b1 - h2.y);
+      split_bf16x2(b0, b1, hi32[e], lo32[e]);
     }
     if (l2) {
       *reinterpret_cast<uint4*>(qs + r * kLdn + c0) = qv;

@@ -85,26 +85,6 @@ __host__ __device__ inline Layout layout() {
   return l;
 }
 
-// ldmatrix with two 8 x 8 matrices (addresses from lanes 0..15; lanes 16..31 give valid ones too).
-__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* row_ptr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(smem_addr(row_ptr)));
-}
-__device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], const void* row_ptr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(smem_addr(row_ptr)));
-}
-
-// x as bf16 hi + lo pairs (x = hi + lo up to lo's rounding).
-template <typename T>
-__device__ __forceinline__ void split2(float x, float y, uint32_t& hi, uint32_t& lo) {
-  hi = pack2<T>(x, y);
-  const float2 h = unpack2<T>(hi);
-  lo = pack2<T>(x - h.x, y - h.y);
-}
-
 }  // namespace chunk_b_mma
 
 // Operand loaders used below (see mma_sync.cuh for the fragment layouts; g = lane / 4):
@@ -251,8 +231,8 @@ __global__ void __launch_bounds__(chunk_b_mma::kThreads, 2)
       mma_16x8x16<T>(pq[1], aq, bq[2], bq[3]);
       if (cnt == 3) {
         uint32_t ck[2], cq[2];
-        ldsm_x2(ck, vs + brow2 + 16 * kk);
-        ldsm_x2(cq, vns + brow2 + 16 * kk);
+        ldmatrix_x2(ck, vs + brow2 + 16 * kk);
+        ldmatrix_x2(cq, vns + brow2 + 16 * kk);
         mma_16x8x16<T>(pk[2], ak, ck[0], ck[1]);
         mma_16x8x16<T>(pq[2], aq, cq[0], cq[1]);
       }
@@ -276,7 +256,7 @@ __global__ void __launch_bounds__(chunk_b_mma::kThreads, 2)
         const float d0 = (rin && j < r) ? part[i][hf].x + betas[j] * pk[i][2 * hf] : 0.f;
         const float d1 = (rin && j + 1 < r) ? part[i][hf].y + betas[j + 1] * pk[i][2 * hf + 1] : 0.f;
         uint32_t hi, lo;
-        split2<T>(d0, d1, hi, lo);
+        split_bf16x2(d0, d1, hi, lo);
         *reinterpret_cast<uint32_t*>(dakh + r * kLda + j) = hi;
         *reinterpret_cast<uint32_t*>(dakl + r * kLda + j) = lo;
       }
@@ -352,7 +332,7 @@ __global__ void __launch_bounds__(chunk_b_mma::kThreads, 2)
     for (int kb = 0; kb <= rb; ++kb) {
       uint32_t b[4], b2[2];
       ldmatrix_x4(b, akk + brow + 16 * kb);
-      if (cnt == 3) ldsm_x2(b2, akk + brow2 + 16 * kb);
+      if (cnt == 3) ldmatrix_x2(b2, akk + brow2 + 16 * kb);
 #pragma unroll
       for (int part_ = 0; part_ < 2; ++part_) {
         uint32_t a[4];
@@ -372,7 +352,7 @@ __global__ void __launch_bounds__(chunk_b_mma::kThreads, 2)
       for (int hf = 0; hf < 2; ++hf) {
         const int r = 16 * rb + g + 8 * hf, j = 8 * (nt0 + i) + 2 * t4;
         uint32_t hi, lo;
-        split2<T>(tp[i][2 * hf], tp[i][2 * hf + 1], hi, lo);
+        split_bf16x2(tp[i][2 * hf], tp[i][2 * hf + 1], hi, lo);
         *reinterpret_cast<uint32_t*>(tmph + r * kLda + j) = hi;
         *reinterpret_cast<uint32_t*>(tmpl + r * kLda + j) = lo;
       }
@@ -399,7 +379,7 @@ __global__ void __launch_bounds__(chunk_b_mma::kThreads, 2)
         mma_16x8x16<T>(dl[1], a, b[2], b[3]);
         if (cnt == 3) {
           uint32_t b2[2];
-          ldsm_x2_trans(b2, src + brow + 8 * (nt0 + 2));
+          ldmatrix_x2_trans(b2, src + brow + 8 * (nt0 + 2));
           mma_16x8x16<T>(dl[2], a, b2[0], b2[1]);
         }
       }

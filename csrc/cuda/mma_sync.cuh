@@ -46,6 +46,20 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(row_ptr)));
 }
 
+// ldmatrix with two 8 x 8 matrices: lanes 0..15 give the row addresses (lanes 16..31 must still
+// hold valid shared addresses; the callers pass the same formula).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(row_ptr)));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(row_ptr)));
+}
+
 // c += a b for one 16 x 8 tile; T (__half or __nv_bfloat16) is the operands' type.
 template <typename T>
 __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -87,6 +101,17 @@ __device__ __forceinline__ float2 unpack2(uint32_t v) {
   } else {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
   }
+}
+
+// x0, x1 (adjacent columns) as packed bf16 hi and lo pairs, x0 in the low half: x = hi + lo up to
+// lo's rounding, hi = bf16(x), lo = bf16(x - hi) (~16 bits of x's mantissa in two bf16 MMAs). Always
+// bf16, whatever the inputs' type: fp16's 5-bit exponent would flush the lo term of small values.
+__device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
 }  // namespace cuda
