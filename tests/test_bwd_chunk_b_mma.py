@@ -96,3 +96,13 @@ def test_cuda_bwd_chunk_b_switch_rejects_unknown(monkeypatch):
     monkeypatch.setenv("KDA_EXT_BWD_B_KERNEL", "fast")
     with pytest.raises(RuntimeError, match="KDA_EXT_BWD_B_KERNEL must be auto, mma or wmma"):
         run_kernel(case, x)
+
+
+@requires_cuda
+def test_cuda_bwd_chunk_b_mma_is_dispatched(monkeypatch):
+    # The agreement bars above also pass if both settings ran the same kernel: here the two must
+    # differ somewhere (another summation order over thousands of gradient elements), which shows
+    # that the default setting reaches the register kernel.
+    _, out_m, _, out_w = _run_both(CASES[0], monkeypatch)
+    grads = [n for n, t in out_m.items() if t is not None and n not in ("o", "ht")]
+    assert any(not torch.equal(out_m[n], out_w[n]) for n in grads), "mma and wmma runs are bitwise equal"
