@@ -12,7 +12,7 @@ the same kernel and must agree bitwise.
 import pytest
 import torch
 
-from conftest import FLA_TOL, Case, assert_rel_close, compare, make_inputs, requires_cuda, run_kernel, run_reference
+from conftest import FLA_TOL, Case, assert_kernels_agree, compare, make_inputs, requires_cuda, run_kernel, run_reference
 
 BF16 = torch.bfloat16
 
@@ -74,7 +74,7 @@ def test_cuda_bwd_chunk_a_kernels(case, applies, monkeypatch):
             ratio = FLA_TOL[n]
         else:
             ratio = 4e-3 if n == "dg" else 2e-3
-        assert_rel_close(f"{n} (mma vs wmma)", out_w[n], t, ratio)
+        assert_kernels_agree(f"{n} (mma vs wmma)", out_w[n], t, ratio)
 
 
 @requires_cuda

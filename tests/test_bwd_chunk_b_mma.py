@@ -11,7 +11,7 @@ chunk 32, fp16) run bwd_chunk_b_kernel under either setting and must agree bitwi
 import pytest
 import torch
 
-from conftest import FLA_TOL, Case, assert_rel_close, compare, make_inputs, requires_cuda, run_kernel, run_reference
+from conftest import FLA_TOL, Case, assert_kernels_agree, compare, make_inputs, requires_cuda, run_kernel, run_reference
 
 BF16 = torch.bfloat16
 
@@ -73,7 +73,7 @@ def test_cuda_bwd_chunk_b_kernels(case, monkeypatch):
             ratio = FLA_TOL[n]
         else:
             ratio = 4e-3 if t.dtype == BF16 else 2e-3
-        assert_rel_close(f"{n} (mma vs wmma)", out_w[n], t, ratio)
+        assert_kernels_agree(f"{n} (mma vs wmma)", out_w[n], t, ratio)
 
 
 @requires_cuda
