@@ -291,3 +291,55 @@ def shrink_for_cpu(case: Case, device: str) -> Case:
     if device != "cpu" or case.cu_seqlens is not None:
         return case
     return dataclasses.replace(case, B=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# A register kernel against its shared-memory twin (the KDA_EXT_*_KERNEL run-time switches)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_switch_pair(case: Case, var: str, monkeypatch, first: str = "mma", second: str = "wmma"):
+    """The reference and the op's outputs (forward and gradients) with the run-time switch `var` at
+    `first` (twice: determinism) and at `second`: (ref, out_first, again, out_second)."""
+    x = make_inputs(case, "cuda")
+    ref = run_reference(case, x)
+    monkeypatch.setenv(var, first)
+    out_m = run_kernel(case, x)
+    again = run_kernel(case, x)
+    monkeypatch.setenv(var, second)
+    out_w = run_kernel(case, x)
+    return ref, out_m, again, out_w
+
+
+def check_switch_pair(ref, out_m, again, out_w, same=("o", "ht"), bar16: float = 4e-3,
+                      bars: Optional[Dict[str, float]] = None) -> None:
+    """Both runs of run_switch_pair against the reference at FLA's tolerances; the first bitwise
+    equal to its repeat; the tensors in `same` (those the switched kernel does not touch) bitwise
+    equal between the two; every other one within assert_kernels_agree's bar: `bars[name]` if
+    given, FLA's for dA_log / ddt_bias (sums over every token with cancellation), else `bar16`
+    for 16-bit tensors and 2e-3 for fp32 ones."""
+    compare(ref, out_m, FLA_TOL)
+    compare(ref, out_w, FLA_TOL)
+    for n, t in out_m.items():
+        if t is None:
+            assert out_w[n] is None, n
+            continue
+        assert torch.equal(t, again[n]), f"{n} changed between identical backward runs"
+        if n in same:
+            assert torch.equal(t, out_w[n]), f"{n}: the two runs differ where they should not"
+            continue
+        if bars and n in bars:
+            ratio = bars[n]
+        elif n in ("dA_log", "ddt_bias"):
+            ratio = FLA_TOL[n]
+        else:
+            ratio = bar16 if t.dtype in (torch.bfloat16, torch.float16) else 2e-3
+        assert_kernels_agree(f"{n} (mma vs wmma)", out_w[n], t, ratio)
+
+
+def assert_switch_pair_differs(out_m, out_w) -> None:
+    """The agreement bars also pass when both settings ran the same kernel: the gradients of the
+    two runs must differ somewhere (another summation order over thousands of elements), which
+    shows that the first setting reached the register kernel."""
+    grads = [n for n, t in out_m.items() if t is not None and n not in ("o", "ht")]
+    assert any(not torch.equal(out_m[n], out_w[n]) for n in grads), "mma and wmma runs are bitwise equal"

@@ -12,7 +12,7 @@ the same kernel and must agree bitwise.
 import pytest
 import torch
 
-from conftest import FLA_TOL, Case, assert_kernels_agree, compare, make_inputs, requires_cuda, run_kernel, run_reference
+from conftest import Case, assert_switch_pair_differs, check_switch_pair, make_inputs, requires_cuda, run_kernel, run_switch_pair
 
 BF16 = torch.bfloat16
 
@@ -46,35 +46,14 @@ CASES = [
 @requires_cuda
 @pytest.mark.parametrize("case,applies", CASES, ids=lambda c: c.id() if isinstance(c, Case) else ("mma" if c else "fallback"))
 def test_cuda_bwd_chunk_a_kernels(case, applies, monkeypatch):
-    x = make_inputs(case, "cuda")
-    ref = run_reference(case, x)
-    monkeypatch.setenv("KDA_EXT_BWD_A_KERNEL", "mma")
-    out_m = run_kernel(case, x)
-    again = run_kernel(case, x)
-    monkeypatch.setenv("KDA_EXT_BWD_A_KERNEL", "wmma")
-    out_w = run_kernel(case, x)
-    compare(ref, out_m, FLA_TOL)
-    compare(ref, out_w, FLA_TOL)
-    for n, t in out_m.items():
-        if t is None:
-            assert out_w[n] is None, n
-            continue
-        assert torch.equal(t, again[n]), f"{n} changed between identical backward runs"
-        if n in ("o", "ht", "dh0") or not applies:
-            # the forward and the reverse state pass do not depend on kernel A; a fallback case
-            # runs the same kernel A twice
-            assert torch.equal(t, out_w[n]), f"{n}: mma and wmma runs differ where they should not"
-            continue
-        # bf16 gradients: the wmma kernel's dAkk and dkb carry tf32's ~5e-4 relative rounding of
-        # dw and kb (the register kernel's hi + lo ~1e-5), which moves some bf16 roundings of the
-        # outputs: ~1e-3, far below a layout or mask error. dg (sums with cancellation) gets
-        # bwd_state_mma's bar. dA_log / ddt_bias are sums over every token with cancellation:
-        # FLA's bar, which both also meet against the reference.
-        if n in ("dA_log", "ddt_bias"):
-            ratio = FLA_TOL[n]
-        else:
-            ratio = 4e-3 if n == "dg" else 2e-3
-        assert_kernels_agree(f"{n} (mma vs wmma)", out_w[n], t, ratio)
+    # The forward and the reverse state pass (dh0) do not depend on kernel A; a fallback case runs
+    # the same kernel A twice. bf16 gradients: the wmma kernel's dAkk and dkb carry tf32's ~5e-4
+    # relative rounding of dw and kb (the register kernel's hi + lo ~1e-5), which moves some bf16
+    # roundings of the outputs: ~1e-3, far below a layout or mask error; dg (sums with
+    # cancellation) gets bwd_state_mma's bar.
+    ref, out_m, again, out_w = run_switch_pair(case, "KDA_EXT_BWD_A_KERNEL", monkeypatch)
+    same = tuple(out_m) if not applies else ("o", "ht", "dh0")
+    check_switch_pair(ref, out_m, again, out_w, same=same, bar16=2e-3, bars={"dg": 4e-3})
 
 
 @requires_cuda
@@ -88,14 +67,5 @@ def test_cuda_bwd_chunk_a_switch_rejects_unknown(monkeypatch):
 
 @requires_cuda
 def test_cuda_bwd_chunk_a_mma_is_dispatched(monkeypatch):
-    # The agreement bars above also pass if both settings ran the same kernel: here the two must
-    # differ somewhere (another summation order over thousands of gradient elements), which shows
-    # that the default setting reaches the register kernel.
-    case = CASES[0][0]
-    x = make_inputs(case, "cuda")
-    monkeypatch.setenv("KDA_EXT_BWD_A_KERNEL", "auto")
-    out_m = run_kernel(case, x)
-    monkeypatch.setenv("KDA_EXT_BWD_A_KERNEL", "wmma")
-    out_w = run_kernel(case, x)
-    grads = [n for n, t in out_m.items() if t is not None and n not in ("o", "ht")]
-    assert any(not torch.equal(out_m[n], out_w[n]) for n in grads), "mma and wmma runs are bitwise equal"
+    _, out_m, _, out_w = run_switch_pair(CASES[0][0], "KDA_EXT_BWD_A_KERNEL", monkeypatch, first="auto")
+    assert_switch_pair_differs(out_m, out_w)
