@@ -818,6 +818,19 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
       const float* a = base + ((tok0 + i) * HV + hv) * K + k0 + 32 * (t & 1);
       asm volatile("prefetch.L2 [%0];" ::"l"(a));  // generic address
     }
+    // Likewise q, k (one 128-byte line a row of the slice) and g_cum (two), which
+    // load_slice_qkg reads only after the dAqk / dL staging and a barrier: their DRAM trip now
+    // overlaps the staging's instead of following it.
+    const int arr2 = t / BT, i2 = t % BT;
+    if (arr2 < 4 && i2 < len && (arr2 < 3 || 32 < kw)) {
+      const void* a2;
+      if (arr2 < 2) {
+        a2 = static_cast<const T*>(arr2 == 0 ? p.q : p.k) + ((tok0 + i2) * H + hq) * K + k0;
+      } else {
+        a2 = p.g_cum + ((tok0 + i2) * HV + hv) * K + k0 + 32 * (arr2 - 2);
+      }
+      asm volatile("prefetch.L2 [%0];" ::"l"(a2));
+    }
   }
 
   // The l2norm rstd of each row as kernel A computed it (bit-identical, and no second pass over
