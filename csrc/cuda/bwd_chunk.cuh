@@ -807,6 +807,32 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   const int64_t tok0 = ch.tok0, slot = ch.slot;
   const int64_t hq = hv / (HV / H);
 
+  if constexpr (kCBf16x3<T>) {
+    // The combination's read-modify-write of kernel A's dq / dk / dG (rows < len, this slice's
+    // columns: 2 x 128 bytes a row each) is a DRAM round trip that nothing overlapped (one block
+    // an SM, all warps at the same barrier): ask for those lines into L2 now, one prefetch a
+    // thread. Only a hint: no value changes, and a line it misses is loaded as before.
+    const int t = static_cast<int>(threadIdx.x), arr = t / (2 * BT), i = (t >> 1) % BT;
+    if (arr < 3 && i < len && 32 * (t & 1) < kw) {
+      const float* base = arr == 0 ? p.dq_hv : arr == 1 ? p.dk_hv : p.dG;
+      const float* a = base + ((tok0 + i) * HV + hv) * K + k0 + 32 * (t & 1);
+      asm volatile("prefetch.L2 [%0];" ::"l"(a));  // generic address
+    }
+    // Likewise q, k (one 128-byte line a row of the slice) and g_cum (two), which
+    // load_slice_qkg reads only after the dAqk / dL staging and a barrier: their DRAM trip now
+    // overlaps the staging's instead of following it.
+    const int arr2 = t / BT, i2 = t % BT;
+    if (arr2 < 4 && i2 < len && (arr2 < 3 || 32 < kw)) {
+      const void* a2;
+      if (arr2 < 2) {
+        a2 = static_cast<const T*>(arr2 == 0 ? p.q : p.k) + ((tok0 + i2) * H + hq) * K + k0;
+      } else {
+        a2 = p.g_cum + ((tok0 + i2) * HV + hv) * K + k0 + 32 * (arr2 - 2);
+      }
+      asm volatile("prefetch.L2 [%0];" ::"l"(a2));
+    }
+  }
+
   // The l2norm rstd of each row as kernel A computed it (bit-identical, and no second pass over
   // whole q/k rows per K slice).
   for (int r = threadIdx.x; r < BT; r += blockDim.x) {
@@ -852,7 +878,11 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     qh[r * ld + kk] = qv;
     kh[r * ld + kk] = kv;
     G[r * ld + kk] = gv;
-    rq[r * ld + kk] = rl[r * ld + kk] = cc[r * ld + kk] = 0.f;
+    // bf16x3: no zeros needed. Every element of rq / rl / cc read later is written first: the
+    // row products write rq / rl rows 16..16 nsub (all 64 columns), the column products cc rows
+    // ..16 (nsub - 1), the even diagonal units all rows of their blocks (ub0 < len) before the
+    // combination, and rows >= 16 nsub are never read (i < len there, r < len in the gate sums).
+    if constexpr (!kB3) rq[r * ld + kk] = rl[r * ld + kk] = cc[r * ld + kk] = 0.f;
   };
   load_slice_qkg<T, BT, kFixedKV>(p, tok0, len, hv, hq, k0, emit_c);
   __syncthreads();
@@ -867,7 +897,11 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   // column side: slab row s = tile row i - j1) and each warp computes 16 x 8 output tiles (warp
   // w: column tile w % 8; row side: rq for w < 8, rl for the others; column side: warps 0..7,
   // both terms into one accumulator). The old wmma products kept warps 4..15 idle.
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  // The per-thread element maps below (fills, combination) assume blockDim.x == kBwdThreads, as
+  // the diagonal units do (static_assert there).
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  constexpr int kNSub = BT / 16;
   if constexpr (kB3) {
     // All reference-row slabs at once (sub-chunk I's, rows j < 16 I, from slab row 8 I (I - 1)
     // on: 16 + 32 + 48 rows at chunk 64), one barrier, all products, one barrier: 2 barriers
@@ -878,17 +912,30 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
                   "the row side's slabs must fit in xm + ym");
     B16* const rs_hi = xs_hi;
     B16* const rs_lo = xs_hi + kRowSlabRows * ld16;
-    for (int I = 1; I < nsub; ++I) {
-      const int i0 = 16 * I, base = 8 * I * (I - 1);
-      for (int idx = threadIdx.x; idx < i0 * 32; idx += blockDim.x) {
-        const int j = idx / 32, kk = 2 * (idx % 32), o = (base + j) * ld16 + kk;
-        const float2 gi = *reinterpret_cast<const float2*>(G + i0 * ld + kk);
-        const float2 gj = *reinterpret_cast<const float2*>(G + j * ld + kk);
-        const float2 kv = *reinterpret_cast<const float2*>(kh + j * ld + kk);
-        uint32_t h, l;
-        split_bf16x2(kv.x * __expf(gi.x - gj.x), kv.y * __expf(gi.y - gj.y), h, l);
-        *reinterpret_cast<uint32_t*>(rs_hi + o) = h;
-        *reinterpret_cast<uint32_t*>(rs_lo + o) = l;
+    // Element (j, kc..kc+1) of sub-chunk I's slab (j < 16 I) is this thread's when kc = 2 (tid %
+    // 32) and j = warp + 16 m, m < I (the old loop's idx = 32 j + kc / 2 over the block): the
+    // trip counts are compile-time, the reference rows G[16 I] are loaded once per thread and
+    // row j's G and k once for all I (they were reloaded for each I; same products, same bits).
+    {
+      const int kc = 2 * (tid & 31);
+      float2 gref[kNSub];
+#pragma unroll
+      for (int I = 1; I < kNSub; ++I) gref[I] = *reinterpret_cast<const float2*>(G + 16 * I * ld + kc);
+#pragma unroll
+      for (int m = 0; m + 1 < kNSub; ++m) {
+        if (m + 1 >= nsub) break;  // nsub is the block's: uniform
+        const int j = warp + 16 * m;
+        const float2 gj = *reinterpret_cast<const float2*>(G + j * ld + kc);
+        const float2 kv = *reinterpret_cast<const float2*>(kh + j * ld + kc);
+#pragma unroll
+        for (int I = m + 1; I < kNSub; ++I) {
+          if (I >= nsub) break;
+          const int o = (8 * I * (I - 1) + j) * ld16 + kc;
+          uint32_t h, l;
+          split_bf16x2(kv.x * __expf(gref[I].x - gj.x), kv.y * __expf(gref[I].y - gj.y), h, l);
+          *reinterpret_cast<uint32_t*>(rs_hi + o) = h;
+          *reinterpret_cast<uint32_t*>(rs_lo + o) = l;
+        }
       }
     }
     if (nsub > 1) __syncthreads();  // nsub is the block's: uniform
@@ -922,27 +969,42 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     }
   }
   // Column side: sub-chunk J against all later rows through J's last row.
-  for (int J = 0; J + 1 < nsub; ++J) {
-    const int j1 = 16 * (J + 1), r = j1 - 1;
-    if constexpr (kB3) {
-      for (int idx = threadIdx.x; idx < (BT - j1) * 32; idx += blockDim.x) {
-        const int s = idx / 32, i = j1 + s, kk = 2 * (idx % 32);
+  if constexpr (kB3) {
+    // Slab row s = i - j1 (i >= j1 = 16 (J + 1)), columns kc..kc+1, is this thread's when kc =
+    // 2 (tid % 32) and i = 16 + warp + 16 m (m >= J) (the old loop's idx = 32 s + kc / 2 over
+    // the block): the same rows for every J, so their q, k, G and beta are loaded once, before
+    // the J loop (unrolled: compile-time trip counts), not once per J; the reference row's G
+    // once per J (it was once per element). Same products, same bits.
+    const int kc = 2 * (tid & 31);
+    float2 cgi[kNSub - 1], cqv[kNSub - 1], ckv[kNSub - 1];
+    float cbb[kNSub - 1];
+#pragma unroll
+    for (int m = 0; m + 1 < kNSub; ++m) {
+      const int i = 16 + warp + 16 * m;
+      cgi[m] = *reinterpret_cast<const float2*>(G + i * ld + kc);
+      cqv[m] = *reinterpret_cast<const float2*>(qh + i * ld + kc);
+      ckv[m] = *reinterpret_cast<const float2*>(kh + i * ld + kc);
+      cbb[m] = vbeta[i];
+    }
+#pragma unroll
+    for (int J = 0; J + 1 < kNSub; ++J) {
+      if (J + 1 >= nsub) break;  // uniform
+      const int j1 = 16 * (J + 1), r = j1 - 1;
+      const float2 gr = *reinterpret_cast<const float2*>(G + r * ld + kc);
+#pragma unroll
+      for (int m = J; m + 1 < kNSub; ++m) {
+        const int s = warp + 16 * (m - J), i = j1 + s;
         float2 e = make_float2(0.f, 0.f);
-        if (i < len) {
-          const float2 gi = *reinterpret_cast<const float2*>(G + i * ld + kk);
-          const float2 gr = *reinterpret_cast<const float2*>(G + r * ld + kk);
-          e = make_float2(__expf(gi.x - gr.x), __expf(gi.y - gr.y));
-        }
-        const float2 qv = *reinterpret_cast<const float2*>(qh + i * ld + kk);
-        const float2 kv = *reinterpret_cast<const float2*>(kh + i * ld + kk);
-        const float bb = vbeta[i];
+        if (i < len) e = make_float2(__expf(cgi[m].x - gr.x), __expf(cgi[m].y - gr.y));
+        const float2 qv = cqv[m], kv = ckv[m];
+        const float bb = cbb[m];
         uint32_t h, l;
         split_bf16x2(qv.x * e.x, qv.y * e.y, h, l);
-        *reinterpret_cast<uint32_t*>(xs_hi + s * ld16 + kk) = h;
-        *reinterpret_cast<uint32_t*>(xs_lo + s * ld16 + kk) = l;
+        *reinterpret_cast<uint32_t*>(xs_hi + s * ld16 + kc) = h;
+        *reinterpret_cast<uint32_t*>(xs_lo + s * ld16 + kc) = l;
         split_bf16x2(bb * kv.x * e.x, bb * kv.y * e.y, h, l);
-        *reinterpret_cast<uint32_t*>(ys_hi + s * ld16 + kk) = h;
-        *reinterpret_cast<uint32_t*>(ys_lo + s * ld16 + kk) = l;
+        *reinterpret_cast<uint32_t*>(ys_hi + s * ld16 + kc) = h;
+        *reinterpret_cast<uint32_t*>(ys_lo + s * ld16 + kc) = l;
       }
       __syncthreads();
       if (warp < 8) {
@@ -955,7 +1017,10 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
         store_acc_16x8(cc + (j1 - 16) * ld + n0, ld, big, small);
       }
       __syncthreads();
-    } else {
+    }
+  } else {
+    for (int J = 0; J + 1 < nsub; ++J) {
+      const int j1 = 16 * (J + 1), r = j1 - 1;
       for (int idx = threadIdx.x; idx < (BT - j1) * 64; idx += blockDim.x) {
         const int i = j1 + idx / 64, kk = idx % 64;
         float e = 0.f;
@@ -987,7 +1052,6 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
   // reproducible). Rows past len are safe to walk: their sAqk'/dL rows are zero and their q, k,
   // beta, G finite (load_slice_qkg), so they add exact zeros.
   static_assert(kBwdThreads == 2 * 4 * 64, "a diagonal unit is two threads; 4 blocks x 64 columns");
-  const int tid = static_cast<int>(threadIdx.x);
   const int unit_parity = tid >> 8, ub0 = 16 * ((tid >> 6) & 3), unit_kk = tid & 63;
   const bool unit_on = ub0 < len;  // len <= BT: no unit past the chunk's blocks when BT = 32
   float cc_odd[16];
@@ -1064,6 +1128,68 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
 
   // The combination. xm <- k RL (dbeta row sums), ym <- complete dG of the slice.
   // The partial dq/dk/dG written by kernel A are read-modify-written: their loads are staged.
+  // One element's arithmetic, as the compiler emitted it for the scalar loop below (explicit
+  // roundings: the float4 path gives the same bits).
+  auto combine = [](float vrq, float vxm, float vrl, float vym, float vc, float qv, float kv,
+                    float bb, float pq, float pk, float pg, float& dq, float& dk, float& dg,
+                    float& kr) {
+    const float vq = __fadd_rn(vrq, vxm), vl = __fadd_rn(vrl, vym), bl = __fmul_rn(bb, vl);
+    dq = __fadd_rn(pq, vq);
+    dk = __fadd_rn(pk, __fadd_rn(bl, vc));
+    dg = __fmaf_rn(kv, __fsub_rn(bl, vc), __fmaf_rn(vq, qv, pg));
+    kr = __fmul_rn(kv, vl);
+  };
+  bool comb_vec = false;
+  if constexpr (kB3)
+    comb_vec = (kWhole || K % 4 == 0) && aligned16(p.dq_hv) && aligned16(p.dk_hv) && aligned16(p.dG);
+  if (comb_vec) {
+    // float4 path (fp16/bf16 inputs; K % 4 == 0, so kw % 4 == 0 and a vector is wholly inside
+    // or outside the slice): thread tid takes columns c4..c4+3, c4 = 4 (tid % 16), of rows
+    // tid / 16 + 32 u. Why: the scalar loop took 8 elements a thread with 3 global loads, 2
+    // global stores, 8 shared loads and 2 shared stores each and its index decoding (idx / 64,
+    // idx % 64, 64-bit offsets) per element; here 2 vectors a thread (BT 64), 4x fewer memory
+    // instructions and one offset per vector. Loads are branch-free (rows past len and vectors
+    // past kw read a valid element, unused), all issued before any body runs.
+    constexpr int kCombVecs = BT * 16 / kBwdThreads;
+    static_assert(BT * 16 % kBwdThreads == 0, "whole rounds of float4 vectors");
+    const int c4 = 4 * (tid & 15), i_t = tid >> 4;
+    const bool col_in = kWhole || c4 < kw;
+    float4 pq[kCombVecs], pk[kCombVecs], pg[kCombVecs];
+    int64_t goff[kCombVecs];
+#pragma unroll
+    for (int u = 0; u < kCombVecs; ++u) {
+      const int i = i_t + 32 * u, ic = i < len ? i : len - 1;
+      goff[u] = ((tok0 + ic) * HV + hv) * K + k0 + (col_in ? c4 : 0);
+      pq[u] = *reinterpret_cast<const float4*>(p.dq_hv + goff[u]);
+      pk[u] = *reinterpret_cast<const float4*>(p.dk_hv + goff[u]);
+      pg[u] = *reinterpret_cast<const float4*>(p.dG + goff[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kCombVecs; ++u) {
+      const int i = i_t + 32 * u, o = i * ld + c4;
+      float4 kr = make_float4(0.f, 0.f, 0.f, 0.f), dg = kr;
+      if (i < len && col_in) {
+        const float4 a = *reinterpret_cast<const float4*>(rq + o);
+        const float4 b = *reinterpret_cast<const float4*>(xm + o);
+        const float4 c = *reinterpret_cast<const float4*>(rl + o);
+        const float4 d = *reinterpret_cast<const float4*>(ym + o);
+        const float4 e = *reinterpret_cast<const float4*>(cc + o);
+        const float4 q = *reinterpret_cast<const float4*>(qh + o);
+        const float4 k = *reinterpret_cast<const float4*>(kh + o);
+        const float bb = vbeta[i];
+        float q0, q1, q2, q3, k0_, k1_, k2_, k3_;
+        combine(a.x, b.x, c.x, d.x, e.x, q.x, k.x, bb, pq[u].x, pk[u].x, pg[u].x, q0, k0_, dg.x, kr.x);
+        combine(a.y, b.y, c.y, d.y, e.y, q.y, k.y, bb, pq[u].y, pk[u].y, pg[u].y, q1, k1_, dg.y, kr.y);
+        combine(a.z, b.z, c.z, d.z, e.z, q.z, k.z, bb, pq[u].z, pk[u].z, pg[u].z, q2, k2_, dg.z, kr.z);
+        combine(a.w, b.w, c.w, d.w, e.w, q.w, k.w, bb, pq[u].w, pk[u].w, pg[u].w, q3, k3_, dg.w, kr.w);
+        // __stcg: a 16-byte st.global (a float4 assignment here came out as four scalar stores).
+        __stcg(reinterpret_cast<float4*>(p.dq_hv + goff[u]), make_float4(q0, q1, q2, q3));
+        __stcg(reinterpret_cast<float4*>(p.dk_hv + goff[u]), make_float4(k0_, k1_, k2_, k3_));
+      }
+      *reinterpret_cast<float4*>(xm + o) = kr;
+      *reinterpret_cast<float4*>(ym + o) = dg;
+    }
+  } else
   staged_for<4, float3>(
       BT * 64,
       [&](int idx) {
@@ -1080,13 +1206,13 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
         float dgv = 0.f, kr = 0.f;
         if (i < len && kk < kw) {
           const int o = i * ld + kk;
-          const float vq = rq[o] + xm[o], vl = rl[o] + ym[o], vc = cc[o];  // even + odd units
-          const float qv = qh[o], kv = kh[o], bb = vbeta[i];
+          // rq + xm, rl + ym: even + odd units
           const int64_t off = ((tok0 + i) * HV + hv) * K + k0 + kk;
-          p.dq_hv[off] = prev.x + vq;
-          p.dk_hv[off] = prev.y + (bb * vl + vc);
-          dgv = prev.z + qv * vq + kv * (bb * vl - vc);
-          kr = kv * vl;
+          float dq, dk;
+          combine(rq[o], xm[o], rl[o], ym[o], cc[o], qh[o], kh[o], vbeta[i], prev.x, prev.y,
+                  prev.z, dq, dk, dgv, kr);
+          p.dq_hv[off] = dq;
+          p.dk_hv[off] = dk;
         }
         xm[i * ld + kk] = kr;
         ym[i * ld + kk] = dgv;
@@ -1122,9 +1248,26 @@ bwd_chunk_c_kernel(const ChunkKdaBwdParams p) {
     // Reverse cumsum: dgate_s = sum_{i >= s} dG_i within the chunk.
     const int kk = threadIdx.x;
     float acc = 0.f;
-    for (int r = len - 1; r >= 0; --r) {
-      acc += ym[r * ld + kk];
-      ym[r * ld + kk] = acc;
+    if (len == BT) {
+      // Whole chunk: compile-time rows, each group's loads issued before its adds (the loop
+      // below waits for every load in turn while the other 14 warps wait at the barrier).
+      // Same order of additions.
+#pragma unroll 1
+      for (int r0 = BT - 8; r0 >= 0; r0 -= 8) {  // not unrolled: 8 loads in flight, few registers
+        float v[8];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) v[t] = ym[(r0 + t) * ld + kk];
+#pragma unroll
+        for (int t = 7; t >= 0; --t) {
+          acc += v[t];
+          ym[(r0 + t) * ld + kk] = acc;
+        }
+      }
+    } else {
+      for (int r = len - 1; r >= 0; --r) {
+        acc += ym[r * ld + kk];
+        ym[r * ld + kk] = acc;
+      }
     }
   }
   __syncthreads();
