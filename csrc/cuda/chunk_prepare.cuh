@@ -393,6 +393,69 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   // The build's operand precision and pass-1 layout (see PrepMode).
   using M = PrepMode<T, kSafe>;
 
+  // All global loads of a slice are issued before any is used, and the next slice's loads are
+  // issued before this slice's shared-memory work (fixed trip counts, unrolled).
+  const int r0 = warp * kRows;
+  // (Returned by value, not written through a captured array: a captured array's address is
+  // taken and it would live in local memory.)
+  struct SliceIn {
+    float q[kRows], k[kRows], g[kRows];
+    float bias;  // dt_bias of the lane's column (0 without one)
+  };
+  // Loads are branch-free (see gather): an invalid (row, column) reads the chunk's first element
+  // of that tensor, always valid, and is zeroed after. q and k stay raw until g's loads are out.
+  auto load_slice = [&](int k0) {
+    SliceIn r;
+    const int col = k0 + lane;
+    r.bias = (p.use_gate_in_kernel && p.dt_bias != nullptr && (kWhole || col < K))
+                 ? p.dt_bias[hv * K + col]
+                 : 0.f;
+    int oqk[kRows], ohk[kRows];
+    bool ok[kRows];
+#pragma unroll
+    for (int it = 0; it < kRows; ++it) {
+      const int i = r0 + it;
+      ok[it] = i < L && (kWhole || col < K);
+      oqk[it] = ok[it] ? i * qks + col : 0;
+      ohk[it] = ok[it] ? i * hks + col : 0;
+    }
+    T rawq[kRows], rawk[kRows];
+#pragma unroll
+    for (int it = 0; it < kRows; ++it) {
+      rawq[it] = q[oqk[it]];
+      rawk[it] = k[oqk[it]];
+    }
+    switch (p.g_dtype) {
+      case DType::kBFloat16:
+        gather(r.g, static_cast<const __nv_bfloat16*>(p.g) + hk0, ohk);
+        break;
+      case DType::kFloat16:
+        gather(r.g, static_cast<const __half*>(p.g) + hk0, ohk);
+        break;
+      case DType::kFloat64:
+        gather(r.g, static_cast<const double*>(p.g) + hk0, ohk);
+        break;
+      case DType::kFloat32:
+      default:  // the host validated the tag
+        gather(r.g, static_cast<const float*>(p.g) + hk0, ohk);
+        break;
+    }
+#pragma unroll
+    for (int it = 0; it < kRows; ++it) {
+      r.q[it] = ok[it] ? to_float<T>(rawq[it]) : 0.f;
+      r.k[it] = ok[it] ? to_float<T>(rawk[it]) : 0.f;
+      r.g[it] = ok[it] ? r.g[it] : 0.f;
+    }
+    return r;
+  };
+  // kFixedKV builds: slice 0's loads go out first, before the l2norm's row loads below: both
+  // are then in flight together instead of one memory round trip after the other (the
+  // recompute waits on global memory more than it issues). Values and arithmetic are unchanged.
+  // (The general builds load it after the row scalars, as before: hoisted, the 16-bit chunk-64
+  // build without safe_gate spilled 4 bytes and fp32 chunk 32 went from 96 to 123 registers.)
+  SliceIn in;
+  if constexpr (kWhole) in = load_slice(0);
+
   // ---- per-row scalars: l2norm rstd, beta -------------------------------------------------
   // kTpr threads per row, each summing a strided part of the row (16-byte loads where rows are
   // whole vectors), then a shuffle reduction inside the kTpr-lane group.
@@ -440,10 +503,14 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   }
   for (int i = tid; i < BT; i += kPrepThreads)
     beta_s[i] = i < L ? beta_of(p, load_any(p.beta, p.beta_dtype, (row0 + i) * HV + hv)) : 0.f;
-  for (int idx = tid; idx < BT * LDA; idx += kPrepThreads) {
-    aacc[idx] = 0.f;
-    lacc[idx] = 0.f;
+  // (The recompute reads neither accumulator: it skips the 2 * BT * LDA shared stores.)
+  if (!reuse_akk) {
+    for (int idx = tid; idx < BT * LDA; idx += kPrepThreads) {
+      aacc[idx] = 0.f;
+      lacc[idx] = 0.f;
+    }
   }
+  if constexpr (!kWhole) in = load_slice(0);
   __syncthreads();  // rq/rk/beta_s are read by other threads below
 
   // ---- pass 1: gate, cumsum, g_cum/qg/kg, Aqk and Lkk accumulation, per K slice ----------
@@ -469,8 +536,9 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
     }
   } else {
     // New layout: kc holds only the off-diagonal column rows (block row bb >= 1: rows
-    // 0..16bb-1, at 16 bb (bb - 1) / 2); the diagonal ones are written in section B.
-    for (int rr = tid; rr < 16 * D::kOffPairs; rr += kPrepThreads) {
+    // 0..16bb-1, at 16 bb (bb - 1) / 2); the diagonal ones are written in section B. (Only
+    // products read kc_src: the recompute skips it.)
+    for (int rr = tid; !reuse_akk && rr < 16 * D::kOffPairs; rr += kPrepThreads) {
       int bb = 1, base = 0;
       while (rr >= base + 16 * bb) {
         base += 16 * bb;
@@ -564,62 +632,6 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
 #pragma unroll
   for (int s = 0; s < D::kDiagPer; ++s) diag_a[s] = diag_l[s] = 0.f;
 
-  // All global loads of a slice are issued before any is used, and the next slice's loads are
-  // issued before this slice's shared-memory work (fixed trip counts, unrolled).
-  const int r0 = warp * kRows;
-  // (Returned by value, not written through a captured array: a captured array's address is
-  // taken and it would live in local memory.)
-  struct SliceIn {
-    float q[kRows], k[kRows], g[kRows];
-    float bias;  // dt_bias of the lane's column (0 without one)
-  };
-  // Loads are branch-free (see gather): an invalid (row, column) reads the chunk's first element
-  // of that tensor, always valid, and is zeroed after. q and k stay raw until g's loads are out.
-  auto load_slice = [&](int k0) {
-    SliceIn r;
-    const int col = k0 + lane;
-    r.bias = (p.use_gate_in_kernel && p.dt_bias != nullptr && (kWhole || col < K))
-                 ? p.dt_bias[hv * K + col]
-                 : 0.f;
-    int oqk[kRows], ohk[kRows];
-    bool ok[kRows];
-#pragma unroll
-    for (int it = 0; it < kRows; ++it) {
-      const int i = r0 + it;
-      ok[it] = i < L && (kWhole || col < K);
-      oqk[it] = ok[it] ? i * qks + col : 0;
-      ohk[it] = ok[it] ? i * hks + col : 0;
-    }
-    T rawq[kRows], rawk[kRows];
-#pragma unroll
-    for (int it = 0; it < kRows; ++it) {
-      rawq[it] = q[oqk[it]];
-      rawk[it] = k[oqk[it]];
-    }
-    switch (p.g_dtype) {
-      case DType::kBFloat16:
-        gather(r.g, static_cast<const __nv_bfloat16*>(p.g) + hk0, ohk);
-        break;
-      case DType::kFloat16:
-        gather(r.g, static_cast<const __half*>(p.g) + hk0, ohk);
-        break;
-      case DType::kFloat64:
-        gather(r.g, static_cast<const double*>(p.g) + hk0, ohk);
-        break;
-      case DType::kFloat32:
-      default:  // the host validated the tag
-        gather(r.g, static_cast<const float*>(p.g) + hk0, ohk);
-        break;
-    }
-#pragma unroll
-    for (int it = 0; it < kRows; ++it) {
-      r.q[it] = ok[it] ? to_float<T>(rawq[it]) : 0.f;
-      r.k[it] = ok[it] ? to_float<T>(rawk[it]) : 0.f;
-      r.g[it] = ok[it] ? r.g[it] : 0.f;
-    }
-    return r;
-  };
-  SliceIn in = load_slice(0);
   // The in-kernel gate's per-head factor exp(A_log) once per block.
   const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
   // (Rolled: one slice's registers at a time; with kFixedKV the trip count is a constant.)
@@ -827,28 +839,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   }
   __syncthreads();
 
-  if (reuse_akk) {
-    // Akk rows of the chunk as the forward stored them (the same rounded values the forward put
-    // in `akk` below, so w and u come out bit-identical); rows past the chunk are never stored.
-    // All loads first (branch-free, as load_slice), then the stores. The mma.sync pass 2 skips
-    // Akk's blocks above the diagonal; entries above the diagonal are zeroed here as the forward
-    // zeroes them in its own tile, so that skip is exact whatever the saved upper triangle holds
-    // (the forward stores zeros there: a no-op for its Akk).
-    const T* saved = static_cast<const T*>(p.Akk_saved) + ha0;
-    constexpr int kPer = BT * BT / kPrepThreads;
-    T raw[kPer];
-#pragma unroll
-    for (int it = 0; it < kPer; ++it) {
-      const int idx = tid + it * kPrepThreads, i = idx / BT, j = idx % BT;
-      raw[it] = saved[i < L ? i * has + j : 0];
-    }
-#pragma unroll
-    for (int it = 0; it < kPer; ++it) {
-      const int idx = tid + it * kPrepThreads, i = idx / BT, j = idx % BT;
-      akk[i * LDK + j] = (i < L && (!D::kPass2Mma || j <= i)) ? raw[it] : from_float<T>(0.f);
-    }
-    __syncthreads();
-  } else {
+  if (!reuse_akk) {
   // ---- Aqk (stored), Lkk masked and row-scaled by beta --------------------------------------
   T* Aqk = static_cast<T*>(p.Aqk) + ha0;
   T* Akk = static_cast<T*>(p.Akk) + ha0;
@@ -953,7 +944,61 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
       }
       return r;
     };
-    SliceWU in2 = load_wu(0);
+    SliceWU in2;
+    if constexpr (kWhole) in2 = load_wu(0);
+    if (reuse_akk) {
+      // Akk rows of the chunk as the forward stored them (the same rounded values the forward
+      // put in `akk` above, so w and u come out bit-identical); rows past the chunk are never
+      // stored. Loaded after slice 0's w/v loads above, so that both are in flight together
+      // (before, the w/v loads went out only after the Akk tile had landed and been stored: two
+      // round trips). Branch-free, as load_slice; 16-byte loads and stores where the saved Akk
+      // is 16-byte aligned (its row stride HV * BT and the chunk base are multiples of 8
+      // elements), 8 (16-bit) elements a load instead of one. The mma.sync pass 2 skips Akk's
+      // blocks above the diagonal; entries above the diagonal are zeroed here as the forward
+      // zeroes them in its own tile, so that skip is exact whatever the saved upper triangle
+      // holds (the forward stores zeros there: a no-op for its Akk).
+      const T* saved = static_cast<const T*>(p.Akk_saved) + ha0;
+      constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+      constexpr int kPerV = BT * BT / kVec / kPrepThreads;  // 16-byte vectors per thread
+      constexpr bool kVecOk = kWhole && (BT * BT / kVec) % kPrepThreads == 0 && kPerV > 0 &&
+                              (LDK * sizeof(T)) % 16 == 0 && BT % kVec == 0;
+      if (kVecOk && aligned16(saved)) {
+        uint4 raw[kPerV > 0 ? kPerV : 1];
+#pragma unroll
+        for (int it = 0; it < kPerV; ++it) {
+          const int idx = tid + it * kPrepThreads, i = idx / (BT / kVec);
+          const int j0 = (idx % (BT / kVec)) * kVec;
+          raw[it] = *reinterpret_cast<const uint4*>(saved + (i < L ? i * has + j0 : 0));
+        }
+#pragma unroll
+        for (int it = 0; it < kPerV; ++it) {
+          const int idx = tid + it * kPrepThreads, i = idx / (BT / kVec);
+          const int j0 = (idx % (BT / kVec)) * kVec;
+          T* e = reinterpret_cast<T*>(&raw[it]);
+#pragma unroll
+          for (int x = 0; x < kVec; ++x) {
+            const int j = j0 + x;
+            e[x] = (i < L && (!D::kPass2Mma || j <= i)) ? e[x] : from_float<T>(0.f);
+          }
+          *reinterpret_cast<uint4*>(akk + i * LDK + j0) = raw[it];
+        }
+      } else {
+        constexpr int kPer = BT * BT / kPrepThreads;
+        T raw[kPer];
+#pragma unroll
+        for (int it = 0; it < kPer; ++it) {
+          const int idx = tid + it * kPrepThreads, i = idx / BT, j = idx % BT;
+          raw[it] = saved[i < L ? i * has + j : 0];
+        }
+#pragma unroll
+        for (int it = 0; it < kPer; ++it) {
+          const int idx = tid + it * kPrepThreads, i = idx / BT, j = idx % BT;
+          akk[i * LDK + j] = (i < L && (!D::kPass2Mma || j <= i)) ? raw[it] : from_float<T>(0.f);
+        }
+      }
+      __syncthreads();
+    }
+    if constexpr (!kWhole) in2 = load_wu(0);
     // Slice s's operand tiles: buffer s & 1 (selects, not lay.x[s & 1]: a run-time index into the
     // layout would put it in local memory). stage_slice writes in2 (slice s's operands; rows and
     // columns outside the chunk hold 0) into them, starts slice s + 1's loads and waits at the
