@@ -291,6 +291,45 @@ __host__ __device__ inline PrepLayout prep_layout() {
   return l;
 }
 
+// The recompute-only build's layout (chunk_prepare_kernel<..., kRecompute = true>: the backward's
+// recompute, which reuses the forward's Akk): pass 1 keeps only the slice tiles qs/ks/gs and the
+// per-warp column sums, pass 2 (aliasing them) Akk in T and the w/u operand tiles; no Aqk/Lkk
+// accumulators, operand tiles or job tables. Same roles and row strides as prep_layout, so the
+// same addresses relative to each tile (only the tiles' bases move). bf16, chunk 64: 30.5 KiB
+// instead of 88.
+template <typename T, int BT>
+__host__ __device__ inline PrepLayout prep_layout_recompute() {
+  using D = PrepDims<T, BT, true>;
+  PrepLayout l{};
+  SmemCarver c1;
+  l.qs = c1.take<float>(BT * kLdf);
+  l.ks = c1.take<float>(BT * kLdf);
+  l.gs = c1.take<float>(BT * kLdf);
+  l.tot = c1.take<float>(D::kWarps * kSlice);
+  SmemCarver c2;
+  l.akk = c2.take<T>(BT * D::kLdk);
+  const int st_elems = D::kPass2Mma ? 0 : BT * kLdf;
+  for (int b = 0; b < 2; ++b) {
+    l.kbw[b] = c2.take<T>(BT * D::kLdb);
+    l.kbu[b] = c2.take<T>(BT * D::kLdb);
+    l.stw[b] = c2.take<float>(st_elems);
+    l.stu[b] = c2.take<float>(st_elems);
+  }
+  SmemCarver c;
+  c.offset = c1.offset > c2.offset ? c1.offset : c2.offset;
+  l.beta = c.take<float>(BT);
+  l.rq = c.take<float>(BT);
+  l.rk = c.take<float>(BT);
+  l.total = align_up(c.offset, 128);
+  return l;
+}
+
+template <typename T, int BT, bool kRecompute>
+__host__ __device__ inline PrepLayout prep_layout_for() {
+  if constexpr (kRecompute) return prep_layout_recompute<T, BT>();
+  else return prep_layout<T, BT>();
+}
+
 // Row of the median reference of 16-row block blk under safe_gate: row min(8, L_sub - 1) of the
 // block (its first row when the block lies past the chunk's end).
 __device__ __forceinline__ int median_ref_row(int blk, int L) {
@@ -312,14 +351,26 @@ __device__ __forceinline__ int median_ref_row(int blk, int L) {
 // the static saving is in pass 2 (its slice loop 819 -> 645 SASS instructions, bf16 chunk 64); pass
 // 1's loop barely shrinks (~2%: its integer work is the MMA job and operand-row bookkeeping, which
 // does not depend on K).
-template <typename T, int BT, bool kSafe, int kFixedKV = 0>
-__global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const ChunkKdaFwdParams p) {
+//
+// kRecompute: the backward's recompute only (p.Akk_saved set, no output): reuse_akk is a
+// compile-time true, so the Aqk/Lkk products, their accumulators, operand tiles and the inverse
+// are compiled out, shared memory is prep_layout_recompute's, and the launch bound asks for
+// kPrepRecomputeCtas CTAs per SM. The code it runs is the same source as the run-time
+// reuse_akk path of the default build (same arithmetic, same order).
+// Registers keep it at 2 CTAs per SM for now: unbounded it takes 118 registers (bf16/fp16,
+// chunk 64, K = V = 128; 256 threads), and a bound of 3 (80 registers) spilled 60 bytes, still
+// 20-24 with pass 2's Akk fragments reloaded per slice or the l2norm's row loads halved. Shared
+// memory alone would allow 7 (30.5 KiB).
+constexpr int kPrepRecomputeCtas = 2;
+template <typename T, int BT, bool kSafe, int kFixedKV = 0, bool kRecompute = false>
+__global__ void __launch_bounds__(kPrepThreads, kRecompute ? kPrepRecomputeCtas : 2)
+    chunk_prepare_kernel(const ChunkKdaFwdParams p) {
   using D = PrepDims<T, BT, kSafe>;
   constexpr int NC = D::NC;
   constexpr int LDA = D::kLda, LDK = D::kLdk, LDB = D::kLdb;
   constexpr int kWarps = D::kWarps, kRows = D::kRows;
   extern __shared__ __align__(128) unsigned char smem[];
-  const PrepLayout lay = prep_layout<T, BT>();
+  const PrepLayout lay = prep_layout_for<T, BT, kRecompute>();
   float* qs = reinterpret_cast<float*>(smem + lay.qs);
   float* ks = reinterpret_cast<float*>(smem + lay.ks);
   float* gs = reinterpret_cast<float*>(smem + lay.gs);
@@ -388,7 +439,7 @@ __global__ void __launch_bounds__(kPrepThreads, 2) chunk_prepare_kernel(const Ch
   // (Aqk and Akk are null in the recompute: their chunk pointers are formed where they are used.)
 
   // Uniform across the grid: the recompute of the backward, with Akk known.
-  const bool reuse_akk = p.Akk_saved != nullptr;
+  const bool reuse_akk = kRecompute || p.Akk_saved != nullptr;
   constexpr bool safe = kSafe;
   // The build's operand precision and pass-1 layout (see PrepMode).
   using M = PrepMode<T, kSafe>;

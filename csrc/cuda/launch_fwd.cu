@@ -90,7 +90,7 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
   }
 
   if (p.NT > 0 && p.B > 0 && p.HV > 0) {
-    const int64_t smem = prep_layout<T, BT>().total;
+    int64_t smem = prep_layout<T, BT>().total;
     // K == V == 128 (the Kimi models' head size) with chunk 64 and 16-bit inputs gets the build
     // with K and V as compile-time constants (strides, slice counts and column masks fold;
     // bitwise the same results; static SASS of the bf16 kernel 6832 -> 6560 instructions, pass
@@ -103,6 +103,15 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
       if (p.K == 128 && p.V == 128)
         kernel = p.safe_gate ? chunk_prepare_kernel<T, BT, true, 128>
                              : chunk_prepare_kernel<T, BT, false, 128>;
+      // The backward's recompute (the forward's Akk passed in, no output o) in that
+      // configuration: the recompute-only build (no Aqk/Lkk code, 30.5 KiB of shared memory
+      // instead of 88, launch bound kPrepRecomputeCtas; same arithmetic as the
+      // run-time reuse_akk path of the build above, so bitwise the same results).
+      if (p.K == 128 && p.V == 128 && p.Akk_saved != nullptr && p.o == nullptr) {
+        kernel = p.safe_gate ? chunk_prepare_kernel<T, BT, true, 128, true>
+                             : chunk_prepare_kernel<T, BT, false, 128, true>;
+        smem = prep_layout_recompute<T, BT>().total;
+      }
     }
     set_dynamic_smem(kernel, smem, limit, "chunk_prepare");
     const dim3 grid(static_cast<unsigned>(p.NT), static_cast<unsigned>(p.HV),
