@@ -241,6 +241,21 @@ struct PrepDims {
   static_assert(BT % kWarps == 0 && kKcRows >= BT, "pass-1 row ownership");
 };
 
+// Pass 2's tiles (Akk in T, the w / u operand tiles and, without the mma.sync pass 2, their fp32
+// staging), carved from their own region: the same in the full and the recompute-only layout.
+template <typename T, int BT>
+__host__ __device__ inline void take_pass2_tiles(PrepLayout& l, SmemCarver& c2) {
+  using D = PrepDims<T, BT, true>;
+  l.akk = c2.take<T>(BT * D::kLdk);
+  const int st_elems = D::kPass2Mma ? 0 : BT * kLdf;
+  for (int b = 0; b < 2; ++b) {
+    l.kbw[b] = c2.take<T>(BT * D::kLdb);
+    l.kbu[b] = c2.take<T>(BT * D::kLdb);
+    l.stw[b] = c2.take<float>(st_elems);
+    l.stu[b] = c2.take<float>(st_elems);
+  }
+}
+
 template <typename T, int BT>
 __host__ __device__ inline PrepLayout prep_layout() {
   using D = PrepDims<T, BT, true>;  // the larger column-operand count; same layout for both
@@ -272,14 +287,7 @@ __host__ __device__ inline PrepLayout prep_layout() {
   l.kc_src = c1.take<int>(D::kKcRows);
   l.diag_src = c1.take<int>(PrepDims<T, BT, false>::kDiagPairs);
   SmemCarver c2;
-  l.akk = c2.take<T>(BT * D::kLdk);
-  const int st_elems = D::kPass2Mma ? 0 : BT * kLdf;
-  for (int b = 0; b < 2; ++b) {
-    l.kbw[b] = c2.take<T>(BT * D::kLdb);
-    l.kbu[b] = c2.take<T>(BT * D::kLdb);
-    l.stw[b] = c2.take<float>(st_elems);
-    l.stu[b] = c2.take<float>(st_elems);
-  }
+  take_pass2_tiles<T, BT>(l, c2);
   SmemCarver c;
   c.offset = c1.offset > c2.offset ? c1.offset : c2.offset;
   l.aacc = c.take<float>(BT * D::kLda);
@@ -307,14 +315,7 @@ __host__ __device__ inline PrepLayout prep_layout_recompute() {
   l.gs = c1.take<float>(BT * kLdf);
   l.tot = c1.take<float>(D::kWarps * kSlice);
   SmemCarver c2;
-  l.akk = c2.take<T>(BT * D::kLdk);
-  const int st_elems = D::kPass2Mma ? 0 : BT * kLdf;
-  for (int b = 0; b < 2; ++b) {
-    l.kbw[b] = c2.take<T>(BT * D::kLdb);
-    l.kbu[b] = c2.take<T>(BT * D::kLdb);
-    l.stw[b] = c2.take<float>(st_elems);
-    l.stu[b] = c2.take<float>(st_elems);
-  }
+  take_pass2_tiles<T, BT>(l, c2);
   SmemCarver c;
   c.offset = c1.offset > c2.offset ? c1.offset : c2.offset;
   l.beta = c.take<float>(BT);
