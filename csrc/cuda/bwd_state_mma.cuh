@@ -176,11 +176,11 @@ __global__ void __launch_bounds__(state_bwd_mma::kThreads, 2)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const float x = S[j][2 * hf], y = S[j][2 * hf + 1];
-        const uint32_t hi = pack2<T>(x, y);
-        const float2 hf2 = unpack2<T>(hi);
+        uint32_t hi, lo;
+        split_bf16x2(x, y, hi, lo);
         const int row = srow + 8 * hf;
         *reinterpret_cast<uint32_t*>(dsh + row * kLdv + col) = hi;
-        *reinterpret_cast<uint32_t*>(dsl + row * kLdv + col) = pack2<T>(x - hf2.x, y - hf2.y);
+        *reinterpret_cast<uint32_t*>(dsl + row * kLdv + col) = lo;
       }
     }
     cp_async_wait<0>();
@@ -236,10 +236,10 @@ __global__ void __launch_bounds__(state_bwd_mma::kThreads, 2)
             if (col + 1 < vcols) dvn_tile[i * vs + col + 1] = from_float<T>(y);
           }
         }
-        const uint32_t hi = pack2<T>(-x, -y);
-        const float2 h2 = unpack2<T>(hi);
+        uint32_t hi, lo;
+        split_bf16x2(-x, -y, hi, lo);
         *reinterpret_cast<uint32_t*>(dvh + i * kLdv + col) = hi;
-        *reinterpret_cast<uint32_t*>(dvl + i * kLdv + col) = pack2<T>(-x - h2.x, -y - h2.y);
+        *reinterpret_cast<uint32_t*>(dvl + i * kLdv + col) = lo;
       }
     }
     const float gam0 = expf(grow[srow]), gam1 = expf(grow[srow + 8]);

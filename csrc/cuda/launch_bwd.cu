@@ -2,7 +2,6 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -82,10 +81,19 @@ bool use_bwd_b_mma() { return use_register_kernel("KDA_EXT_BWD_B_KERNEL"); }
 // fixed shape, every tensor it copies with cp.async 16-byte aligned, and no rstd to compute
 // (bwd_chunk_a_kernel computes and stores it for kernel C when the recompute did not).
 bool chunk_a_mma_applies(const ChunkKdaBwdParams& p) {
-  auto al = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
   return p.K == 128 && p.V == 128 && p.NKS == 2 && (p.rstd_ready || !p.use_qk_l2norm) &&
-         al(p.h) && al(p.dh) && al(p.dout) && al(p.v_new) && al(p.dvn) && al(p.q) && al(p.k) &&
-         al(p.g_cum) && al(p.Akk);
+         aligned16(p.h) && aligned16(p.dh) && aligned16(p.dout) && aligned16(p.v_new) &&
+         aligned16(p.dvn) && aligned16(p.q) && aligned16(p.k) && aligned16(p.g_cum) &&
+         aligned16(p.Akk);
+}
+
+// Whether bwd_chunk_b_mma_kernel takes p (T == bf16 and BT == 64 checked by the caller): its fixed
+// shape, and every operand it reads by cp.async / 16-byte vectors (the dAkk partials as float2
+// rows of 64 floats) 16-byte aligned (V = 128 and BT = 64 keep the rows aligned given aligned
+// bases).
+bool chunk_b_mma_applies(const ChunkKdaBwdParams& p) {
+  return p.K == 128 && p.V == 128 && aligned16(p.dvn) && aligned16(p.v) && aligned16(p.dout) &&
+         aligned16(p.v_new) && aligned16(p.Akk) && aligned16(p.dAkk_part);
 }
 
 // bwd_state_kernel over V slices of BV columns: grid (N, HV, ceil(V / BV)). The usual head
@@ -174,12 +182,9 @@ void launch_typed(const ChunkKdaBwdParams& p, BwdStage stage, cudaStream_t strea
       break;
     case BwdStage::kChunkB:
       if constexpr (BT == 64 && std::is_same_v<T, __nv_bfloat16>) {
-        // bwd_chunk_b_mma_kernel reads its tiles by cp.async / 16-byte vectors and the dAkk
-        // partials as float2 (rows of 64 floats): every operand 16-byte aligned (V = 128 and
-        // BT = 64 keep the rows aligned given aligned bases).
-        auto al16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-        if (slots > 0 && kv128 && al16(p.dvn) && al16(p.v) && al16(p.dout) && al16(p.v_new) &&
-            al16(p.Akk) && al16(p.dAkk_part) && use_bwd_b_mma()) {
+        // The switch is read only where the register kernel applies (as KDA_EXT_BWD_STATE_KERNEL;
+        // kernel A reads its switch first).
+        if (slots > 0 && chunk_b_mma_applies(p) && use_bwd_b_mma()) {
           launch_with_smem(bwd_chunk_b_mma_kernel<T>, dim3(static_cast<unsigned>(slots), hv),
                            chunk_b_mma::kThreads, chunk_b_mma::layout<T>().total, limit,
                            "bwd_chunk_b_mma_kernel", p, stream);

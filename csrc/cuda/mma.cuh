@@ -350,7 +350,8 @@ __device__ __forceinline__ void store8(float* dst, const F8& x) {
   reinterpret_cast<float4*>(dst)[1] = make_float4(x.v[4], x.v[5], x.v[6], x.v[7]);
 }
 
-__device__ __forceinline__ bool aligned16(const void* ptr) {
+// Also called by the launch layers to decide whether a 16-byte-vector kernel may take a tensor.
+__host__ __device__ __forceinline__ bool aligned16(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
 }
 
