@@ -4,9 +4,13 @@ per-warp tile table, k-block ranges, masks, which rows / columns are stored), ru
 emulation of ldmatrix (.x2 / .x4, .trans) and mma.sync m16n8k16 per the PTX fragment layouts, in
 float64 without rounding, against the math of bwd_chunk_b_kernel. Shared-memory entries no warp
 writes are NaN, so a product that reads one fails. Why: the kernel was written without a GPU;
-this catches a wrong lane formula, a missing tile or a wrong mask (O(1) errors) anywhere. It
-checks the transcription, not the CUDA source: keep the two in step.
+this catches a wrong lane formula, a missing tile or a wrong mask (O(1) errors) anywhere. The
+per-warp tile table is read from the header; the rest checks the transcription, not the CUDA
+source (keep the two in step): the kernel itself is checked on a GPU by test_bwd_chunk_b_mma.py.
 """
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -43,7 +47,20 @@ def regs(R, idx):  # pick registers per lane
     return [[R[l][i] for i in idx] for l in range(32)]
 def reg1(R, i): return [R[l][i] for l in range(32)]
 
-RB=[3,3,3,2,2,1,1,0]; NT0=[0,3,6,0,3,0,2,0]; CNT=[3,3,2,3,3,2,2,2]
+def _tile_table():
+    # The per-warp tile table as the kernel has it (kTileRb / kTileNt0 / kTileCnt in the header:
+    # nibble w is warp w's entry), so a wrong table in the source fails here, not only in a copy.
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "csrc", "cuda", "bwd_chunk_b_mma.cuh")).read()
+    def nibbles(name):
+        m = re.search(name + r" = 0x([0-9a-fA-F]+)u", src)
+        assert m, f"{name} not found in bwd_chunk_b_mma.cuh"
+        x = int(m.group(1), 16)
+        return [(x >> (4 * w)) & 15 for w in range(8)]
+    return nibbles("kTileRb"), nibbles("kTileNt0"), nibbles("kTileCnt")
+
+
+RB, NT0, CNT = _tile_table()
 
 def kernel(dvn, v, do, vn, Akk_raw, part, beta_raw, len_, scale):
     dbeta_parts = {}
