@@ -57,6 +57,19 @@ def _write_build_config(with_cuda, archs):
         f.write(text)
 
 
+def _cutlass_include():
+    """The CUTLASS/CuTe headers of the installed `nvidia-cutlass` package (cutlass_library's
+    source/include), found without importing it; None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        inc = os.path.join(base, "source", "include")
+        if os.path.isdir(os.path.join(inc, "cute")):
+            return inc
+    return None
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -80,7 +93,13 @@ def _extensions():
             "--ptxas-options=--warn-on-spills",
             f"--threads={os.environ.get('NVCC_THREADS', '4')}",
         ] + _gencode_flags()
-        sources += _sources("csrc/cuda/*.cu")
+        sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/sm90/*.cu")
+        cutlass_inc = _cutlass_include()
+        if cutlass_inc is None:
+            raise RuntimeError(
+                "kda_ext: the CUDA build needs the CUTLASS/CuTe headers of the nvidia-cutlass "
+                "package: pip install nvidia-cutlass==4.2.0.0 (or build CPU-only: KDA_EXT_CUDA=0)")
+        include_dirs = include_dirs + [cutlass_inc]
         ext = CUDAExtension(
             "kda_ext._C",
             sources,

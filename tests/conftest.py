@@ -343,3 +343,25 @@ def assert_switch_pair_differs(out_m, out_w) -> None:
     shows that the first setting reached the register kernel."""
     grads = [n for n, t in out_m.items() if t is not None and n not in ("o", "ht")]
     assert any(not torch.equal(out_m[n], out_w[n]) for n in grads), "mma and wmma runs are bitwise equal"
+
+
+def fwd_op_outputs(case: Case, x, save: bool, return_states: bool = False):
+    """Every output of kda_ext::chunk_kda_fwd, on outputs poisoned with NaN beforehand (the
+    caching allocator hands the same blocks back to the next call of the same sizes)."""
+    c = case
+    q, k = kernel_qk(c, x)
+    names = ["o", "ht", "Aqk", "Akk", "g_cum", "w", "u", "qg", "kg", "v_new", "h"]
+    outs = torch.ops.kda_ext.chunk_kda_fwd(
+        q, k, x["v"], x["g"], x["beta"], c.scale if c.scale is not None else c.K ** -0.5,
+        x.get("h0"), x.get("A_log") if c.gate_in_kernel else None,
+        x.get("dt_bias") if c.gate_in_kernel else None, x.get("cu_seqlens"),
+        c.l2norm_in_kernel, c.gate_in_kernel, c.beta_sigmoid, c.neg_eig, c.safe_gate, c.lower_bound,
+        c.state_v_first, c.chunk_size, True, save, return_states)
+    return {n: t.clone() for n, t in zip(names, outs)}
+
+
+def poison_allocator(x):
+    """Fill what the next call's allocations will get with NaN: allocate and fill blocks as large
+    as every output, then free them."""
+    big = [torch.full((t.numel() * 16,), float("nan"), device="cuda") for t in (x["q"], x["v"])]
+    del big

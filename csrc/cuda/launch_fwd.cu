@@ -14,10 +14,12 @@
 #include <c10/util/Exception.h>
 
 #include "cuda/chunk_prepare.cuh"
+#include "cuda/chunk_prepare_lean.cuh"
 #include "cuda/chunk_state_output.cuh"
 #include "cuda/launch_common.h"
 #include "cuda/launch_fwd.h"
 #include "cuda/params.h"
+#include "cuda/sm90/launch_sm90.h"
 #include "cuda/state_output_mma.cuh"
 #include "cuda/static_switch.h"
 
@@ -41,9 +43,11 @@ int blocks_per_sm_by_smem(int64_t smem) {
 // Which state/output kernel runs where both could (16-bit inputs, chunk 64, K = 128), from
 // KDA_EXT_STATE_KERNEL: auto (default) or mma: the register kernel, V slices of 64 columns when
 // that grid nearly fills the GPU, else 32; mma32 / mma64: the register kernel at that width;
-// wmma: the shared-memory kernel (its own width choice). Read per call (a few hundred ns, no
-// allocation, graph safe), so tests and benchmarks can compare the kernels in one process.
-enum class StateKernelChoice { kMma, kMma32, kMma64, kWmma };
+// wmma: the shared-memory kernel (its own width choice); sm90: the Hopper kernel on wgmma + TMA
+// (sm90/state_output_sm90.cuh) where it applies (state_output_sm90_applies), else the default.
+// Read per call (a few hundred ns, no allocation, graph safe), so tests and benchmarks can compare
+// the kernels in one process.
+enum class StateKernelChoice { kMma, kMma32, kMma64, kWmma, kSm90 };
 
 StateKernelChoice state_kernel_choice() {
   const char* v = std::getenv("KDA_EXT_STATE_KERNEL");
@@ -52,8 +56,20 @@ StateKernelChoice state_kernel_choice() {
   if (std::strcmp(v, "mma32") == 0) return StateKernelChoice::kMma32;
   if (std::strcmp(v, "mma64") == 0) return StateKernelChoice::kMma64;
   if (std::strcmp(v, "wmma") == 0) return StateKernelChoice::kWmma;
-  TORCH_CHECK(false, "kda_ext: KDA_EXT_STATE_KERNEL must be auto, mma, mma32, mma64 or wmma, got '",
+  if (std::strcmp(v, "sm90") == 0) return StateKernelChoice::kSm90;
+  TORCH_CHECK(false, "kda_ext: KDA_EXT_STATE_KERNEL must be auto, mma, mma32, mma64, wmma or sm90, got '",
               v, "'");
+}
+
+// Which intra-chunk kernel runs where chunk_prepare_lean applies (chunk_prepare_lean_applies), from
+// KDA_EXT_PREP_KERNEL: auto (default) or lean: chunk_prepare_lean; classic: chunk_prepare. Read per
+// call like KDA_EXT_STATE_KERNEL, so tests can run both on the same inputs in one process.
+bool prep_lean_wanted() {
+  const char* v = std::getenv("KDA_EXT_PREP_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "lean") == 0)
+    return true;
+  if (std::strcmp(v, "classic") == 0) return false;
+  TORCH_CHECK(false, "kda_ext: KDA_EXT_PREP_KERNEL must be auto, lean or classic, got '", v, "'");
 }
 
 template <typename T, int BV>
@@ -89,7 +105,23 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  if (p.NT > 0 && p.B > 0 && p.HV > 0) {
+  bool prepared = false;
+  if constexpr (BT == 64 && std::is_same_v<T, __nv_bfloat16>) {
+    if (p.NT > 0 && p.B > 0 && p.HV > 0 && chunk_prepare_lean_applies(p) && prep_lean_wanted()) {
+      const bool recompute = p.Akk_saved != nullptr;
+      auto kernel = recompute ? chunk_prepare_lean_kernel<T, true> : chunk_prepare_lean_kernel<T, false>;
+      const int64_t smem =
+          recompute ? prep_lean::layout<T, true>().total : prep_lean::layout<T, false>().total;
+      set_dynamic_smem(kernel, smem, limit, "chunk_prepare_lean");
+      const dim3 grid(static_cast<unsigned>(p.NT), static_cast<unsigned>(p.HV),
+                      static_cast<unsigned>(p.B));
+      kernel<<<grid, prep_lean::kThreads, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      prepared = true;
+    }
+  }
+
+  if (!prepared && p.NT > 0 && p.B > 0 && p.HV > 0) {
     int64_t smem = prep_layout<T, BT>().total;
     // K == V == 128 (the Kimi models' head size) with chunk 64 and 16-bit inputs gets the build
     // with K and V as compile-time constants (strides, slice counts and column masks fold;
@@ -126,7 +158,14 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
     // in one wave (the main shape (2, 8192, 32, 128): 128 CTAs on 132 SMs); 32 otherwise (B = 1,
     // T = 32768, HV = 16: 64 CTAs, where 64 columns would leave three quarters of the SMs idle).
     if constexpr (BT == 64 && !std::is_same_v<T, float>) {
-      const StateKernelChoice choice = state_kernel_choice();
+      StateKernelChoice choice = state_kernel_choice();
+      if (choice == StateKernelChoice::kSm90) {
+        if (state_output_sm90_applies(p)) {
+          launch_state_output_sm90(p, stream);
+          return;
+        }
+        choice = StateKernelChoice::kMma;
+      }
       if (p.K == 128 && choice != StateKernelChoice::kWmma) {
         bool wide = choice == StateKernelChoice::kMma64;
         if (choice == StateKernelChoice::kMma)
