@@ -306,20 +306,21 @@ def chunk_kda(
     silently drop the bias). ``A_log``/``dt_bias`` are ignored unless ``use_gate_in_kernel``.
     Inputs may have any strides; none of them is modified.
 
-    Layout: every tensor is time-major (``[B, T, ...]``). When ``q`` has fewer time steps than
+    Layout: ``q``, ``k``, ``v``, ``g`` and ``beta`` are time-major (``[B, T, ...]``). When ``q`` has fewer time steps than
     heads (T < H), a ``UserWarning`` says that the inputs may be head-first ``[B, H, T, ...]``
-    (FLA's heuristic; not emitted while ``torch.compile`` traces). Shapes that can only come from
+    (FLA's heuristic; not emitted while ``torch.compile`` traces). Shapes that point to
     a head-first tensor (``g``/``beta`` with axes 1 and 2 swapped, ``A_log`` with T elements
     instead of HV) raise a ``ValueError`` that suggests ``x.transpose(1, 2)``.
 
     Gate contract: with ``use_gate_in_kernel=False``, ``g`` is the log of the per-step decay and
     must be <= 0. Positive entries are not rejected by default (that needs a device sync): the
     state grows as ``exp(sum g)`` and the output becomes inf/NaN. ``check_inputs=True``, or the
-    environment variable ``KDA_EXT_CHECK_INPUTS=1``, reads the inputs back to the host (one sync
-    per tensor) and raises a ``ValueError`` naming the first positive ``g`` element (batch, time,
+    environment variable ``KDA_EXT_CHECK_INPUTS=1``, reads the inputs back to the host (device
+    syncs) and raises a ``ValueError`` naming the first positive ``g`` element (batch, time,
     head, channel and value) or the first NaN/inf element of any input. The check runs in eager
     mode only; while ``torch.compile`` traces, it is skipped (it would break the graph). Off by
-    default: the default path never reads tensor values on the host.
+    default: without it no device tensor is read back to the host (the one exception is the
+    chunk count of ``return_intermediate_states`` below).
 
     Returns:
         ``(o, final_state)``: ``o`` ``[B, T, HV, V]`` in q's dtype; ``final_state``
