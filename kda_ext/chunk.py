@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from typing import Any, Optional, Tuple, Union
 
@@ -17,7 +18,10 @@ from . import ops
 
 __all__ = ["chunk_kda"]
 
-_KNOWN_KWARGS = ("A_log", "dt_bias", "chunk_size", "transpose_state_layout")
+# Keyword arguments accepted only through **kwargs: FLA's deprecated alias stays out of the signature.
+_KNOWN_KWARGS = ("transpose_state_layout",)
+_KEYWORD_ONLY = ("A_log", "dt_bias", "chunk_size", "check_inputs") + _KNOWN_KWARGS
+_CHECK_INPUTS_ENV = "KDA_EXT_CHECK_INPUTS"
 _QKV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_DTYPES = _QKV_DTYPES
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -47,7 +51,7 @@ def _check_backend(device: torch.device) -> None:
         raise RuntimeError(
             "chunk_kda: got CUDA tensors, but this build of kda_ext has no CUDA kernels "
             "(built with KDA_EXT_CUDA=0, or without nvcc or a CUDA build of torch); rebuild with "
-            "KDA_EXT_CUDA=1, e.g. `KDA_EXT_CUDA=1 pip install --no-build-isolation -e .`")
+            "KDA_EXT_CUDA=1, e.g. `KDA_EXT_CUDA=1 pip install --no-build-isolation .`")
 
 
 def _probe_cuda_kernels() -> bool:
@@ -88,6 +92,109 @@ def _exact_num_chunks(bounds: list, BT: int) -> int:
     return sum((b - a + BT - 1) // BT for a, b in zip(bounds[:-1], bounds[1:]))
 
 
+# --- layout mix-ups: [B, H, T, ...] (head-first) handed where [B, T, H, ...] is expected --------
+
+_TRANSPOSE_HINT = ("kda_ext expects time before heads ([B, T, H, ...]); transpose head-first "
+                   "tensors with x.transpose(1, 2)")
+
+
+def _axes_1_2_swapped(shape: Tuple[int, ...], expected: Tuple[int, ...]) -> bool:
+    """True when `shape` is `expected` with its time and head axes exchanged (and they differ)."""
+    return (len(shape) == len(expected) >= 3 and expected[1] != expected[2]
+            and shape[0] == expected[0] and shape[1] == expected[2] and shape[2] == expected[1]
+            and shape[3:] == expected[3:])
+
+
+def _shape_error(name: str, expected: Tuple[int, ...], layout: str, got: torch.Tensor) -> ValueError:
+    message = f"chunk_kda: `{name}` must be {list(expected)} ({layout}), got {list(got.shape)}"
+    if _axes_1_2_swapped(tuple(got.shape), expected):
+        message += f"; it looks head-first (axes 1 and 2 swapped): {_TRANSPOSE_HINT}"
+    return ValueError(message)
+
+
+def _warn_if_time_looks_like_heads(T: int, H: int, shape: Tuple[int, ...]) -> None:
+    # FLA's heuristic (it warned when q.shape[1] < q.shape[2]): fewer time steps than heads is
+    # rare in training and is what a head-first tensor looks like. A warning, not an error: a
+    # short legitimate input (T=1 decoding with many heads) looks the same. Not while tracing:
+    # Dynamo cannot trace warnings.warn, and under fullgraph=True that would be an error.
+    if T < H and not _is_compiling():
+        warnings.warn(
+            f"chunk_kda: `q` has shape {list(shape)}, read as [B, T, H, K] with T={T} time steps "
+            f"and H={H} heads (fewer steps than heads). If q, k, v, g and beta are head-first "
+            f"[B, H, T, ...], this is a layout mix-up and the result is wrong: {_TRANSPOSE_HINT}",
+            UserWarning, stacklevel=3)
+
+
+def _check_gate_param_numel(x: torch.Tensor, name: str, per_head: int, what: str,
+                            T: int, HV: int) -> None:
+    numel = HV * per_head
+    if x.numel() == numel:
+        return
+    message = (f"chunk_kda: `{name}` must have {what}={numel} elements, got {x.numel()} "
+               f"(shape {tuple(x.shape)})")
+    if T != HV and x.numel() == T * per_head:
+        # The parameter is sized for the head count, which head-first inputs put on axis 1.
+        message += (f"; that is {'T' if per_head == 1 else 'T*K'}={x.numel()} with T={T} read from "
+                    f"q.shape[1], so `{name}` is probably right and q, k, v, g, beta are "
+                    f"head-first [B, H, T, ...]: {_TRANSPOSE_HINT}")
+    raise ValueError(message)
+
+
+# --- opt-in value checks (check_inputs=True or KDA_EXT_CHECK_INPUTS=1) ------------------------
+
+def _check_inputs_from_env() -> bool:
+    value = os.environ.get(_CHECK_INPUTS_ENV, "").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise ValueError(f"{_CHECK_INPUTS_ENV} must be 0 or 1 (or unset), got {value!r}")
+
+
+def _describe_position(index: Tuple[int, ...], axes: Tuple[str, ...], bounds: Optional[list]) -> str:
+    where = ", ".join(f"{axis} {i}" for axis, i in zip(axes, index))
+    if bounds is not None and len(axes) >= 2 and axes[1] == "time":
+        # Packed sequences: also say which sequence the token belongs to.
+        t = index[1]
+        for n in range(len(bounds) - 1):
+            if bounds[n] <= t < bounds[n + 1]:
+                where += f" (sequence {n}, its step {t - bounds[n]})"
+                break
+    return where
+
+
+def _first_position(mask: torch.Tensor) -> Tuple[int, ...]:
+    # nonzero lists indices in row-major order: its first row is the first offending element.
+    return tuple(int(i) for i in torch.nonzero(mask)[0].tolist())
+
+
+def _check_input_values(named: list, g: torch.Tensor, use_gate_in_kernel: bool,
+                        bounds: Optional[list]) -> None:
+    """Raise on NaN/inf in any input and on g > 0 when g is a log-decay. Every test here reads
+    the data back to the host (a device sync), which is why it runs only when asked for."""
+    for name, x, axes in named:
+        if x is None:
+            continue
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            index = _first_position(bad)
+            raise ValueError(
+                f"chunk_kda: `{name}` must be finite; {int(bad.sum())} element(s) are not, the "
+                f"first at {_describe_position(index, axes, bounds)}: {name}{list(index)} = "
+                f"{x[index].item()}")
+    if not use_gate_in_kernel:
+        positive = g > 0
+        if bool(positive.any()):
+            index = _first_position(positive)
+            raise ValueError(
+                "chunk_kda: `g` is a per-step log-decay and must be <= 0 when "
+                f"use_gate_in_kernel=False (exp(g) > 1 makes the state grow until it overflows); "
+                f"{int(positive.sum())} element(s) are positive, the first at "
+                f"{_describe_position(index, ('batch', 'time', 'head', 'channel'), bounds)}: "
+                f"g{list(index)} = {g[index].item()}. Pass raw gate logits with "
+                "use_gate_in_kernel=True, or make g a log-decay (e.g. F.logsigmoid(x))")
+
+
 def chunk_kda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,6 +216,11 @@ def chunk_kda(
     cu_seqlens: Optional[torch.LongTensor] = None,
     cu_seqlens_cpu: Optional[torch.LongTensor] = None,
     cp_context: Any = None,
+    *,
+    A_log: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+    check_inputs: bool = False,
     **kwargs: Any,
 ) -> Union[Tuple[torch.Tensor, Optional[torch.Tensor]],
            Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
@@ -130,7 +242,9 @@ def chunk_kda(
                                    (fp64 on CPU only); one dtype with v
     ``v``                          ``[B, T, HV, V]``                     values
     ``g``                          ``[B, T, HV, K]``, any float dtype    per-step log decay
-                                                                         (<= 0), or raw gate
+                                                                         (must be <= 0: g > 0
+                                                                         gives inf/NaN), or raw
+                                                                         gate
                                                                          logits with
                                                                          ``use_gate_in_kernel``
     ``beta``                       ``[B, T, HV]``, any float dtype       delta-rule step size,
@@ -178,14 +292,35 @@ def chunk_kda(
                                                                          with ``lower_bound``)
     kw ``dt_bias``                 HV*K elements, float32 (or float64)   gate bias, optional
     kw ``chunk_size``              32 or 64, default 64                  BT
-    kw ``transpose_state_layout``  bool (deprecated)                     alias of
+    kw ``check_inputs``            bool, False                           read the inputs back and
+                                                                         raise on NaN/inf and on
+                                                                         g > 0 (see below)
+    kw ``transpose_state_layout``  bool (deprecated, in ``**kwargs``)    alias of
                                                                          ``state_v_first``
     ============================== ===================================== =====================
 
-    Unlike FLA, which silently ignores unknown keyword arguments, an unknown keyword raises a
-    ``TypeError`` naming it (a typo such as ``dt_bais=`` would otherwise silently drop the bias).
-    ``A_log``/``dt_bias`` are ignored unless ``use_gate_in_kernel``. Inputs may have any strides;
-    none of them is modified.
+    Everything after ``cp_context`` is keyword-only; the positional order up to ``cp_context`` is
+    FLA's. FLA takes ``A_log``, ``dt_bias`` and ``chunk_size`` through ``**kwargs``; passing them
+    by keyword works with both. Unlike FLA, which silently ignores unknown keyword arguments, an
+    unknown keyword raises a ``TypeError`` naming it (a typo such as ``dt_bais=`` would otherwise
+    silently drop the bias). ``A_log``/``dt_bias`` are ignored unless ``use_gate_in_kernel``.
+    Inputs may have any strides; none of them is modified.
+
+    Layout: ``q``, ``k``, ``v``, ``g`` and ``beta`` are time-major (``[B, T, ...]``). When ``q`` has fewer time steps than
+    heads (T < H), a ``UserWarning`` says that the inputs may be head-first ``[B, H, T, ...]``
+    (FLA's heuristic; not emitted while ``torch.compile`` traces). Shapes that point to
+    a head-first tensor (``g``/``beta`` with axes 1 and 2 swapped, ``A_log`` with T elements
+    instead of HV) raise a ``ValueError`` that suggests ``x.transpose(1, 2)``.
+
+    Gate contract: with ``use_gate_in_kernel=False``, ``g`` is the log of the per-step decay and
+    must be <= 0. Positive entries are not rejected by default (that needs a device sync): the
+    state grows as ``exp(sum g)`` and the output becomes inf/NaN. ``check_inputs=True``, or the
+    environment variable ``KDA_EXT_CHECK_INPUTS=1``, reads the inputs back to the host (device
+    syncs) and raises a ``ValueError`` naming the first positive ``g`` element (batch, time,
+    head, channel and value) or the first NaN/inf element of any input. The check runs in eager
+    mode only; while ``torch.compile`` traces, it is skipped (it would break the graph). Off by
+    default: without it no device tensor is read back to the host (the one exception is the
+    chunk count of ``return_intermediate_states`` below).
 
     Returns:
         ``(o, final_state)``: ``o`` ``[B, T, HV, V]`` in q's dtype; ``final_state``
@@ -198,7 +333,7 @@ def chunk_kda(
     Raises:
         TypeError: a non-tensor input, a wrong dtype, float64 on a GPU, an unknown keyword.
         ValueError: a wrong shape, device or flag combination (messages name the argument, the
-            expectation and the given value).
+            expectation and the given value); with ``check_inputs``, NaN/inf or g > 0.
         NotImplementedError: ``cp_context`` is not None.
     """
     # --- keyword arguments FLA only accepts through **kwargs ----------------------------------
@@ -206,7 +341,9 @@ def chunk_kda(
     if unknown:
         raise TypeError(
             f"chunk_kda() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-            f"the keyword-only extras are {', '.join(_KNOWN_KWARGS)}")
+            f"the keyword-only extras are {', '.join(_KEYWORD_ONLY)}")
+    if not isinstance(check_inputs, bool):
+        raise TypeError(f"chunk_kda: `check_inputs` must be a bool, got {check_inputs!r}")
     for x, name in ((q, "q"), (k, "k"), (v, "v"), (g, "g"), (beta, "beta")):
         _require_tensor(x, name)
 
@@ -230,6 +367,7 @@ def chunk_kda(
     if q.dim() != 4:
         raise ValueError(f"chunk_kda: `q` must be [B, T, H, K], got shape {tuple(q.shape)}")
     B, T, H, K = q.shape
+    _warn_if_time_looks_like_heads(T, H, tuple(q.shape))
     if lower_bound is not None and (
             isinstance(lower_bound, bool) or not isinstance(lower_bound, numbers.Real)):
         raise TypeError(f"chunk_kda: `lower_bound` must be a float or None, got {lower_bound!r}")
@@ -264,15 +402,13 @@ def chunk_kda(
                 f"{' (q is float64)' if state_dtype == torch.float64 else ''}, "
                 f"got {initial_state.dtype}")
 
-    A_log = dt_bias = None
-    if use_gate_in_kernel:
-        A_log, dt_bias = kwargs.get("A_log"), kwargs.get("dt_bias")
-        if A_log is None and lower_bound is None:
-            raise ValueError(
-                "chunk_kda: `A_log` must be provided when `use_gate_in_kernel=True` "
-                "(it may only be omitted together with a `lower_bound`)")
+    if not use_gate_in_kernel:
+        A_log = dt_bias = None  # FLA ignores them without the in-kernel gate
+    elif A_log is None and lower_bound is None:
+        raise ValueError(
+            "chunk_kda: `A_log` must be provided when `use_gate_in_kernel=True` "
+            "(it may only be omitted together with a `lower_bound`)")
 
-    chunk_size = kwargs.get("chunk_size", 64)
     if isinstance(chunk_size, bool) or chunk_size not in (32, 64):
         raise ValueError(f"chunk_kda: `chunk_size` must be either 32 or 64 for KDA, got {chunk_size!r}")
 
@@ -299,23 +435,35 @@ def chunk_kda(
             "(beta = 2 * sigmoid(beta) is computed in the kernel)")
 
     if k.shape != q.shape:
+        hint = ""
+        if _axes_1_2_swapped(tuple(k.shape), tuple(q.shape)):
+            hint = (f"; their axes 1 and 2 are swapped, so one of them is head-first: "
+                    f"{_TRANSPOSE_HINT}")
         raise ValueError(
-            f"chunk_kda: `k` must have the shape of `q` {tuple(q.shape)}, got {tuple(k.shape)}")
+            f"chunk_kda: `k` must have the shape of `q` {tuple(q.shape)}, got {tuple(k.shape)}"
+            f"{hint}")
     if not 0 < K <= 256:
         raise ValueError(
             f"chunk_kda: currently only key head dims 1 <= K <= 256 are supported for KDA, got K={K}")
     if v.dim() != 4 or v.shape[0] != B or v.shape[1] != T:
+        hint = ""
+        if v.dim() == 4 and v.shape[0] == B and v.shape[2] == T:
+            hint = f"; it looks head-first [B, HV, T, V]: {_TRANSPOSE_HINT}"
+        elif v.dim() == 4 and v.shape[0] == B and v.shape[2] == H:
+            # q's axis 2 and v's axis 2 agree while axis 1 does not: both carry time on axis 2.
+            hint = (f"; v.shape[2] equals q.shape[2]={H}, as when q, k, v are all head-first "
+                    f"[B, H, T, ...]: {_TRANSPOSE_HINT}")
         raise ValueError(
-            f"chunk_kda: `v` must be [B={B}, T={T}, HV, V], got shape {tuple(v.shape)}")
+            f"chunk_kda: `v` must be [B={B}, T={T}, HV, V], got shape {tuple(v.shape)}{hint}")
     HV, V = v.shape[2], v.shape[3]
     if H == 0 or HV == 0 or HV % H != 0:
         raise ValueError(
             f"chunk_kda: the value heads HV={HV} (v.shape[2]) must be a positive multiple of the "
             f"q/k heads H={H} (q.shape[2])")
     if tuple(g.shape) != (B, T, HV, K):
-        raise ValueError(f"chunk_kda: `g` must be [{B}, {T}, {HV}, {K}], got {tuple(g.shape)}")
+        raise _shape_error("g", (B, T, HV, K), "[B, T, HV, K]", g)
     if tuple(beta.shape) != (B, T, HV):
-        raise ValueError(f"chunk_kda: `beta` must be [{B}, {T}, {HV}], got {tuple(beta.shape)}")
+        raise _shape_error("beta", (B, T, HV), "[B, T, HV]", beta)
 
     if return_intermediate_states:
         if not torch.is_inference_mode_enabled():
@@ -359,14 +507,11 @@ def chunk_kda(
                 f" = {list(expected)}, got {list(initial_state.shape)}")
 
     param_dtypes = (torch.float32,) if state_dtype == torch.float32 else (torch.float32, torch.float64)
-    for x, name, numel, what in ((A_log, "A_log", HV, "HV"), (dt_bias, "dt_bias", HV * K, "HV*K")):
+    for x, name, per_head, what in ((A_log, "A_log", 1, "HV"), (dt_bias, "dt_bias", K, "HV*K")):
         if x is None:
             continue
         _require_tensor(x, name)
-        if x.numel() != numel:
-            raise ValueError(
-                f"chunk_kda: `{name}` must have {what}={numel} elements, got {x.numel()} "
-                f"(shape {tuple(x.shape)})")
+        _check_gate_param_numel(x, name, per_head, what, T, HV)
         if x.dtype not in param_dtypes:
             raise TypeError(
                 f"chunk_kda: `{name}` must be {' or '.join(map(str, param_dtypes))}, "
@@ -413,6 +558,15 @@ def chunk_kda(
                             f"got {cu_seqlens_cpu.tolist()} and {cu_seqlens.tolist()}")
     elif cu_seqlens_cpu is not None:
         raise ValueError("chunk_kda: `cu_seqlens_cpu` was given without `cu_seqlens`")
+
+    # Off by default: each check reads data back to the host, a device sync per tensor.
+    if not _is_compiling() and (check_inputs or _check_inputs_from_env()):
+        token, head = ("batch", "time", "head", "channel"), ("sequence", "head", "row", "column")
+        _check_input_values(
+            [("q", q, token), ("k", k, token), ("v", v, token), ("g", g, token),
+             ("beta", beta, token[:3]), ("initial_state", initial_state, head),
+             ("A_log", A_log, ("index",)), ("dt_bias", dt_bias, ("index",))],
+            g, bool(use_gate_in_kernel), bounds)
 
     out = ops.chunk_kda_fwd(
         q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,

@@ -292,7 +292,7 @@ def naive_chunk_kda(
     cu_seqlens: Optional[torch.LongTensor] = None,
     chunk_size: int = 64,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The chunked form of KDA (docs/design.md, KDA_REFERENCE §3.1) in plain torch.
+    """The chunked form of KDA (the pipeline of docs/design.md, "Op contract") in plain torch.
 
     Within each chunk of ``chunk_size`` rows (G = inclusive cumsum of g inside the chunk)::
 
