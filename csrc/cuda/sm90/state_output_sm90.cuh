@@ -379,8 +379,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     pipeline.consumer_wait(state);
     const int s = state.index();
 
-    // v_new^T = u^T - Sh^T w^T
+    // v_new^T = u^T - Sh^T w^T. (Register operands of wgmma are read asynchronously: the fences
+    // keep the compiler from reusing aS / aV's registers before the wait that covers them.)
     clear(accV);
+    warpgroup_fence_operand(aS);
     warpgroup_fence_operand(accV);
     warpgroup_arrive();
     gemm(mma_vn, aS, tBw(_, _, _, s), accV);
@@ -401,10 +403,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       accV(i) = j < L ? round_to<T>(uv - accV(i)) : 0.f;
     }
     acc_to_a_operand<Elt>(accV, aV);
+    warpgroup_fence_operand(aV);
     if (v_new != nullptr)
       store_rows_staged<T, Cfg::kLdStage>(accV, reinterpret_cast<T*>(st.vn_stage.data()), ac, tid,
                                           v_new + row0 * vs + hv * kK + v0, vs, L);
     warpgroup_wait<0>();
+    warpgroup_fence_operand(aS);
     warpgroup_fence_operand(accO);
 #pragma unroll
     for (int i = 0; i < 32; ++i) accO(i) *= scale;
@@ -421,6 +425,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     gemm(mma_s, aV, tBk(_, _, _, s), accS);
     warpgroup_commit_batch();
     warpgroup_wait<0>();
+    warpgroup_fence_operand(aV);
     warpgroup_fence_operand(accO);
     warpgroup_fence_operand(accS);
     pipeline.consumer_release(state);
