@@ -146,7 +146,9 @@ def test_bf16x3_error_estimate_sits_between_tf32_and_3xtf32():
 # device_check.sh's flashkda step run here in seconds without nvcc.
 _FAKE_FLASHKDA_SETUP = """
 import os
+import subprocess
 from setuptools import setup, Extension
+subprocess.run(["git", "submodule", "update", "--init", "cutlass"])  # as FlashKDA's setup.py does
 # FlashKDA's setup.py reads CUTLASS from ./cutlass/include: the script must have linked it.
 assert os.path.isfile(os.path.join("cutlass", "include", "cute", "tensor.hpp")), "cutlass not linked"
 assert os.environ["FLASH_KDA_CUDA_ARCHS"] == "90a"
