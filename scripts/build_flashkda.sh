@@ -48,6 +48,28 @@ if [ ! -f "${CUTLASS_SOURCE:-/nonexistent}/include/cute/tensor.hpp" ] \
   exit 2
 fi
 
+import_check() {  # in a fresh interpreter that sees TARGET added to the current path
+  PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "
+import flash_kda, flash_kda_C
+print('build_flashkda: import ok:', flash_kda.__file__, flash_kda_C.__file__,
+      'workspace bytes for T=8192, H=32, N=2:', flash_kda_C.get_workspace_size(16384, 32, 2))" \
+    || { echo "build_flashkda: import FAILED"; exit 1; }
+}
+
+# A build already in TARGET from the same sources, headers, archs and torch is reused (a second
+# device_check.sh run in the same call, or on a machine still warm, skips the compile).
+commit=$(cut -c1-8 "$SRC/FLASHKDA_COMMIT" 2>/dev/null || echo unknown)
+cutlass_version=$("$PY" -c "import importlib.metadata as m; print(m.version('nvidia-cutlass'))" 2>/dev/null || echo "?")
+build_hash=$( (cd "$SRC" && find . -type f ! -path './cutlass/*' | LC_ALL=C sort | xargs cat;
+               echo "$CUTLASS_SOURCE $cutlass_version ${FLASH_KDA_CUDA_ARCHS:-90a}";
+               "$PY" -c "import torch; print(torch.__version__)") | sha256sum | cut -c1-16)
+if [ "$(cat "$TARGET/.flashkda_build_hash" 2>/dev/null)" == "$build_hash" ] \
+    && ls "$TARGET"/flash_kda_C*.so >/dev/null 2>&1; then
+  echo "build_flashkda: reusing the build in $TARGET (same sources, headers, archs and torch)"
+  import_check
+  exit 0
+fi
+
 rm -rf "$BUILD" && mkdir -p "$BUILD" && cp -r "$SRC/." "$BUILD/"
 # The archive holds an empty folder where the submodule would be: replace it with the link.
 rm -rf "$BUILD/cutlass" && ln -s "$CUTLASS_SOURCE" "$BUILD/cutlass"
@@ -57,8 +79,6 @@ mkdir -p "$BUILD/.nogit"
 printf '#!/bin/sh\necho "git is off for this build (CUTLASS comes from nvidia-cutlass)" >&2\nexit 1\n' \
   > "$BUILD/.nogit/git"
 chmod +x "$BUILD/.nogit/git"
-commit=$(cut -c1-8 "$SRC/FLASHKDA_COMMIT" 2>/dev/null || echo unknown)
-cutlass_version=$("$PY" -c "import importlib.metadata as m; print(m.version('nvidia-cutlass'))" 2>/dev/null || echo "?")
 echo "build_flashkda: FlashKDA $commit, CUTLASS headers $CUTLASS_SOURCE (nvidia-cutlass $cutlass_version), archs ${FLASH_KDA_CUDA_ARCHS:-90a}"
 
 t0=$(date +%s)
@@ -75,14 +95,9 @@ so=$(ls "$BUILD"/flash_kda_C*.so 2>/dev/null | head -n1)
 if [ -z "$so" ]; then
   echo "build_flashkda: the build produced no flash_kda_C*.so in $BUILD"; exit 1
 fi
-mkdir -p "$TARGET" && rm -rf "$TARGET/flash_kda" "$TARGET"/flash_kda_C*.so
+mkdir -p "$TARGET" && rm -rf "$TARGET/flash_kda" "$TARGET"/flash_kda_C*.so "$TARGET/.flashkda_build_hash"
 cp -r "$BUILD/flash_kda" "$so" "$TARGET/"
 spills=$(grep -cE "[1-9][0-9]* bytes spill (stores|loads)" "$BUILD/build.log")
 echo "build_flashkda: built in $secs s ($spills ptxas lines with spills), installed into $TARGET"
-
-# The import check in a fresh interpreter that sees only TARGET added to the current path.
-PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "
-import flash_kda, flash_kda_C
-print('build_flashkda: import ok:', flash_kda.__file__, flash_kda_C.__file__,
-      'workspace bytes for T=8192, H=32, N=2:', flash_kda_C.get_workspace_size(16384, 32, 2))" \
-  || { echo "build_flashkda: import FAILED"; exit 1; }
+import_check
+echo "$build_hash" > "$TARGET/.flashkda_build_hash"

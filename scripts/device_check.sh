@@ -66,7 +66,7 @@ wait_flashkda() {  # the FlashKDA build's result into the summary, once; its pac
   local rc=$?
   flashkda_pid=""
   local result
-  result=$(grep -E '^build_flashkda: (built|build FAILED|import (ok|FAILED))' "$OUT/flashkda_build.log" | cut -c1-160 | tr '\n' ' ')
+  result=$(grep -E '^build_flashkda: (built|reusing|build FAILED|import (ok|FAILED))' "$OUT/flashkda_build.log" | cut -c1-160 | tr '\n' ' ')
   cat "$OUT/flashkda_build.log"
   if [ $rc -eq 0 ]; then
     export PYTHONPATH="$FLASHKDA_TARGET:$PYTHONPATH"

@@ -193,7 +193,9 @@ def _fake_flashkda_checkout(root, broken=False):
 
 def _device_check_flashkda(tmp_path, broken=False):
     root = tmp_path / "checkout"
-    cutlass = _fake_flashkda_checkout(root, broken)
+    cutlass = root / "cutlass_source"
+    if not root.exists():
+        cutlass = _fake_flashkda_checkout(root, broken)
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), CUTLASS_SOURCE=str(cutlass),
                FLASHKDA_BUILD=str(tmp_path / "build"), FLASHKDA_TARGET=str(tmp_path / "site"))
     proc = subprocess.run(["bash", str(root / "scripts" / "device_check.sh"), "flashkda"],
@@ -211,6 +213,13 @@ def test_device_check_flashkda_step_builds_installs_and_imports(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkout" / ".flashkda")) == [
         "FLASHKDA_COMMIT", "cutlass", "fake_C.c", "flash_kda", "setup.py"]
     assert os.listdir(tmp_path / "checkout" / ".flashkda" / "cutlass") == []
+    # Run again: the same sources reuse the installed build; a changed source builds again.
+    proc, summary, _ = _device_check_flashkda(tmp_path)
+    assert "flashkda: rc=0 build_flashkda: reusing the build in" in summary and "import ok" in summary
+    with open(tmp_path / "checkout" / ".flashkda" / "fake_C.c", "a") as f:
+        f.write("/* changed */\n")
+    proc, summary, _ = _device_check_flashkda(tmp_path)
+    assert "flashkda: rc=0 build_flashkda: built in" in summary, proc.stdout[-3000:]
 
 
 def test_device_check_flashkda_step_reports_a_failed_import(tmp_path):
