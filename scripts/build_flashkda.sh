@@ -10,8 +10,13 @@
 # `git submodule update` and `git rev-parse`; the GPU machine has no network and .flashkda/ is a
 # plain `git archive` export. The nvidia-cutlass wheel ships the same three folders under
 # cutlass_library/source/, so the build links `cutlass` to that folder. FlashKDA's sources are not
-# changed: the build runs on a copy in a scratch folder outside any git repository (so its git
-# calls fail harmlessly and no build output lands in the checkout).
+# changed: the build runs on a copy in a scratch folder, with a `git` on PATH that declines (its
+# git calls fail harmlessly, with or without git installed) and no build output in the checkout.
+#
+# Making .flashkda/ (on a machine with network; an ignored folder, carried to the GPU machine):
+#   git clone https://github.com/MoonshotAI/FlashKDA /tmp/fk && mkdir .flashkda \
+#     && git -C /tmp/fk archive HEAD | tar -x -C .flashkda && git -C /tmp/fk rev-parse HEAD > .flashkda/FLASHKDA_COMMIT
+# (its docs/ folder, 2.3 MB of pictures, is not needed: rm -rf .flashkda/docs).
 #
 # Environment:
 #   FLASHKDA_SRC      FlashKDA source tree (default: .flashkda in the repository root)
