@@ -15,6 +15,13 @@ Modes: kimi = in-kernel lower-bound gate (lower_bound=-5) with safe_gate, q/k l2
 state_v_first, fp32 h0 and final state; softplus = in-kernel softplus gate (unbounded), safe_gate
 off, same other flags. Suffix "-dr" sets disable_recompute=True. FLA is optional: without it only
 our times are printed.
+
+FlashKDA (MoonshotAI's CUTLASS forward, `flash_kda`, built by scripts/build_flashkda.sh) is a third
+implementation, forward only, where it computes the same call: the lower-bound gate (kimi modes),
+bf16, K = V = 128, no GVA. Its columns (time, FlashKDA time / ours, and the relative RMS of its o and
+ht against ours on the same inputs) follow FLA's; without `flash_kda` one line says it is skipped.
+FLA's own dispatch to FlashKDA is switched off (FLA_FLASH_KDA=0) so that FLA's columns stay FLA's
+Triton kernels.
 """
 import argparse
 import json
@@ -27,6 +34,12 @@ import time
 import torch
 
 from chart import write_chart  # benchmarks/chart.py: this script's folder is on sys.path
+
+# FLA 0.6.0 hands chunk_kda to FlashKDA by itself whenever flash_kda is importable and autograd is
+# off (fla/ops/kda/backends/flash_kda.py), which is exactly the forward timing below: FLA's columns
+# would silently become FlashKDA's. FlashKDA has its own columns, so FLA's dispatch to it stays off
+# (the variable is read at every call; first_call's subprocesses inherit it).
+os.environ["FLA_FLASH_KDA"] = "0"
 
 # Run from a checkout: the in-place build of kda_ext lives in the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -94,11 +107,20 @@ def make_inputs(shape_name, mode, device="cuda", dtype=torch.bfloat16, seed=0):
     return x, kw
 
 
+IMPLS = ("ours", "fla", "flashkda")
+
+
 def get_impl(name):
+    """kda_ext's or FLA's chunk_kda, or the flash_kda module (its fwd has another signature:
+    flashkda_args / flashkda_forward adapt the benchmark's call to it)."""
     if name == "ours":
         import kda_ext
 
         return kda_ext.chunk_kda
+    if name == "flashkda":
+        import flash_kda
+
+        return flash_kda
     from fla.ops.kda import chunk_kda
 
     return chunk_kda
@@ -151,6 +173,179 @@ def measure(impl, shape_name, mode, what):
         res["bwd"] = do_bench(bwd, warmup=25, rep=100, return_mode="median",
                               grad_to_none=[x[n] for n in DIFF])
     return res
+
+
+# ---- FlashKDA: forward only, where it computes the same call as kda_ext ----------------------
+
+# Relative RMS of FlashKDA's o (or ht) against kda_ext's on the same inputs above which the two do
+# not compute the same function (a wrong argument mapping gives O(1)); bf16 rounding of two
+# different chunkings stays well below it.
+FLASHKDA_AGREEMENT = 1e-2
+
+
+def flashkda_unsupported(x, kw):
+    """Why FlashKDA's forward cannot compute kda_ext's call chunk_kda(**x, **kw) (bench.run's
+    inputs), or None when it can. FlashKDA has one fixed configuration: bf16 q/k/v/g/beta, K = V =
+    128, one value head per q/k head, the lower-bound gate from A_log and dt_bias, q/k l2norm and
+    beta sigmoid always in kernel, an fp32 or bf16 state, varlen only with B = 1."""
+    q, v, h0 = x["q"], x["v"], x.get("initial_state")
+    lower_bound = kw.get("lower_bound")
+    checks = [
+        (all(x[n].dtype == torch.bfloat16 for n in ("q", "k", "v", "g", "beta")),
+         f"needs bf16 q, k, v, g, beta (q is {q.dtype})"),
+        (q.shape[-1] == 128 and v.shape[-1] == 128,
+         f"needs K = V = 128 (K = {q.shape[-1]}, V = {v.shape[-1]})"),
+        (v.shape[2] == q.shape[2], f"needs HV == H (H = {q.shape[2]}, HV = {v.shape[2]})"),
+        (bool(kw.get("use_gate_in_kernel")) and lower_bound is not None,
+         "needs the in-kernel lower-bound gate (use_gate_in_kernel with lower_bound set)"),
+        (lower_bound is None or -5.0 <= lower_bound <= 0.0,
+         f"needs lower_bound in [-5, 0] (got {lower_bound})"),
+        (x.get("A_log") is not None and x.get("dt_bias") is not None, "needs A_log and dt_bias"),
+        (bool(kw.get("use_qk_l2norm_in_kernel")), "always l2-normalises q and k in kernel"),
+        (bool(kw.get("use_beta_sigmoid_in_kernel")), "always applies sigmoid to beta in kernel"),
+        (not kw.get("allow_neg_eigval", False), "has no allow_neg_eigval"),
+        (not kw.get("return_intermediate_states", False), "has no return_intermediate_states"),
+        (h0 is None or h0.dtype in (torch.float32, torch.bfloat16),
+         f"needs an fp32 or bf16 initial_state (got {None if h0 is None else h0.dtype})"),
+        (kw.get("cu_seqlens") is None or q.shape[0] == 1, "needs B == 1 with cu_seqlens"),
+    ]
+    for ok, reason in checks:
+        if not ok:
+            return reason
+    return None
+
+
+def flashkda_args(x, kw):
+    """flash_kda.fwd's arguments (but out and final_state) for kda_ext's call chunk_kda(**x, **kw).
+
+    The mapping: q, k, v, g and beta ([B, T, H] logits; FlashKDA transposes beta itself) as they
+    are; scale defaults to K ** -0.5 as in chunk_kda; A_log fp32 [H]; dt_bias fp32 [H, K] (ours
+    may be [H * K]); the state in FlashKDA's [N, H, V, K] layout, which is ours with state_v_first
+    and our [N, H, K, V] transposed otherwise; cu_seqlens int64."""
+    reason = flashkda_unsupported(x, kw)
+    if reason is not None:
+        raise ValueError(f"FlashKDA cannot compute this chunk_kda call: it {reason}")
+    q = x["q"]
+    H, K = q.shape[2], q.shape[3]
+    h0 = x.get("initial_state")
+    if h0 is not None and not kw.get("state_v_first", False):
+        h0 = h0.transpose(-1, -2)
+    cu = kw.get("cu_seqlens")
+    scale = kw.get("scale")
+    return dict(
+        q=q.contiguous(), k=x["k"].contiguous(), v=x["v"].contiguous(), g=x["g"].contiguous(),
+        beta=x["beta"].contiguous(),
+        scale=float(K ** -0.5 if scale is None else scale),
+        A_log=x["A_log"].float().reshape(H).contiguous(),
+        dt_bias=x["dt_bias"].float().reshape(H, K).contiguous(),
+        lower_bound=float(kw["lower_bound"]),
+        initial_state=None if h0 is None else h0.contiguous(),
+        cu_seqlens=None if cu is None else cu.to(torch.int64).contiguous(),
+    )
+
+
+def flashkda_forward(fk, args, output_final_state=True):
+    """One FlashKDA forward as a user makes it: fresh o (and ht) buffers, as chunk_kda allocates
+    its own, and flash_kda.fwd allocating its workspace. Returns (o, ht), ht in FlashKDA's
+    [N, H, V, K] layout and the initial state's dtype (fp32 without one), or None."""
+    v, h0, cu = args["v"], args["initial_state"], args["cu_seqlens"]
+    out = torch.empty_like(v)
+    ht = None
+    if output_final_state:
+        N = v.shape[0] if cu is None else cu.numel() - 1
+        H, V, K = v.shape[2], v.shape[3], args["q"].shape[3]
+        ht = torch.empty(N, H, V, K, device=v.device,
+                         dtype=torch.float32 if h0 is None else h0.dtype)
+    fk.fwd(args["q"], args["k"], v, args["g"], args["beta"], args["scale"], out,
+           A_log=args["A_log"], dt_bias=args["dt_bias"], lower_bound=args["lower_bound"],
+           initial_state=h0, final_state=ht, cu_seqlens=cu)
+    return out, ht
+
+
+def relative_rms(actual, expected):
+    """rms(actual - expected) / rms(expected), in fp32 (nan when either holds a nan)."""
+    a, e = actual.float(), expected.float()
+    return ((a - e).square().mean().sqrt() / e.square().mean().sqrt().clamp_min(1e-30)).item()
+
+
+def flashkda_agreement(x, kw, fk, ours):
+    """Relative RMS of FlashKDA's o and ht against kda_ext's (ours) on the same inputs x, kw."""
+    with torch.no_grad():
+        o_ours, ht_ours = run(ours, x, kw)
+        o_fk, ht_fk = flashkda_forward(fk, flashkda_args(x, kw), ht_ours is not None)
+    res = {"o_rel_rms": relative_rms(o_fk, o_ours)}
+    if ht_ours is not None:
+        if not kw.get("state_v_first", False):
+            ht_fk = ht_fk.transpose(-1, -2)  # back to our [N, H, K, V]
+        res["ht_rel_rms"] = relative_rms(ht_fk, ht_ours)
+    return res
+
+
+def flashkda_disagrees(res):
+    """The names of the outputs (o, ht) whose relative RMS is past FLASHKDA_AGREEMENT (or nan)."""
+    return [n for n in ("o", "ht") if f"{n}_rel_rms" in res
+            and not res[f"{n}_rel_rms"] <= FLASHKDA_AGREEMENT]
+
+
+def measure_flashkda(shape_name, mode):
+    """FlashKDA's forward time (median of do_bench) on the benchmark's inputs, and the relative
+    RMS of its o and ht against kda_ext's on those same inputs; {"not_applicable": why} where
+    FlashKDA cannot compute this call."""
+    from triton.testing import do_bench
+
+    fk = get_impl("flashkda")
+    x, kw = make_inputs(shape_name, mode)
+    reason = flashkda_unsupported(x, kw)
+    if reason is not None:
+        return {"not_applicable": reason}
+    args = flashkda_args(x, kw)
+
+    def fwd():
+        flashkda_forward(fk, args, kw["output_final_state"])
+    fwd()
+    res = {"fwd": do_bench(fwd, warmup=25, rep=100, return_mode="median")}
+    res.update(flashkda_agreement(x, kw, fk, get_impl("ours")))
+    return res
+
+
+def flashkda_skip_line(what):
+    """The one line saying why FlashKDA is left out of this run, or None when it runs."""
+    if "fwd" not in what:
+        return "FlashKDA skipped: it has a forward only and --what has no fwd"
+    try:
+        get_impl("flashkda")
+    except ImportError as e:
+        return (f"FlashKDA skipped: import flash_kda failed ({type(e).__name__}: {e}); "
+                "scripts/build_flashkda.sh builds it")
+    return None
+
+
+def warn_flashkda_mismatch(shape_name, mode, res):
+    """Say loudly, on stdout and stderr, that FlashKDA and kda_ext disagree on one configuration:
+    then the two calls do not compute the same function and the time ratio means nothing."""
+    rms = ", ".join(f"{n} rel. RMS {res[f'{n}_rel_rms']:.3e}" for n in ("o", "ht") if f"{n}_rel_rms" in res)
+    bar = "!" * 100
+    msg = (f"{bar}\n!!! FlashKDA and kda_ext DISAGREE at {shape_name}/{mode}: {rms} (limit "
+           f"{FLASHKDA_AGREEMENT:g}).\n!!! The two calls do not compute the same function: check "
+           f"flashkda_args' mapping before reading the FlashKDA/ours ratio.\n{bar}")
+    print(msg, flush=True)
+    print(msg, file=sys.stderr, flush=True)
+
+
+def flashkda_cells(res, ours_fwd):
+    """The table's FlashKDA cells for one row: its fwd time, FlashKDA time / our time (> 1: we
+    are faster, as FLA/ours), and the relative RMS of its o / ht against ours."""
+    if res is None:
+        return ["-", "-", "-"]
+    if "not_applicable" in res:
+        return ["n/a", "-", "n/a: " + res["not_applicable"]]
+    if "error" in res:
+        return [res["error"], "-", "-"]
+    rms = " / ".join(f"{res[f'{n}_rel_rms']:.1e}" for n in ("o", "ht") if f"{n}_rel_rms" in res)
+    if flashkda_disagrees(res):
+        rms = "**MISMATCH** " + rms
+    ratio = f"{res['fwd'] / ours_fwd:.2f}x" if ours_fwd else "-"
+    return [f"{res['fwd']:.3f}", ratio, rms]
 
 
 def first_call(impl, shape_name, mode, timeout):
@@ -215,11 +410,13 @@ def build_parser():
                     help="run this preset's (shape, mode) list instead of the --shapes x --modes "
                          "product; 'targets' = the configurations of issue 5's targets")
     ap.add_argument("--what", default="fwd,bwd,fwdbwd")
-    ap.add_argument("--impls", default="ours,fla")
+    ap.add_argument("--impls", default="ours,fla,flashkda",
+                    help="comma list of ours, fla, flashkda (FlashKDA: forward only, kimi modes)")
     ap.add_argument("--first-call", action="store_true")
     ap.add_argument("--first-call-impls", default=None,
                     help="comma list of the impls whose first call is timed (default: every timed "
-                         "impl; 'ours' skips FLA's multi-minute cold autotune); implies --first-call")
+                         "impl but flashkda, which has no backward; 'ours' skips FLA's multi-minute "
+                         "cold autotune); implies --first-call")
     ap.add_argument("--first-call-timeout", type=float, default=900.0,
                     help="seconds before a cold first call counts as 'inf' (FLA's autotune takes minutes)")
     ap.add_argument("--copy-rate", action="store_true",
@@ -240,15 +437,21 @@ def parse_args(argv=None):
         ap.error("--preset replaces --shapes and --modes: give one or the other")
     args.configs = configurations(args.preset, args.shapes, args.modes)
     impls = args.impls.split(",")
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        ap.error(f"--impls {','.join(unknown)}: not one of {','.join(IMPLS)}")
     if args.first_call_impls is not None:
         chosen = args.first_call_impls.split(",")
         unknown = [i for i in chosen if i not in impls]
         if unknown:
             ap.error(f"--first-call-impls {','.join(unknown)}: not in --impls {args.impls}")
+        if "flashkda" in chosen:
+            ap.error("--first-call-impls flashkda: the first call times forward+backward and "
+                     "FlashKDA has no backward")
         args.first_call = True
         args.first_call_impls = chosen
     else:
-        args.first_call_impls = impls if args.first_call else []
+        args.first_call_impls = [i for i in impls if i != "flashkda"] if args.first_call else []
     return args
 
 
@@ -271,6 +474,12 @@ def main(argv=None):
             print("flash-linear-attention not installed: timing kda_ext alone", file=sys.stderr)
             impls = [i for i in impls if i != "fla"]
     what = args.what.split(",")
+    flashkda_skipped = None
+    if "flashkda" in impls:
+        flashkda_skipped = flashkda_skip_line(what)
+        if flashkda_skipped is not None:
+            print(flashkda_skipped, file=sys.stderr)
+            impls = [i for i in impls if i != "flashkda"]
     copy_rate = None
     if args.copy_rate:
         copy_rate = measure_copy_gbps()
@@ -281,12 +490,17 @@ def main(argv=None):
         r = {"shape": shape_name, "mode": mode}
         for impl in impls:
             try:
-                r[impl] = measure(impl, shape_name, mode, what)
-                if impl in args.first_call_impls:
-                    r[impl]["first_call_s"] = first_call(impl, shape_name, mode, args.first_call_timeout)
+                if impl == "flashkda":
+                    r[impl] = measure_flashkda(shape_name, mode)
+                else:
+                    r[impl] = measure(impl, shape_name, mode, what)
+                    if impl in args.first_call_impls:
+                        r[impl]["first_call_s"] = first_call(impl, shape_name, mode, args.first_call_timeout)
             except Exception as e:  # a failing configuration is reported, not hidden
                 r[impl] = {"error": f"{type(e).__name__}: {e}"[:200]}
             torch.cuda.empty_cache()
+        if flashkda_disagrees(r.get("flashkda", {})):
+            warn_flashkda_mismatch(shape_name, mode, r["flashkda"])
         rows.append(r)
         print(json.dumps(r), flush=True)
         if args.json:  # after every row: a run cut short by its time limit keeps what it measured
@@ -313,12 +527,24 @@ def main(argv=None):
             if "fla" in impls:
                 cells.append(fmt(b) if "error" not in r.get("fla", {}) else r["fla"]["error"])
                 cells.append(f"{b / a:.2f}x" if a and b else "-")
+        if "flashkda" in impls:
+            cells += flashkda_cells(r.get("flashkda"), r.get("ours", {}).get("fwd"))
         lines.append("| " + " | ".join(cells) + " |")
+    if "flashkda" in impls:  # after FLA's columns, which keep their places
+        lines[0] += " fwd FlashKDA | fwd FlashKDA/ours | FlashKDA vs ours rel. RMS (o / ht) |"
+        lines[1] += "---|" * 3
+    if flashkda_skipped is not None:
+        head += flashkda_skipped + "\n\n"
     table = head + "Times in ms (median, triton do_bench), peak extra memory of forward+backward in MiB, first call in s.\n\n" + "\n".join(lines) + "\n"
     print(table)
     failed = [f"{r['shape']}/{r['mode']}/{i}" for r in rows for i in impls if "error" in r.get(i, {})]
     if failed:
         print("benchmark configurations that failed: " + ", ".join(failed), file=sys.stderr)
+    disagree = [f"{r['shape']}/{r['mode']}" for r in rows if flashkda_disagrees(r.get("flashkda", {}))]
+    if disagree:
+        print(f"FlashKDA DISAGREES with kda_ext (relative RMS > {FLASHKDA_AGREEMENT:g}) at: "
+              + ", ".join(disagree), file=sys.stderr)
+        failed += disagree
     if args.out:
         with open(args.out, "w") as f:
             f.write(table)

@@ -2,22 +2,27 @@
 # kda_ext on a GPU machine in one go: build against the machine's torch, run the CUDA tests,
 # compute-sanitizer on small shapes, and the benchmark against FLA; results under $OUT.
 #
-#   bash scripts/device_check.sh [steps]     steps: any of build,test,margins,sanitize,bench,profile,ncu
-#                                            (default all but ncu)
+#   bash scripts/device_check.sh [steps]     steps: any of build,test,margins,sanitize,flashkda,bench,
+#                                            profile,ncu (default all but ncu)
 # Environment: OUT (results folder, default /tmp/kda_out), PYTEST_ARGS (extra pytest args,
 # default "-k cuda"), BENCH_ARGS (benchmark args), PROFILE_ARGS (profile_kernels.py args, e.g.
 # "--impl fla --what fwd"); FLA wheels in .whl/ are installed if present.
 # The build is skipped when kda_ext/_C*.so exists and was built from the same sources (a hash of
 # csrc/ and setup.py is kept beside it), so a carried .so saves the compile.
-# Every step has a time limit (TEST_TIMEOUT, MARGINS_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
-# PROFILE_TIMEOUT seconds) so one slow step cannot eat a whole device lease; a step that hits its
-# limit reports rc=124 in the summary.
+# flashkda: builds MoonshotAI FlashKDA from .flashkda/ (a `git archive` of its repository, carried)
+# against the nvidia-cutlass wheel's headers (from .whl/) with scripts/build_flashkda.sh, in the
+# background from the start (it needs no GPU), so it overlaps the kda_ext build and the tests; the
+# bench step waits for it and includes FlashKDA when it built (the benchmark's default --impls
+# has flashkda; without flash_kda it prints one line saying FlashKDA is skipped).
+# Every step has a time limit (TEST_TIMEOUT, MARGINS_TIMEOUT, SANITIZE_TIMEOUT, FLASHKDA_TIMEOUT,
+# BENCH_TIMEOUT, PROFILE_TIMEOUT seconds) so one slow step cannot eat a whole device lease; a step
+# that hits its limit reports rc=124 in the summary.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-/tmp/kda_out}"
 mkdir -p "$OUT"
-STEPS="${1:-build,test,margins,sanitize,bench,profile}"
+STEPS="${1:-build,test,margins,sanitize,flashkda,bench,profile}"
 export PYTHONUNBUFFERED=1
 # The scripts below import kda_ext from this checkout (built in place), wherever they live.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,6 +44,37 @@ export TRITON_CACHE_AUTOTUNING="${TRITON_CACHE_AUTOTUNING:-1}"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
+# FLA 0.6.0 would hand its chunk_kda forward to FlashKDA by itself once flash_kda is importable
+# and autograd is off; every FLA number here must stay FLA's own Triton kernels.
+export FLA_FLASH_KDA=0
+
+flashkda_pid=""
+if has flashkda; then
+  if [ -f .flashkda/setup.py ]; then
+    # Its own folder (not /tmp/site): it joins PYTHONPATH only once the build and import worked.
+    FLASHKDA_TARGET="${FLASHKDA_TARGET:-/tmp/flashkda_site}"
+    FLASHKDA_TARGET="$FLASHKDA_TARGET" timeout "${FLASHKDA_TIMEOUT:-420}" bash scripts/build_flashkda.sh \
+        > "$OUT/flashkda_build.log" 2>&1 &
+    flashkda_pid=$!
+  else
+    summary+=("flashkda: no .flashkda/ in the checkout (carry it): skipped")
+  fi
+fi
+wait_flashkda() {  # the FlashKDA build's result into the summary, once; its package on the path
+  [ -z "$flashkda_pid" ] && return
+  wait "$flashkda_pid"
+  local rc=$?
+  flashkda_pid=""
+  local result
+  result=$(grep -E '^build_flashkda: (built|reusing|build FAILED|import (ok|FAILED))' "$OUT/flashkda_build.log" | cut -c1-160 | tr '\n' ' ')
+  cat "$OUT/flashkda_build.log"
+  if [ $rc -eq 0 ]; then
+    export PYTHONPATH="$FLASHKDA_TARGET:$PYTHONPATH"
+    summary+=("flashkda: rc=0 $result(on the bench's PYTHONPATH)")
+  else
+    summary+=("flashkda: rc=$rc $result(FlashKDA left out of the bench)")
+  fi
+}
 
 src_hash=$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
 if has build; then
@@ -78,6 +114,8 @@ if has sanitize; then
     summary+=("compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -n 1)")
   done
 fi
+
+wait_flashkda
 
 if has bench; then
   timeout "${BENCH_TIMEOUT:-300}" "$PY" benchmarks/bench_chunk_kda.py ${BENCH_ARGS:---shapes 2x8192x32x128,1x1024x16x128 --what fwd} \

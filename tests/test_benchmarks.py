@@ -292,6 +292,9 @@ def test_preset_run_writes_json_that_targets_reads(tmp_path, monkeypatch):
                                                                     "peak_mib": 100.0 if impl == "ours" else 200.0})
     monkeypatch.setattr(bench, "first_call", lambda impl, s, m, timeout: calls.append((impl, s, m)) or 0.25)
     monkeypatch.setattr(bench, "measure_copy_gbps", lambda: 3000.0)
+    # FlashKDA (in the default --impls; get_impl above makes it importable): forward rows only,
+    # which targets.py must read past.
+    monkeypatch.setattr(bench, "measure_flashkda", lambda s, m: {"fwd": 1.5, "o_rel_rms": 1e-3})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: H100)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     out = tmp_path / "bench.json"
@@ -302,5 +305,240 @@ def test_preset_run_writes_json_that_targets_reads(tmp_path, monkeypatch):
     assert [(r["shape"], r["mode"]) for r in data["rows"]] == bench.PRESETS["targets"]
     assert calls == [("ours", s, m) for s, m in bench.PRESETS["targets"]]
     assert all("first_call_s" not in r["fla"] for r in data["rows"])
+    assert all(r["flashkda"] == {"fwd": 1.5, "o_rel_rms": 1e-3} for r in data["rows"])
     table = _table(targets.report(targets.load_runs([str(out)])))
     assert [table[n][-1] for n in range(1, 10)] == ["yes", "yes", "yes", "no", "yes", "yes", "yes", "yes", "no"]
+
+
+# ---- FlashKDA beside FLA: argument mapping, agreement check, skip line, table -----------------
+
+from kda_ext import reference as kref  # noqa: E402
+
+# Small shapes for the CPU: (B, T, H, K = V); "varlen" names get 16 packed sequences.
+TINY_SHAPES = {"tiny2x48x2x128": (2, 48, 2, 128), "varlentiny1x160x2x128": (1, 160, 2, 128),
+               "tiny1x32x2x64": (1, 32, 2, 64)}
+
+
+class FakeFlashKDA:
+    """flash_kda as its documentation and C++ checks describe it (flash_kda/__init__.py,
+    csrc/flash_kda.cpp), written from kda_ext.reference: its argument checks, and its math
+    o, ht = KDA(l2norm(q), l2norm(k), v, lower_bound * sigmoid(exp(A_log) (g + dt_bias)),
+    sigmoid(beta)) with the state [N, H, V, K]. state_k_first=True makes it read and write the
+    state as [N, H, K, V] instead: a FlashKDA the benchmark's mapping does not match."""
+
+    def __init__(self, state_k_first=False):
+        self.state_k_first = state_k_first
+        self.calls = []
+
+    def fwd(self, q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
+            initial_state=None, final_state=None, cu_seqlens=None):
+        self.calls.append(dict(q=q, beta=beta, A_log=A_log, dt_bias=dt_bias, scale=scale,
+                               lower_bound=lower_bound, initial_state=initial_state,
+                               final_state=final_state, cu_seqlens=cu_seqlens))
+        B, T, H, D = q.shape
+        for name, t in dict(q=q, k=k, v=v, g=g, beta=beta, out=out).items():
+            assert t.dtype == torch.bfloat16 and t.is_contiguous(), f"{name} must be contiguous bf16"
+        assert k.shape == v.shape == g.shape == out.shape == q.shape and D == 128
+        assert beta.shape == (B, T, H), f"beta must be [B, T, H], got {tuple(beta.shape)}"
+        assert A_log.dtype == torch.float32 and A_log.shape == (H,), "A_log must be fp32 [H]"
+        assert dt_bias.dtype == torch.float32 and dt_bias.shape == (H, D), "dt_bias must be fp32 [H, D]"
+        assert isinstance(scale, float) and isinstance(lower_bound, float)
+        N = B
+        if cu_seqlens is not None:
+            assert B == 1 and cu_seqlens.dtype == torch.int64 and cu_seqlens.dim() == 1
+            N = cu_seqlens.numel() - 1
+        for name, s in dict(initial_state=initial_state, final_state=final_state).items():
+            if s is not None:
+                assert s.dtype in (torch.float32, torch.bfloat16) and s.is_contiguous(), name
+                assert s.shape == (N, H, D, D), f"{name} must be [N, H, D, D]"
+        if initial_state is not None and final_state is not None:
+            assert initial_state.dtype == final_state.dtype
+        gate = kref.naive_kda_lowerbound_gate(g, A_log, dt_bias, lower_bound)
+        h0 = None if initial_state is None else initial_state.float()
+        o, ht = kref.naive_recurrent_kda(
+            kref.l2norm(q.float()), kref.l2norm(k.float()), v.float(), gate,
+            torch.sigmoid(beta.float()), scale, h0, output_final_state=final_state is not None,
+            state_v_first=not self.state_k_first, cu_seqlens=cu_seqlens)
+        out.copy_(o)
+        if final_state is not None:
+            final_state.copy_(ht)
+
+
+@pytest.fixture
+def tiny_shapes(monkeypatch):
+    monkeypatch.setattr(bench, "SHAPES", dict(bench.SHAPES, **TINY_SHAPES))
+
+
+def _tiny_inputs(shape, mode="kimi", dtype=torch.bfloat16):
+    return bench.make_inputs(shape, mode, device="cpu", dtype=dtype)
+
+
+def test_fla_dispatch_to_flashkda_is_switched_off():
+    # FLA 0.6.0 would run FlashKDA inside its own chunk_kda under no_grad (the forward timing)
+    # once flash_kda is importable: FLA's columns would silently be FlashKDA's.
+    assert os.environ["FLA_FLASH_KDA"] == "0"
+    text = open(os.path.join(ROOT, "scripts", "device_check.sh")).read()
+    assert "export FLA_FLASH_KDA=0" in text
+
+
+def test_flashkda_args_map_our_call(tiny_shapes):
+    x, kw = _tiny_inputs("tiny2x48x2x128")
+    args = bench.flashkda_args(x, kw)
+    H, K = 2, 128
+    assert args["beta"] is x["beta"] and args["beta"].shape == (2, 48, H)  # FlashKDA transposes beta itself
+    assert args["dt_bias"].shape == (H, K) and args["dt_bias"].dtype == torch.float32
+    assert torch.equal(args["dt_bias"][1], x["dt_bias"][K:])  # head 1's K biases, row-major
+    assert args["A_log"].shape == (H,) and args["A_log"].dtype == torch.float32
+    assert args["initial_state"] is x["initial_state"]  # state_v_first: already [N, H, V, K]
+    assert args["scale"] == pytest.approx(K ** -0.5) and args["lower_bound"] == -5.0
+    assert args["cu_seqlens"] is None
+    # Our [N, H, K, V] state (state_v_first=False) goes over transposed.
+    kw_kv = dict(kw, state_v_first=False)
+    assert torch.equal(bench.flashkda_args(x, kw_kv)["initial_state"], x["initial_state"].transpose(-1, -2))
+    # varlen: cu_seqlens as int64, one state per sequence
+    xv, kwv = _tiny_inputs("varlentiny1x160x2x128")
+    argsv = bench.flashkda_args(xv, kwv)
+    assert argsv["cu_seqlens"].dtype == torch.int64 and argsv["cu_seqlens"].numel() == 17
+    assert argsv["initial_state"].shape == (16, H, K, K)
+
+
+@pytest.mark.parametrize("shape, mode, dtype, reason", [
+    ("tiny2x48x2x128", "softplus", torch.bfloat16, "lower-bound gate"),
+    ("tiny2x48x2x128", "kimi", torch.float32, "bf16"),
+    ("tiny1x32x2x64", "kimi", torch.bfloat16, "K = V = 128"),
+])
+def test_flashkda_unsupported_calls_name_the_reason(tiny_shapes, shape, mode, dtype, reason):
+    x, kw = _tiny_inputs(shape, mode, dtype)
+    assert reason in bench.flashkda_unsupported(x, kw)
+    with pytest.raises(ValueError, match="FlashKDA cannot compute this chunk_kda call"):
+        bench.flashkda_args(x, kw)
+    assert bench.flashkda_unsupported(*_tiny_inputs("tiny2x48x2x128")) is None
+    assert bench.flashkda_unsupported(*_tiny_inputs("tiny2x48x2x128", "kimi-dr")) is None
+    x, kw = _tiny_inputs("tiny2x48x2x128")
+    assert "HV == H" in bench.flashkda_unsupported(dict(x, v=x["v"].repeat(1, 1, 2, 1)), kw)
+
+
+@pytest.mark.parametrize("shape, state_v_first", [("tiny2x48x2x128", True), ("tiny2x48x2x128", False),
+                                                  ("varlentiny1x160x2x128", True)])
+def test_flashkda_agrees_with_ours_through_the_documented_interface(tiny_shapes, shape, state_v_first):
+    x, kw = _tiny_inputs(shape)
+    if not state_v_first:  # the same inputs in our other layout
+        x["initial_state"] = x["initial_state"].transpose(-1, -2).contiguous()
+        kw = dict(kw, state_v_first=False)
+    fake = FakeFlashKDA()
+    res = bench.flashkda_agreement(x, kw, fake, bench.get_impl("ours"))
+    assert set(res) == {"o_rel_rms", "ht_rel_rms"}
+    assert res["o_rel_rms"] < bench.FLASHKDA_AGREEMENT and res["ht_rel_rms"] < bench.FLASHKDA_AGREEMENT, res
+    assert bench.flashkda_disagrees(res) == []
+    assert len(fake.calls) == 1 and fake.calls[0]["final_state"].dtype == torch.float32
+
+
+def test_flashkda_agreement_catches_a_mismatched_call(tiny_shapes):
+    # A FlashKDA that reads the state transposed computes another function: both outputs are
+    # far off (the random initial state dominates at 48 steps), and the table says MISMATCH.
+    x, kw = _tiny_inputs("tiny2x48x2x128")
+    res = bench.flashkda_agreement(x, kw, FakeFlashKDA(state_k_first=True), bench.get_impl("ours"))
+    assert bench.flashkda_disagrees(res) == ["o", "ht"]
+    assert bench.flashkda_cells(dict(res, fwd=2.0), 1.0)[2].startswith("**MISMATCH**")
+    assert bench.flashkda_disagrees({"fwd": 1.0, "o_rel_rms": float("nan")}) == ["o"]
+
+
+def test_flashkda_forward_allocates_outputs_in_flashkdas_layout(tiny_shapes):
+    xv, kwv = _tiny_inputs("varlentiny1x160x2x128")
+    fake = FakeFlashKDA()
+    o, ht = bench.flashkda_forward(fake, bench.flashkda_args(xv, kwv))
+    assert o.shape == xv["v"].shape and o.dtype == torch.bfloat16
+    assert ht.shape == (16, 2, 128, 128) and ht.dtype == torch.float32
+    o, ht = bench.flashkda_forward(fake, bench.flashkda_args(xv, kwv), output_final_state=False)
+    assert ht is None and fake.calls[-1]["final_state"] is None
+
+
+def test_flashkda_skip_line_when_flash_kda_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_kda", None)  # `import flash_kda` raises ImportError
+    line = bench.flashkda_skip_line(["fwd"])
+    assert line.startswith("FlashKDA skipped: import flash_kda failed (") and "\n" not in line
+    assert "forward only" in bench.flashkda_skip_line(["bwd", "fwdbwd"])
+    monkeypatch.setitem(sys.modules, "flash_kda", FakeFlashKDA())
+    assert bench.flashkda_skip_line(["fwd"]) is None
+
+
+def test_impls_default_and_first_call_leave_flashkda_out_of_backward():
+    assert bench.parse_args([]).impls.split(",") == ["ours", "fla", "flashkda"]
+    assert bench.parse_args(["--first-call"]).first_call_impls == ["ours", "fla"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--first-call-impls", "ours,flashkda"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--impls", "ours,flashkdaa"])
+
+
+def _stub_gpu(monkeypatch, flashkda):
+    """bench.main's GPU parts replaced: FLA available, ours 1 ms fwd, FLA 4 ms; flashkda is the
+    module flash_kda imports as (None: not installed) and measure_flashkda returns its dict."""
+    monkeypatch.setitem(sys.modules, "flash_kda", FakeFlashKDA() if flashkda is not None else None)
+    real_get_impl = bench.get_impl
+    monkeypatch.setattr(bench, "get_impl", lambda impl: real_get_impl(impl) if impl == "flashkda" else None)
+    monkeypatch.setattr(bench, "measure", lambda impl, s, m, what: {"fwd": 1.0 if impl == "ours" else 4.0})
+    monkeypatch.setattr(bench, "measure_flashkda", lambda s, m: dict(flashkda))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: H100)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
+FLA_HEADER = "| shape | mode | fwd ours | fwd FLA | fwd FLA/ours |"
+
+
+def test_main_without_flash_kda_prints_one_skip_line_and_keeps_flas_columns(monkeypatch, tmp_path, capsys):
+    _stub_gpu(monkeypatch, None)
+    out = tmp_path / "b.md"
+    rc = bench.main(["--shapes", "2x8192x32x128", "--what", "fwd", "--out", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert err.count("FlashKDA skipped: import flash_kda failed") == 1
+    table = out.read_text()
+    assert FLA_HEADER + "\n" in table and "FlashKDA/ours" not in table
+    assert "| 2x8192x32x128 | kimi | 1.000 | 4.000 | 4.00x |" in table
+    assert "FlashKDA skipped: import flash_kda failed" in table  # the saved table says so too
+
+
+def test_main_with_flashkda_adds_its_columns_after_flas(monkeypatch, tmp_path, capsys):
+    _stub_gpu(monkeypatch, {"fwd": 2.0, "o_rel_rms": 3e-3, "ht_rel_rms": 1e-3})
+    out, js = tmp_path / "b.md", tmp_path / "b.json"
+    rc = bench.main(["--shapes", "2x8192x32x128", "--what", "fwd", "--out", str(out), "--json", str(js)])
+    assert rc == 0
+    table = out.read_text()
+    assert (FLA_HEADER + " fwd FlashKDA | fwd FlashKDA/ours | FlashKDA vs ours rel. RMS (o / ht) |") in table
+    assert "| 2x8192x32x128 | kimi | 1.000 | 4.000 | 4.00x | 2.000 | 2.00x | 3.0e-03 / 1.0e-03 |" in table
+    assert json.loads(js.read_text())["rows"][0]["flashkda"]["fwd"] == 2.0
+    assert "DISAGREE" not in capsys.readouterr().out
+
+
+def test_main_says_loudly_when_flashkda_disagrees(monkeypatch, tmp_path, capsys):
+    _stub_gpu(monkeypatch, {"fwd": 2.0, "o_rel_rms": 0.3, "ht_rel_rms": 1e-3})
+    out = tmp_path / "b.md"
+    rc = bench.main(["--shapes", "2x8192x32x128", "--what", "fwd", "--out", str(out)])
+    assert rc == 1
+    cap = capsys.readouterr()
+    assert "!!! FlashKDA and kda_ext DISAGREE at 2x8192x32x128/kimi: o rel. RMS 3.000e-01" in cap.out
+    assert "FlashKDA DISAGREES with kda_ext (relative RMS > 0.01) at: 2x8192x32x128/kimi" in cap.err
+    assert "| **MISMATCH** 3.0e-01 / 1.0e-03 |" in out.read_text()
+
+
+def test_main_marks_flashkda_not_applicable_rows(monkeypatch, tmp_path):
+    _stub_gpu(monkeypatch, {"not_applicable": "needs the in-kernel lower-bound gate"})
+    out = tmp_path / "b.md"
+    assert bench.main(["--shapes", "2x8192x32x128", "--modes", "softplus", "--what", "fwd",
+                       "--out", str(out)]) == 0
+    assert "| n/a | - | n/a: needs the in-kernel lower-bound gate |" in out.read_text()
+
+
+def test_build_flashkda_script_refuses_missing_inputs(tmp_path):
+    script = os.path.join(ROOT, "scripts", "build_flashkda.sh")
+    env = dict(os.environ, FLASHKDA_SRC=str(tmp_path / "none"), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "no FlashKDA source tree" in proc.stdout
+    src = tmp_path / "src"
+    (src / "flash_kda").mkdir(parents=True)
+    (src / "setup.py").write_text("")
+    (src / "flash_kda" / "__init__.py").write_text("")
+    env = dict(env, FLASHKDA_SRC=str(src), CUTLASS_SOURCE=str(tmp_path / "nocutlass"))
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "no CUTLASS headers" in proc.stdout

@@ -17,7 +17,8 @@ def test_demo_runs_and_passes_on_cpu(tmp_path):
 
 def test_shell_scripts_parse():
     # device_check.sh only ever runs on a leased GPU machine: a syntax error must show up here.
-    for name in ("device_check.sh", "device_ab.sh", "device_targets.sh", "setup_env.sh", "test.sh", "demo.sh"):
+    for name in ("device_check.sh", "device_ab.sh", "device_targets.sh", "setup_env.sh", "test.sh", "demo.sh",
+                 "build_flashkda.sh"):
         proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", name)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{name}: {proc.stderr}"
 
@@ -137,3 +138,91 @@ def test_bf16x3_error_estimate_sits_between_tf32_and_3xtf32():
     assert worst["bf16x3"] < -14.5, proc.stdout
     assert worst["3xtf32"] < worst["bf16x3"] - 4, proc.stdout
     assert worst["tf32"] > worst["bf16x3"] + 4, proc.stdout
+
+
+# A stand-in for FlashKDA's source tree: same layout (setup.py, flash_kda/, an empty cutlass/
+# where the submodule would be) and a real, tiny flash_kda_C extension, so that
+# build_flashkda.sh's whole path (scratch copy, cutlass link, build, install, import check) and
+# device_check.sh's flashkda step run here in seconds without nvcc.
+_FAKE_FLASHKDA_SETUP = """
+import os
+import subprocess
+from setuptools import setup, Extension
+subprocess.run(["git", "submodule", "update", "--init", "cutlass"])  # as FlashKDA's setup.py does
+# FlashKDA's setup.py reads CUTLASS from ./cutlass/include: the script must have linked it.
+assert os.path.isfile(os.path.join("cutlass", "include", "cute", "tensor.hpp")), "cutlass not linked"
+assert os.environ["FLASH_KDA_CUDA_ARCHS"] == "90a"
+setup(name="flash_kda", packages=["flash_kda"], ext_modules=[Extension("flash_kda_C", ["fake_C.c"])])
+"""
+_FAKE_FLASHKDA_C = r"""
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+static PyObject* workspace(PyObject* self, PyObject* args) {
+    long long t, h, n;
+    if (!PyArg_ParseTuple(args, "LLL", &t, &h, &n)) return NULL;
+    return PyLong_FromLongLong(t * h + n);
+}
+static PyMethodDef methods[] = {{"get_workspace_size", workspace, METH_VARARGS, ""}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "flash_kda_C", NULL, -1, methods};
+PyMODINIT_FUNC PyInit_flash_kda_C(void) { return PyModule_Create(&module); }
+"""
+
+
+def _fake_flashkda_checkout(root, broken=False):
+    """A checkout holding the two scripts, a fake .flashkda/ and fake CUTLASS headers."""
+    import shutil
+
+    (root / "scripts").mkdir(parents=True)
+    for name in ("device_check.sh", "build_flashkda.sh"):
+        shutil.copy(os.path.join(ROOT, "scripts", name), root / "scripts" / name)
+    src = root / ".flashkda"
+    (src / "flash_kda").mkdir(parents=True)
+    (src / "cutlass").mkdir()
+    (src / "setup.py").write_text(_FAKE_FLASHKDA_SETUP)
+    (src / "fake_C.c").write_text(_FAKE_FLASHKDA_C)
+    (src / "flash_kda" / "__init__.py").write_text(
+        "raise ImportError('a flash_kda that builds but does not import')\n" if broken
+        else "from flash_kda_C import get_workspace_size\n")
+    (src / "FLASHKDA_COMMIT").write_text("0123456789abcdef\n")
+    cutlass = root / "cutlass_source"
+    for header in ("include/cute/tensor.hpp", "include/cutlass/cutlass.h"):
+        (cutlass / header).parent.mkdir(parents=True, exist_ok=True)
+        (cutlass / header).write_text("")
+    return cutlass
+
+
+def _device_check_flashkda(tmp_path, broken=False):
+    root = tmp_path / "checkout"
+    cutlass = root / "cutlass_source"
+    if not root.exists():
+        cutlass = _fake_flashkda_checkout(root, broken)
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), CUTLASS_SOURCE=str(cutlass),
+               FLASHKDA_BUILD=str(tmp_path / "build"), FLASHKDA_TARGET=str(tmp_path / "site"))
+    proc = subprocess.run(["bash", str(root / "scripts" / "device_check.sh"), "flashkda"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    summary = proc.stdout.split("==== summary", 1)[-1]
+    return proc, summary, tmp_path / "site"
+
+
+def test_device_check_flashkda_step_builds_installs_and_imports(tmp_path):
+    proc, summary, site = _device_check_flashkda(tmp_path)
+    assert "flashkda: rc=0 build_flashkda: built in" in summary, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "import ok" in summary and "(on the bench's PYTHONPATH)" in summary
+    assert (site / "flash_kda" / "__init__.py").is_file()
+    # The source tree is left as it was: the build ran on a scratch copy.
+    assert sorted(os.listdir(tmp_path / "checkout" / ".flashkda")) == [
+        "FLASHKDA_COMMIT", "cutlass", "fake_C.c", "flash_kda", "setup.py"]
+    assert os.listdir(tmp_path / "checkout" / ".flashkda" / "cutlass") == []
+    # Run again: the same sources reuse the installed build; a changed source builds again.
+    proc, summary, _ = _device_check_flashkda(tmp_path)
+    assert "flashkda: rc=0 build_flashkda: reusing the build in" in summary and "import ok" in summary
+    with open(tmp_path / "checkout" / ".flashkda" / "fake_C.c", "a") as f:
+        f.write("/* changed */\n")
+    proc, summary, _ = _device_check_flashkda(tmp_path)
+    assert "flashkda: rc=0 build_flashkda: built in" in summary, proc.stdout[-3000:]
+
+
+def test_device_check_flashkda_step_reports_a_failed_import(tmp_path):
+    proc, summary, _ = _device_check_flashkda(tmp_path, broken=True)
+    assert "flashkda: rc=1" in summary and "import FAILED" in summary, proc.stdout[-3000:]
+    assert "(FlashKDA left out of the bench)" in summary
