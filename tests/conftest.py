@@ -312,14 +312,15 @@ def run_switch_pair(case: Case, var: str, monkeypatch, first: str = "mma", secon
 
 
 def check_switch_pair(ref, out_m, again, out_w, same=("o", "ht"), bar16: float = 4e-3,
-                      bars: Optional[Dict[str, float]] = None) -> None:
+                      bars: Optional[Dict[str, float]] = None, tol=None) -> None:
     """Both runs of run_switch_pair against the reference at FLA's tolerances; the first bitwise
     equal to its repeat; the tensors in `same` (those the switched kernel does not touch) bitwise
     equal between the two; every other one within assert_kernels_agree's bar: `bars[name]` if
     given, FLA's for dA_log / ddt_bias (sums over every token with cancellation), else `bar16`
     for 16-bit tensors and 2e-3 for fp32 ones."""
-    compare(ref, out_m, FLA_TOL)
-    compare(ref, out_w, FLA_TOL)
+    tol = FLA_TOL if tol is None else tol
+    compare(ref, out_m, tol)
+    compare(ref, out_w, tol)
     for n, t in out_m.items():
         if t is None:
             assert out_w[n] is None, n
@@ -365,3 +366,24 @@ def poison_allocator(x):
     as every output, then free them."""
     big = [torch.full((t.numel() * 16,), float("nan"), device="cuda") for t in (x["q"], x["v"])]
     del big
+
+
+def reference_tol(case: Case) -> Dict[str, float]:
+    """FLA's tolerances, with the suite's bf16 rule for dA_log (test_backward.py): a sum over every
+    token with heavy cancellation whose bf16 error ratio swings with the seed (0.0016 .. 0.013),
+    held to dg's bar."""
+    tol = dict(FLA_TOL)
+    if case.dtype == torch.bfloat16:
+        tol["dA_log"] = tol["dg"]
+    return tol
+
+
+def kernels_launched(fn) -> List[str]:
+    """Names of the CUDA kernels fn() launches (torch.profiler): proof that a switch reached the
+    kernel it names, where bitwise differences between two kernels are not guaranteed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages() if e.device_time_total > 0]

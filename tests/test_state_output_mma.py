@@ -119,5 +119,5 @@ def test_cuda_state_kernel_switch_rejects_unknown(monkeypatch):
     case = CASES[1]
     x = make_inputs(case, "cuda")
     monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "fast")
-    with pytest.raises(RuntimeError, match="KDA_EXT_STATE_KERNEL must be auto, mma, mma32, mma64 or wmma"):
+    with pytest.raises(RuntimeError, match="KDA_EXT_STATE_KERNEL must be auto, mma, mma32, mma64, wmma or sm90"):
         _forward(case, x)
