@@ -6,7 +6,7 @@
 #
 #   bash scripts/device_ab.sh PATCH[@STEPS] [PATCH[@STEPS] ...]
 #
-# PATCH: a `git diff` of the change, e.g. `git diff main wip/x -- csrc > ab/x.patch`, with `/ab/` in
+# PATCH: a `git diff` of the change, e.g. `git diff main BRANCH -- csrc > ab/NAME.patch`, with `/ab/` in
 # .git/info/exclude and `ab` named in the device call's carry. Environment: OUT; BENCH_ARGS (as
 # device_check.sh; default: the main shape, kimi and softplus, forward/backward/forward+backward,
 # kda_ext only); B_STEPS (device_check.sh steps for each patch, default build,test,bench; add

@@ -103,14 +103,14 @@ fi
 
 if has margins; then
   # Error ratio / tolerance of every tensor over FLA's chunk and varlen matrices (the tests' margins).
-  timeout "${MARGINS_TIMEOUT:-120}" "$PY" scripts/error_margins.py --device cuda ${MARGINS_ARGS:-} > "$OUT/margins.log" 2>&1
+  timeout "${MARGINS_TIMEOUT:-120}" "$PY" scripts/dev/error_margins.py --device cuda ${MARGINS_ARGS:-} > "$OUT/margins.log" 2>&1
   summary+=("margins: rc=$? $(tail -n 1 "$OUT/margins.log")")
   grep FAIL "$OUT/margins.log" | head -n 10
 fi
 
 if has sanitize; then
   for tool in memcheck racecheck; do
-    timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool $tool --error-exitcode 9 "$PY" scripts/sanitize_smoke.py > "$OUT/sanitize_$tool.log" 2>&1
+    timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool $tool --error-exitcode 9 "$PY" scripts/dev/sanitize_smoke.py > "$OUT/sanitize_$tool.log" 2>&1
     summary+=("compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -n 1)")
   done
 fi
@@ -138,9 +138,9 @@ fi
 
 if has ncu; then
   # Nsight Compute's stall counters per kernel launch of one forward+backward step (PC sampling is
-  # unavailable on the leased machines; these counters work): scripts/ncu_stalls.py prints a table
+  # unavailable on the leased machines; these counters work): scripts/dev/ncu_stalls.py prints a table
   # of time, instructions per warp and the top stall reasons. NCU_KERNELS: a regex of kernel names.
-  timeout "${NCU_TIMEOUT:-300}" "$PY" scripts/ncu_stalls.py --out "$OUT" --kernels "${NCU_KERNELS:-chunk|bwd}" \
+  timeout "${NCU_TIMEOUT:-300}" "$PY" scripts/dev/ncu_stalls.py --out "$OUT" --kernels "${NCU_KERNELS:-chunk|bwd}" \
       --count "${NCU_COUNT:-12}" ${NCU_ARGS:-} > "$OUT/ncu.log" 2>&1
   summary+=("ncu: rc=$?")
   cat "$OUT/ncu.log"

@@ -542,3 +542,31 @@ def test_build_flashkda_script_refuses_missing_inputs(tmp_path):
     env = dict(env, FLASHKDA_SRC=str(src), CUTLASS_SOURCE=str(tmp_path / "nocutlass"))
     proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "no CUTLASS headers" in proc.stdout
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/bench_cpu.py: mild vs strong gates on the CPU backend
+# ---------------------------------------------------------------------------------------------
+
+import bench_cpu  # noqa: E402
+
+
+def test_cpu_benchmark_strong_gates_reach_denormal_decays_and_mild_ones_do_not():
+    # The comparison is only meaningful if "strong" produces within-chunk decays e^{G_i - G_j}
+    # below FLT_MIN (denormals) and "mild" stays clear of them.
+    log_flt_min = math.log(torch.finfo(torch.float32).tiny)
+    torch.manual_seed(0)
+    decay = {kind: bench_cpu.make_gate(kind, (1, 4096, 4, 128), torch.float32)
+             .view(64, 64, 4, 128).sum(dim=1).min().item() for kind in bench_cpu.GATE_KINDS}
+    assert decay["strong"] < log_flt_min < decay["mild"], decay
+    with pytest.raises(SystemExit, match="--gates"):
+        bench_cpu.parse_gates("mild,harsh")
+
+
+def test_cpu_benchmark_prints_both_gate_kinds_and_their_ratio():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu.py"), "--T", "128",
+                           "--H", "1", "--D", "32", "--reps", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.strip().startswith("mild") for line in lines), proc.stdout
+    assert any(line.strip().startswith("strong") for line in lines), proc.stdout
+    assert any(line.strip().startswith("strong / mild: forward") for line in lines), proc.stdout

@@ -24,9 +24,9 @@ def test_shell_scripts_parse():
 
 
 def test_ptx_load_report_flags_loads_that_wait_one_at_a_time():
-    # scripts/ptx_load_report.py guides the kernels' load work without a GPU: a load alone in a
+    # scripts/dev/ptx_load_report.py guides the kernels' load work without a GPU: a load alone in a
     # branch block that also converts it must count, loads issued together must not.
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "dev"))
     import ptx_load_report
 
     ptx = """
@@ -64,9 +64,9 @@ $L__BB0_3:
 
 
 def test_ncu_stalls_summarises_a_saved_report():
-    # scripts/ncu_stalls.py turns ncu's --csv metrics into one line per launch; its parser runs here
+    # scripts/dev/ncu_stalls.py turns ncu's --csv metrics into one line per launch; its parser runs here
     # on a report in ncu's own format (the profiling itself needs a GPU).
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "dev"))
     import ncu_stalls
 
     head = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",' \
@@ -128,7 +128,7 @@ def test_compile_check_finds_symbols_defined_twice(tmp_path):
 def test_bf16x3_error_estimate_sits_between_tf32_and_3xtf32():
     # Kernel C's bf16x3 products (kCBf16x3, bwd_bf16x3.cuh) rest on this estimate: worst error
     # about 2^-15 of sum |a||b|, far below one tf32 pass and above 3xTF32.
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bf16x3_error.py"), "--trials", "5"],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "dev", "bf16x3_error.py"), "--trials", "5"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     worst = {}

@@ -7,7 +7,6 @@
 // per-chunk dA_log / ddt_bias partials. No step accumulates across threads, so the result is
 // deterministic and independent of the thread count.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,6 +20,7 @@
 #include "cpu/common.h"
 #include "cpu/gate_bwd.h"
 #include "cpu/intra_bwd.h"
+#include "cpu/parallel.h"
 #include "cpu/wy_bwd.h"
 
 namespace kda_ext {
@@ -218,7 +218,7 @@ void recompute_item(const Params& p, int64_t it, const void* Akk, T* g_cum, void
 template <class T>
 void reduce_qk(const Params& p, const T* d_hv, const void* x, void* dx) {
   const int64_t G = p.HV / p.H, K = p.K, rows = p.B * p.T;
-  at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
+  parallel_for_flush_denormals(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
     std::vector<T> acc(K), raw(K);
     for (int64_t r = r_begin; r < r_end; ++r)
       for (int64_t h = 0; h < p.H; ++h) {
@@ -240,14 +240,15 @@ template <class T>
 void run_backward(BwdParams<T>& bp, const std::vector<ChunkJob>& jobs) {
   const Params& p = bp.p;
   const int64_t items = p.N * p.HV;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_flush_denormals(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> work(state_bwd_work_size(p));
     for (int64_t it = begin; it < end; ++it) {
       const WorkItem wi = work_item(it, p.H, p.HV);
       state_bwd_item(bp, wi.n, wi.hv, work.data());
     }
   });
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t njobs = static_cast<int64_t>(jobs.size());
+  parallel_for_flush_denormals(0, njobs, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> work(ChunkBufs<T>(p, nullptr).size);
     for (int64_t j = begin; j < end; ++j) chunk_grads(bp, jobs[j], j, work.data());
   });
@@ -370,7 +371,7 @@ BwdOut chunk_kda_bwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     bp.dA_part = dA_part.data_ptr<T>();
     bp.dbias_part = dbias_part.data_ptr<T>();
     if (given == 0) {
-      at::parallel_for(0, p.N * p.HV, 1, [&](int64_t begin, int64_t end) {
+      parallel_for_flush_denormals(0, p.N * p.HV, 1, [&](int64_t begin, int64_t end) {
         ChunkScratch<T> s(p.BT, p.K, p.V);
         std::vector<T> S(p.K * p.V);
         for (int64_t it = begin; it < end; ++it)

@@ -1,10 +1,11 @@
 // kda_ext CPU forward op chunk_kda_fwd: binding, dtype dispatch and the per-(sequence, head) pipeline.
 #include "cpu/chunk_fwd.h"
 
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <tuple>
+
+#include "cpu/parallel.h"
 
 namespace kda_ext {
 namespace cpu {
@@ -59,7 +60,7 @@ void forward_item(const Params& p, const FwdOutputs& out, const WorkItem& wi, Ch
 
 template <class T>
 void forward(const Params& p, const FwdOutputs& out) {
-  at::parallel_for(0, p.N * p.HV, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_flush_denormals(0, p.N * p.HV, 1, [&](int64_t begin, int64_t end) {
     ChunkScratch<T> s(p.BT, p.K, p.V);
     std::vector<T> S(p.K * p.V);
     for (int64_t i = begin; i < end; ++i) forward_item(p, out, work_item(i, p.H, p.HV), s, S.data());

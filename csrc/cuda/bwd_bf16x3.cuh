@@ -8,8 +8,8 @@
 // a b (the dropped a_lo b_lo term included) to ~2^-15, so a dot product's error is ~2^-15 of
 // sum |a||b| in the worst case (plus fp32 accumulation's own). 3xTF32 (mma_16x16_split_tf32)
 // keeps ~22 bits of each operand: ~2^-21. One tf32 pass: ~2^-10, which cost dA_log / ddt_bias
-// their margin (wip/c-tf32-per-product, docs/perf-notes.md). fp64 emulation on the CPU with
-// operands shaped like kernel C's (scripts/bf16x3_error.py, 100 trials per kd = 16/32/48):
+// their margin (the c-tf32-per-product experiment, docs/perf-notes.md). fp64 emulation on the CPU with
+// operands shaped like kernel C's (scripts/dev/bf16x3_error.py, 100 trials per kd = 16/32/48):
 // worst |error| / sum |a||b| 2^-15.4 (median 2^-19) for bf16x3, 2^-21.0 (2^-24.7) for 3xTF32,
 // 2^-10.2 (2^-12.7) for one tf32 pass.
 // The split is always to bf16, also for fp16 inputs: fp16's 5-bit exponent flushes the lo term

@@ -700,9 +700,9 @@ bwd_chunk_b_kernel(const ChunkKdaBwdParams p) {
 // instructions went there). On for fp16/bf16 inputs; fp32 inputs keep 3xTF32 (the accuracy an
 // fp32 caller asks for), and false builds the old code exactly.
 // Precision: bf16x3 carries ~16 bits of each operand (worst error ~2^-15 of sum |a||b| per
-// product; 2^-15.4 in scripts/bf16x3_error.py's fp64 emulation) against 3xTF32's ~2^-21, far
+// product; 2^-15.4 in scripts/dev/bf16x3_error.py's fp64 emulation) against 3xTF32's ~2^-21, far
 // more than one tf32 pass (~2^-10, which cost dA_log / ddt_bias their margin:
-// wip/c-tf32-per-product in docs/perf-notes.md). Details in bwd_bf16x3.cuh.
+// the c-tf32-per-product experiment in docs/perf-notes.md). Details in bwd_bf16x3.cuh.
 template <typename T>
 constexpr bool kCBf16x3 = sizeof(T) == 2;
 

@@ -66,35 +66,32 @@ constexpr int kLd16 = kSlice + 8;  // 16-bit slice tiles: 16-byte row padding (c
 // in section B (no separate pass over them), and, when under safe_gate the off-diagonal blocks
 // are 16-bit but the diagonal ones are not (fp16), the off-diagonal blocks use FLA's reference
 // row (the first row of their row block: every factor <= 1, so fp16 cannot overflow) instead of
-// the median row the diagonal blocks need.
+// the median row the diagonal blocks need. The new layout's off-diagonal products are always on
+// 16-bit operands (an fp32 variant was measured and dropped).
 template <typename T>
 struct Prep16 {
   static constexpr bool k16 = std::is_same<T, __half>::value ||
                               std::is_same<T, __nv_bfloat16>::value;
   // Layout-level switches (the safe_gate build's; a build without safe_gate has no diagonal jobs).
-  static constexpr bool kOff = k16;
   static constexpr bool kDiag = std::is_same<T, __nv_bfloat16>::value;  // never for fp16
   static constexpr bool kNew = k16;
 };
 
 // One chunk_prepare build's mode (a struct rather than constexpr locals in the kernel: those, even
-// unused, renumbered the default build's PTX registers). kNew selects the restructured pass 1;
-// kOffH / kDiagH: the off-diagonal / diagonal products on 16-bit operands; kOffOwnRef: under
-// safe_gate with 16-bit off-diagonal and fp32 diagonal products, the off-diagonal operands use the
-// first row of the row block as reference (factors <= 1) in tiles of their own (qh/kh, kch).
+// unused, renumbered the default build's PTX registers). kNew selects the restructured pass 1
+// (16-bit off-diagonal products); kDiagH: the diagonal products on 16-bit operands too;
+// kOffOwnRef: under safe_gate with fp32 diagonal products (fp16), the off-diagonal operands use
+// the first row of the row block as reference (factors <= 1) in tiles of their own (qh/kh, kch).
 // kRowF / kRowH: the row operands scaled with the block's own reference row (safe_gate: the
-// median; without: the first row) go to the fp32 tiles qop/kop and/or to the 16-bit qh/kh.
+// median; without: the first row) go to the fp32 tiles qop/kop (fp32 inputs, and fp16 under
+// safe_gate for its tf32 diagonal products) or to the 16-bit qh/kh (the other 16-bit builds).
 template <typename T, bool kSafe>
 struct PrepMode {
   static constexpr bool kNew = Prep16<T>::kNew;
-  static constexpr bool kOffH = Prep16<T>::kOff;
   static constexpr bool kDiagH = kSafe && Prep16<T>::kDiag;
-  static constexpr bool kOffOwnRef = kSafe && kOffH && !kDiagH;
-  static constexpr bool kRowF = (kSafe && !kDiagH) || (!kOffOwnRef && !kOffH);
-  static constexpr bool kRowH = (kSafe && kDiagH) || (!kOffOwnRef && kOffH);
-  // The restructured pass 1 always runs its off-diagonal products on 16-bit operands (the fp32
-  // off-diagonal variant was an experiment, measured and dropped): the code below relies on it.
-  static_assert(!kNew || kOffH, "chunk_prepare: the new pass-1 layout has 16-bit off-diagonals");
+  static constexpr bool kOffOwnRef = kSafe && kNew && !kDiagH;
+  static constexpr bool kRowF = !kNew || kOffOwnRef;
+  static constexpr bool kRowH = !kRowF;
 };
 
 // ---- kernel 0 ------------------------------------------------------------------------------
@@ -192,7 +189,7 @@ __device__ __forceinline__ float beta_of(const ChunkKdaFwdParams& p, float raw) 
 struct PrepLayout {
   // pass 1 (fp32 slice tiles, and the per-warp column sums of the gate cumsum). With
   // Prep16<T>::kNew: qop/kop are the fp32 row-operand tiles (absent when no product uses them),
-  // qh/kh the 16-bit ones, kc the off-diagonal column operand (fp32 or T), kcd the diagonal one.
+  // qh/kh the 16-bit ones, kc the off-diagonal column operand (in T), kcd the diagonal one.
   int64_t qs, ks, gs, qop, kop, kc, tot, kc_src, diag_src;
   int64_t qh, kh, kcd;
   // pass 2, aliasing pass 1: Akk in T, and the w/u operand and result tiles, double-buffered
@@ -273,7 +270,7 @@ __host__ __device__ inline PrepLayout prep_layout() {
     // The union of the safe_gate and the plain build: fp32 row operands if some product reads
     // them, 16-bit ones likewise, the off-diagonal column rows (16 per block pair) and the
     // diagonal ones (16 per block; safe_gate only) each in its products' precision.
-    // (The off-diagonal operands are always 16-bit here: PrepMode's static_assert.)
+    // (The off-diagonal operands are always 16-bit here.)
     const bool row_f = !P::kDiag;
     l.qop = c1.take<float>(row_f ? BT * kLdf : 0);
     l.kop = c1.take<float>(row_f ? BT * kLdf : 0);

@@ -8,18 +8,6 @@
 
 #include "cuda/params.h"
 
-// KDA_BOOL_SWITCH(cond, NAME, [&] { ... NAME is a constexpr bool here ... });
-#define KDA_BOOL_SWITCH(COND, CONST_NAME, ...) \
-  [&] {                                        \
-    if (COND) {                                \
-      constexpr static bool CONST_NAME = true; \
-      return __VA_ARGS__();                    \
-    } else {                                   \
-      constexpr static bool CONST_NAME = false; \
-      return __VA_ARGS__();                    \
-    }                                          \
-  }()
-
 // q/k/v storage dtype -> element type. float64 never reaches the CUDA kernels.
 #define KDA_DTYPE_SWITCH(DT, TYPE_NAME, ...)                                                  \
   [&] {                                                                                       \

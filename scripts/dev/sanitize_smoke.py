@@ -7,7 +7,7 @@ import sys
 import torch
 
 # Run from a checkout: the in-place build of kda_ext lives in the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import kda_ext  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Save (or compare) chunk_kda outputs and gradients for a few fixed-seed cases.
-usage: python scripts/bitwise_compare.py save FILE  (from the checkout whose build to use)
-       python scripts/bitwise_compare.py cmp FILE_A FILE_B
+usage: python scripts/dev/bitwise_compare.py save FILE  (from the checkout whose build to use)
+       python scripts/dev/bitwise_compare.py cmp FILE_A FILE_B
 Why: a change meant to keep every bit (load order, instruction cuts) is checked across two builds
 on the same fixed-seed inputs: four bf16 K = V = 128 cases (Kimi with GVA, varlen with a
 length-1 sequence, softplus gate with the [V, K] state, saved intermediates)."""

@@ -1,12 +1,12 @@
 """Why each kda_ext kernel waits: Nsight Compute's stall counters, one line per kernel launch.
 
-  python scripts/ncu_stalls.py [--kernels REGEX] [--count N] [--out DIR] [profile_kernels args]
-  python scripts/ncu_stalls.py --csv FILE          (summarise a saved report instead)
+  python scripts/dev/ncu_stalls.py [--kernels REGEX] [--count N] [--out DIR] [profile_kernels args]
+  python scripts/dev/ncu_stalls.py --csv FILE          (summarise a saved report instead)
 
 Runs `ncu` on one `benchmarks/profile_kernels.py --once` step (a forward and a backward), collecting
 only hardware counters: time, instructions per warp, issue activity and the average stall cycles
-per issued instruction by reason. These work on the leased H100s, where the PC-sampling source
-view of scripts/ncu_hotspots.py comes back empty. The table in docs/perf-notes.md (session 3) is
+per issued instruction by reason. These work on the leased H100s, where ncu's PC-sampling source
+view (per-line stalls) came back empty. The table in docs/perf-notes.md (session 3) is
 this script's output; it is what found the serialised global loads of chunk_prepare.
 """
 import argparse
@@ -118,7 +118,7 @@ def main():
             text = f.read()
         print("\n".join(summarize(text) + [""] + summarize_mix(text)))
         return 0
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     prof = [sys.executable, os.path.join(root, "benchmarks", "profile_kernels.py"), "--once"] + rest
     cmd = ["ncu", "--clock-control", "none", "-k", f"regex:{a.kernels}", "--launch-count", str(a.count),
            "--metrics", ",".join(METRICS + (MIX_METRICS if a.mix else [])), "--csv"] + prof

@@ -1,6 +1,6 @@
 """kda_ext: find global loads that wait for memory one at a time, from the PTX (no GPU needed).
 
-  python scripts/ptx_load_report.py [KERNEL_SUBSTRING ...] [--arch 90a]
+  python scripts/dev/ptx_load_report.py [KERNEL_SUBSTRING ...] [--arch 90a]
 
 Compiles csrc/cuda/launch_fwd.cu and launch_bwd.cu to PTX with the flags of
 scripts/check_cuda_compile.py and prints, per kernel, how many ld.global instructions there are
@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# check_cuda_compile.py (the flags) stays in scripts/, the CI's CUDA compile step.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import check_cuda_compile as ccc  # noqa: E402
 
 LOAD = re.compile(r"\s*ld\.global\S*\s+(\{[^}]*\}|%\w+),")

@@ -6,7 +6,7 @@ some tiny: decayed rows). Each MMA's products are exact (fp64 here) and the accu
 to fp32 after every k16 step (k8 for tf32), small terms in their own accumulator added at the end,
 as the kernels do. Reported: max and median over outputs of |error| / sum_k |a||b|, as powers of 2.
 
-usage: python scripts/bf16x3_error.py [--trials N] [--seed S]
+usage: python scripts/dev/bf16x3_error.py [--trials N] [--seed S]
 
 Result (seed 0, 100 trials per kd), log2 of worst / median: bf16x3 -15.4 / -19.0,
 3xTF32 -21.0 / -24.7, one tf32 pass -10.2 / -12.7 (about the same for kd = 16, 32, 48).

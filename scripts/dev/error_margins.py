@@ -3,7 +3,7 @@
 For FLA's chunk and varlen test matrices (the cases of tests/test_backward.py and tests/test_varlen.py)
 prints the error ratio (RMS error / RMS reference, the tests' measure) of each tensor against the
 naive recurrent reference, and its tolerance. A test only says pass/fail; this shows the margin.
-  python scripts/error_margins.py [--device cuda] [--only varlen|chunk] [-k substring]
+  python scripts/dev/error_margins.py [--device cuda] [--only varlen|chunk] [-k substring]
 """
 import argparse
 import os
@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from conftest import FLA_TOL, FLA_VARLEN_TOL, make_inputs, run_kernel, run_reference  # noqa: E402
