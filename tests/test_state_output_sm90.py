@@ -1,6 +1,7 @@
 # tests/test_state_output_sm90.py: the Hopper state/output pass (sm90/state_output_sm90.cuh).
-"""KDA_EXT_STATE_KERNEL=sm90 runs the forward's state/output pass on wgmma with TMA loads
-(16-bit inputs, chunk 64, K = V = 128; elsewhere the switch falls back to the default kernel).
+"""The forward's state/output pass runs on wgmma with TMA loads by default (KDA_EXT_STATE_KERNEL
+auto or sm90) for 16-bit inputs, chunk 64, K = V = 128; elsewhere the register kernel (mma) or the
+shared-memory one.
 Each case compares every output of the forward op under sm90 and under the register kernel (mma):
 o, the final state, and with save_intermediates / return_states v_new and h. The two compute the
 same values with the same rounding points (Sh and v_new in the input dtype) and differ only in the
@@ -75,9 +76,17 @@ def test_cuda_state_sm90_switch_reaches_the_kernel(monkeypatch):
     # it does not apply (chunk 32 here) the switch falls back to the default kernel.
     case = CASES[0]
     x = make_inputs(case, "cuda")
-    monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "sm90")
+    for setting in ("sm90", None):  # None: the default (auto)
+        if setting is None:
+            monkeypatch.delenv("KDA_EXT_STATE_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("KDA_EXT_STATE_KERNEL", setting)
+        names = " ".join(kernels_launched(lambda: fwd_op_outputs(case, x, False)))
+        assert "state_output_sm90_kernel" in names, (setting, names)
+    monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "mma")
     names = " ".join(kernels_launched(lambda: fwd_op_outputs(case, x, False)))
-    assert "state_output_sm90_kernel" in names, names
+    assert "state_output_sm90_kernel" not in names and "state_output_mma" in names, names
+    monkeypatch.setenv("KDA_EXT_STATE_KERNEL", "sm90")
     small = Case(B=1, T=100, H=1, HV=1, **BASE, dtype=BF16, chunk_size=32)
     y = make_inputs(small, "cuda")
     names = " ".join(kernels_launched(lambda: fwd_op_outputs(small, y, False)))

@@ -40,19 +40,19 @@ int blocks_per_sm_by_smem(int64_t smem) {
   return static_cast<int>(per_sm / (smem + reserved));
 }
 
-// Which state/output kernel runs where both could (16-bit inputs, chunk 64, K = 128), from
-// KDA_EXT_STATE_KERNEL: auto (default) or mma: the register kernel, V slices of 64 columns when
-// that grid nearly fills the GPU, else 32; mma32 / mma64: the register kernel at that width;
-// wmma: the shared-memory kernel (its own width choice); sm90: the Hopper kernel on wgmma + TMA
-// (sm90/state_output_sm90.cuh) where it applies (state_output_sm90_applies), else the default.
-// Read per call (a few hundred ns, no allocation, graph safe), so tests and benchmarks can compare
-// the kernels in one process.
+// Which state/output kernel runs where several could (16-bit inputs, chunk 64, K = 128), from
+// KDA_EXT_STATE_KERNEL: auto (default): the Hopper kernel on wgmma + TMA
+// (sm90/state_output_sm90.cuh) where it applies (state_output_sm90_applies: the forward's output
+// pass, K = V = 128), else mma; sm90: the same; mma: the register kernel, V slices of 64 columns
+// when that grid nearly fills the GPU, else 32; mma32 / mma64: the register kernel at that
+// width; wmma: the shared-memory kernel (its own width choice). Read per call (a few hundred ns,
+// no allocation, graph safe), so tests and benchmarks can compare the kernels in one process.
 enum class StateKernelChoice { kMma, kMma32, kMma64, kWmma, kSm90 };
 
 StateKernelChoice state_kernel_choice() {
   const char* v = std::getenv("KDA_EXT_STATE_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "mma") == 0)
-    return StateKernelChoice::kMma;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return StateKernelChoice::kSm90;
+  if (std::strcmp(v, "mma") == 0) return StateKernelChoice::kMma;
   if (std::strcmp(v, "mma32") == 0) return StateKernelChoice::kMma32;
   if (std::strcmp(v, "mma64") == 0) return StateKernelChoice::kMma64;
   if (std::strcmp(v, "wmma") == 0) return StateKernelChoice::kWmma;
