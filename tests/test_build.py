@@ -6,6 +6,7 @@ scripts/check_cuda_compile.py, a step of its own in .ci/run.)
 """
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,20 @@ def test_version_has_one_source():
                    and getattr(node.func, "id", None) == "setup"]
     assert len(setup_calls) == 1
     assert "version" not in [kw.arg for kw in setup_calls[0].keywords], "setup.py must not restate the version"
+
+
+def test_isolated_builds_use_the_torch_the_project_tests_with():
+    # The wheel requires the torch it was built against; pyproject.toml pins the build's torch to
+    # the release scripts/setup_env.sh installs, so both environments agree.
+    from setuptools.config.pyprojecttoml import load_file
+
+    requires = load_file(os.path.join(ROOT, "pyproject.toml"))["build-system"]["requires"]
+    pins = [r for r in requires if re.match(r"torch\b", r)]
+    assert len(pins) == 1 and pins[0].startswith("torch=="), pins
+    with open(os.path.join(ROOT, "scripts", "setup_env.sh")) as f:
+        default = re.search(r"KDA_EXT_TORCH_VERSION:-([0-9.]+)", f.read()).group(1)
+    assert pins[0] == f"torch=={default}"
+    assert "nvidia-cutlass==4.2.0.0" in requires and setup_py.CUTLASS_REQUIREMENT == "nvidia-cutlass==4.2.0.0"
 
 
 def test_cuda_decision():
