@@ -160,10 +160,12 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
     if constexpr (BT == 64 && !std::is_same_v<T, float>) {
       StateKernelChoice choice = state_kernel_choice();
       if (choice == StateKernelChoice::kSm90) {
+#ifdef KDA_EXT_WITH_SM90  // setup.py: the sm90 sources are built (CUDA with the 90a target)
         if (state_output_sm90_applies(p)) {
           launch_state_output_sm90(p, stream);
           return;
         }
+#endif
         choice = StateKernelChoice::kMma;
       }
       if (p.K == 128 && choice != StateKernelChoice::kWmma) {
