@@ -14,7 +14,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from . import ops
+from . import _dispatch, ops
 
 __all__ = ["chunk_kda"]
 
@@ -568,6 +568,8 @@ def chunk_kda(
              ("A_log", A_log, ("index",)), ("dt_bias", dt_bias, ("index",))],
             g, bool(use_gate_in_kernel), bounds)
 
+    if not _is_compiling():
+        _dispatch.log_forward(q, v, int(chunk_size), bool(safe_gate))
     out = ops.chunk_kda_fwd(
         q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
         bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),
