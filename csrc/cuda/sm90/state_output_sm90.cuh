@@ -244,16 +244,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Pipeline pipeline(st.pipeline, pp, Shape<_1, _1, _1>{});
   __syncthreads();  // barriers initialised before any arrive or wait
 
+  // The stage ring, as the producer's TMA writes it and the consumer's wgmma reads it.
+  Tensor sW = make_tensor(make_smem_ptr(st.w.data()), typename Cfg::LayoutWs{});
+  Tensor sQ = make_tensor(make_smem_ptr(st.qg.data()), typename Cfg::LayoutWs{});
+  Tensor sKg = make_tensor(make_smem_ptr(st.kg.data()), typename Cfg::LayoutKgs{});
+  Tensor sA = make_tensor(make_smem_ptr(st.aqk.data()), typename Cfg::LayoutAqks{});
+  Tensor sU = make_tensor(make_smem_ptr(st.u.data()), typename Cfg::LayoutUs{});
+  Tensor sG = make_tensor(make_smem_ptr(st.g.data()), typename Cfg::LayoutGs{});
+
   if (warp_group == 0) {
     // ---- producer ----------------------------------------------------------------------------
     cutlass::arch::warpgroup_reg_dealloc<40>();
     if (threadIdx.x == 0) {
-      Tensor sW = make_tensor(make_smem_ptr(st.w.data()), typename Cfg::LayoutWs{});
-      Tensor sQ = make_tensor(make_smem_ptr(st.qg.data()), typename Cfg::LayoutWs{});
-      Tensor sKg = make_tensor(make_smem_ptr(st.kg.data()), typename Cfg::LayoutKgs{});
-      Tensor sA = make_tensor(make_smem_ptr(st.aqk.data()), typename Cfg::LayoutAqks{});
-      Tensor sU = make_tensor(make_smem_ptr(st.u.data()), typename Cfg::LayoutUs{});
-      Tensor sG = make_tensor(make_smem_ptr(st.g.data()), typename Cfg::LayoutGs{});
       Tensor mW = P.tma_w.get_tma_tensor(P.shape_w);
       Tensor mQ = P.tma_qg.get_tma_tensor(P.shape_w);
       Tensor mKg = P.tma_kg.get_tma_tensor(P.shape_kg);
@@ -269,48 +271,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         const int s = state.index();
         // Each tile starts at its chunk's first row: domain_offset moves the coordinate origin
         // there (chunks under varlen do not start at multiples of 64).
-        auto tile_rows = [&](auto& m, auto shape) {
-          return local_tile(domain_offset(make_coord(row0, 0), m(_, _, hv)), shape, make_coord(0, 0));
+        auto load = [&](const auto& tma, auto gtile, auto stile) {
+          auto [src, dst] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(stile),
+                                          group_modes<0, 2>(gtile));
+          copy(tma.with(*bar), src, dst);
         };
-        {
-          auto g = tile_rows(mW, Shape<_64, _128>{});
-          auto [src, dst] = tma_partition(P.tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sW(_, _, s)),
-                                          group_modes<0, 2>(g));
-          copy(P.tma_w.with(*bar), src, dst);
-        }
-        {
-          auto g = tile_rows(mQ, Shape<_64, _128>{});
-          auto [src, dst] = tma_partition(P.tma_qg, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ(_, _, s)),
-                                          group_modes<0, 2>(g));
-          copy(P.tma_qg.with(*bar), src, dst);
-        }
-        {
-          auto g = tile_rows(mA, Shape<_64, _64>{});
-          auto [src, dst] = tma_partition(P.tma_aqk, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA(_, _, s)),
-                                          group_modes<0, 2>(g));
-          copy(P.tma_aqk.with(*bar), src, dst);
-        }
-        {
-          auto g = local_tile(domain_offset(make_coord(row0, v0), mU(_, _, hv)), Shape<_64, _64>{},
-                              make_coord(0, 0));
-          auto [src, dst] = tma_partition(P.tma_u, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sU(_, _, s)),
-                                          group_modes<0, 2>(g));
-          copy(P.tma_u.with(*bar), src, dst);
-        }
-        {
-          auto g = local_tile(domain_offset(make_coord(0, row0), mKg(_, _, hv)), Shape<_128, _64>{},
-                              make_coord(0, 0));
-          auto [src, dst] = tma_partition(P.tma_kg, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sKg(_, _, s)),
-                                          group_modes<0, 2>(g));
-          copy(P.tma_kg.with(*bar), src, dst);
-        }
-        {
-          auto g = local_tile(domain_offset(make_coord(0, row0 + L - 1), mG(_, _, hv)), Shape<_128, _1>{},
-                              make_coord(0, 0));
-          auto [src, dst] = tma_partition(P.tma_g, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sG(_, _, s)),
-                                          group_modes<0, 2>(g));
-          copy(P.tma_g.with(*bar), src, dst);
-        }
+        auto rows_at = [&](auto& m, int32_t r, int32_t col, auto shape) {  // (row, col) tiles
+          return local_tile(domain_offset(make_coord(r, col), m(_, _, hv)), shape, make_coord(0, 0));
+        };
+        auto cols_at = [&](auto& m, int32_t r, auto shape) {  // (col, row) tiles: kg, g_cum
+          return local_tile(domain_offset(make_coord(0, r), m(_, _, hv)), shape, make_coord(0, 0));
+        };
+        load(P.tma_w, rows_at(mW, row0, 0, Shape<_64, _128>{}), sW(_, _, s));
+        load(P.tma_qg, rows_at(mQ, row0, 0, Shape<_64, _128>{}), sQ(_, _, s));
+        load(P.tma_aqk, rows_at(mA, row0, 0, Shape<_64, _64>{}), sA(_, _, s));
+        load(P.tma_u, rows_at(mU, row0, v0, Shape<_64, _64>{}), sU(_, _, s));
+        load(P.tma_kg, cols_at(mKg, row0, Shape<_128, _64>{}), sKg(_, _, s));
+        load(P.tma_g, cols_at(mG, row0 + L - 1, Shape<_128, _1>{}), sG(_, _, s));
         ++state;
       }
     }
@@ -327,12 +304,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   auto thr_o = mma_o.get_thread_slice(tid);
   auto thr_s = mma_s.get_thread_slice(tid);
 
-  Tensor sW = make_tensor(make_smem_ptr(st.w.data()), typename Cfg::LayoutWs{});
-  Tensor sQ = make_tensor(make_smem_ptr(st.qg.data()), typename Cfg::LayoutWs{});
-  Tensor sKg = make_tensor(make_smem_ptr(st.kg.data()), typename Cfg::LayoutKgs{});
-  Tensor sA = make_tensor(make_smem_ptr(st.aqk.data()), typename Cfg::LayoutAqks{});
-  Tensor sU = make_tensor(make_smem_ptr(st.u.data()), typename Cfg::LayoutUs{});
-  Tensor sG = make_tensor(make_smem_ptr(st.g.data()), typename Cfg::LayoutGs{});
   Tensor tBw = thr_vn.partition_fragment_B(sW);   // (MMA, N, K, stage) descriptors
   Tensor tBq = thr_vn.partition_fragment_B(sQ);
   Tensor tBa = thr_o.partition_fragment_B(sA);
