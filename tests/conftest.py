@@ -362,8 +362,9 @@ def fwd_op_outputs(case: Case, x, save: bool, return_states: bool = False):
 
 
 def poison_allocator(x):
-    """Fill what the next call's allocations will get with NaN: allocate and fill blocks as large
-    as every output, then free them."""
+    """Leave NaN in the caching allocator's free blocks before a call: large blocks are filled and
+    freed, so the call's outputs likely reuse them and an element a kernel forgets to write shows
+    as NaN. Best effort (the allocator may split or pick other blocks), not a guarantee."""
     big = [torch.full((t.numel() * 16,), float("nan"), device="cuda") for t in (x["q"], x["v"])]
     del big
 
