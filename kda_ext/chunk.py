@@ -569,7 +569,7 @@ def chunk_kda(
             g, bool(use_gate_in_kernel), bounds)
 
     if not _is_compiling():
-        _dispatch.log_forward(q, v, int(chunk_size), bool(safe_gate))
+        _dispatch.log_forward(q, v, int(chunk_size))
     out = ops.chunk_kda_fwd(
         q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
         bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),

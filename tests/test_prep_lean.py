@@ -1,7 +1,8 @@
 # tests/test_prep_lean.py: the forward's lean intra-chunk kernel (chunk_prepare_lean.cuh).
-"""For bf16 inputs, chunk 64, K = V = 128 under safe_gate the forward's intra-chunk stage runs
-chunk_prepare_lean_kernel unless KDA_EXT_PREP_KERNEL=classic selects chunk_prepare_kernel. Two
-checks per case:
+"""For bf16 inputs, chunk 64, K = V = 128 the forward's intra-chunk stage runs
+chunk_prepare_lean_kernel, whatever the gate, unless KDA_EXT_PREP_KERNEL=classic selects
+chunk_prepare_kernel. Diagonal blocks whose cumulative gate leaves the median path's range (the
+unbounded gate with -1000 entries) take its element-wise path. Two checks per case:
 - the op's every output (o, the final state, Aqk, Akk, and with save_intermediates g_cum, w, u,
   qg, kg, v_new, h) under both kernels, against each other: the two compute the same values with
   the same rounding points and differ only in the order of fp32 sums (and one fp32 rounding of the
@@ -48,20 +49,25 @@ CASES = [
     Case(B=2, T=150, H=1, HV=1, **BASE, disable_recompute=True, **KIMI),
 ]
 
-# The backward's recompute (Akk reused: no Aqk/L, so any gate) also runs the lean kernel: the
-# unbounded softplus gate and -1000 gate entries without safe_gate (the forward keeps chunk_prepare
-# there), with l2norm (the rstd it hands to the backward).
-RECOMPUTE_CASES = [
+# Without safe_gate: the unbounded softplus gate (diagonal blocks within the median path's range),
+# -1000 entries in a pre-gated g (blocks holding one take the element-wise path, the others the
+# median one, in the same chunk), nearly every block element-wise, varlen with the state layout.
+# The backward's recompute (Akk reused: no Aqk/L) runs the lean kernel too; with l2norm it hands
+# the rstd on to the backward.
+UNBOUNDED_CASES = [
     Case(B=1, T=200, H=1, HV=2, **BASE, gate_in_kernel=True, beta_sigmoid=True, l2norm_in_kernel=True),
     Case(B=1, T=200, H=1, HV=2, **BASE, mask_p=0.1, mask_value=-1000.0),
+    Case(B=1, T=130, H=1, HV=1, **BASE, mask_p=0.9, mask_value=-1000.0, l2norm_in_kernel=True, scale=0.3),
     Case(cu_seqlens=[0, 1, 80, 81, 300], H=2, HV=4, **BASE, recipe="varlen", gate_in_kernel=True,
          l2norm_in_kernel=True, state_v_first=True),
+    Case(cu_seqlens=[0, 1, 80, 81, 300], H=1, HV=2, **BASE, recipe="varlen", mask_p=0.2,
+         mask_value=-1000.0, disable_recompute=True),
 ]
 
 
 @requires_cuda
 @pytest.mark.parametrize("save", [False, True], ids=["recompute", "saved"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
+@pytest.mark.parametrize("case", CASES + UNBOUNDED_CASES, ids=lambda c: c.id())
 def test_cuda_prep_lean_outputs_match_classic(case, save, monkeypatch):
     x = make_inputs(case, "cuda")
     monkeypatch.setenv("KDA_EXT_PREP_KERNEL", "lean")
@@ -74,7 +80,7 @@ def test_cuda_prep_lean_outputs_match_classic(case, save, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("case", CASES + RECOMPUTE_CASES, ids=lambda c: c.id())
+@pytest.mark.parametrize("case", CASES + UNBOUNDED_CASES, ids=lambda c: c.id())
 def test_cuda_prep_lean_against_reference(case, monkeypatch):
     ref, lean, again, classic = run_switch_pair(case, "KDA_EXT_PREP_KERNEL", monkeypatch,
                                                 first="lean", second="classic")

@@ -1,5 +1,5 @@
 // kda_ext CUDA: "chunk_prepare_lean", the forward's intra-chunk stage for the Kimi configuration
-// (bf16, chunk 64, K = V = 128, safe_gate): gate, chunk cumsum, l2norm, Aqk, L, Akk = (I + L)^-1,
+// (bf16, chunk 64, K = V = 128, any gate): gate, chunk cumsum, l2norm, Aqk, L, Akk = (I + L)^-1,
 // w, u, qg, kg, with the same outputs and contract as chunk_prepare_kernel (chunk_prepare.cuh).
 //
 // Why a second kernel for the same stage: chunk_prepare is issue-bound (H100, (2, 8192, 32, 128):
@@ -16,20 +16,22 @@
 // - Aqk and L: ten 16 x 16 block pairs, two products each, on mma.sync m16n8k16 (bf16 operands,
 //   fp32 accumulators carried across the two halves in registers). Off-diagonal blocks (I, J < I)
 //   use the first row of block I as reference (every factor <= 1, any gate); the diagonal blocks
-//   use the median row of the block (safe_gate's bound keeps those factors below e^40);
+//   use the median row of the block when the block's cumulative gate stays within
+//   kDiagSpanMax of that row in every column (always so under safe_gate with lower_bound >= -7,
+//   whose bound keeps the factors below e^40); a block outside that range (the unbounded gate with
+//   large entries, -1000 gates) is computed element by element instead (exact_diagonal_block);
 // - (I + L)^-1 in fp32: forward substitution in the 16x16 diagonal blocks, one thread per column,
 //   the block's column in registers; the off-diagonal blocks by block diagonals, one 1 x 4 output
 //   strip per thread (fp32 throughout, as chunk_prepare, so Akk matches it up to the order of sums);
 // - w = Akk (beta k e^G) and u = Akk (beta v) on mma.sync with Akk rounded to bf16 (FLA's and
 //   chunk_prepare's rounding points), only the k-steps on or below the diagonal.
 // Numerics follow chunk_prepare's bf16 safe_gate build: the same rounding points (q-hat/k-hat,
-// operands, Akk in bf16), __expf for the exponentials, fp32 accumulation; results differ from it
+// operands, Akk in bf16), ex2.approx for the exponentials, fp32 accumulation; results differ from it
 // in the order of fp32 sums and, for the off-diagonal column operands, by one fp32 rounding
 // (e^{G_ref - G_j} is formed as e^{G_ref' - G_j} e^{G_ref - G_ref'} with ref' the next block's
 // first row, one exponential per element instead of up to three).
-// Not handled here (the launcher keeps chunk_prepare for them): fp16/fp32, chunk 32, other K/V,
-// the unbounded gate without safe_gate (its diagonal blocks need the exact element-wise path),
-// the backward's recompute (Akk reused, rstd hand-off) and unaligned tensors.
+// Not handled here (the launcher keeps chunk_prepare for them): fp16/fp32, chunk 32, other K/V
+// and unaligned tensors.
 #pragma once
 
 #include "cuda/chunk_prepare.cuh"
@@ -50,6 +52,12 @@ constexpr int kLdFull = kK + 8;     // 16-bit [64][128] tiles: 272-byte rows (co
 constexpr int kLdHalf = kHalf + 8;  // 16-bit [.][64] tiles: 144-byte rows
 constexpr int kLdF = kBT + 4;       // fp32 [64][64] tiles
 constexpr int kPairs = 10;          // lower 16 x 16 block pairs (I, J <= I) of the 64 x 64 matrices
+// The median-reference products of a diagonal block scale q and k by e^{+-(G_i - G_m)}; they stay
+// exact to the bf16 rounding of each operand as long as those factors neither overflow nor leave
+// bf16's normal range (e^{+-87}), with room for |q|, |k| up to ~e^20. Beyond this the block is
+// computed element by element.
+constexpr float kDiagSpanMax = 60.f;
+constexpr int kLdX = kK + 4;        // fp32 [16][128] G tile of the element-wise diagonal path
 
 // Pair p -> (I, J): the four diagonal blocks first, then the off-diagonal ones.
 __host__ __device__ constexpr int pair_row(int p) {
@@ -60,6 +68,15 @@ __host__ __device__ constexpr int pair_col(int p) {
   // local memory.
   return p < 4 ? p : (p == 6 || p == 8 ? 1 : (p == 9 ? 2 : 0));
 }
+// e^x as ex2.approx.ftz(x log2e): __expf without its subnormal fix-ups (three instructions of
+// five): results below 2^-126 flush to 0, and every product such a factor enters is negligible
+// next to the row's other terms (the factors are ratios e^{G_a - G_b} of one chunk).
+__device__ __forceinline__ float exp_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+
 // Rows of the off-diagonal column-operand tile: block I's reference version holds rows [0, 16 I)
 // at row offset 8 I (I - 1): I = 1 at 0, 2 at 16, 3 at 48 (96 rows).
 __host__ __device__ constexpr int kc_base(int I) { return 8 * I * (I - 1); }
@@ -70,7 +87,7 @@ struct Layout {
   int64_t qd, kd, kcd, ko, kc;   // per-half operands [.][kLdHalf] T (kc: 96 rows)
   int64_t lf, ai, akk, tmp;      // after both halves (aliasing the operands): L and Akk in fp32,
                                  //   Akk in T, the inverse's partial products
-  int64_t rq, rk, beta, tot, gref;
+  int64_t rq, rk, beta, tot, gref, diag_bad;
   int64_t total;
 };
 
@@ -113,6 +130,7 @@ __host__ __device__ inline Layout layout() {
   l.beta = take(kBT * sizeof(float));
   l.tot = take(4 * kHalf * sizeof(float));
   l.gref = take(9 * kHalf * sizeof(float));  // first row of each block, median of each, last row
+  l.diag_bad = take(4 * sizeof(int));  // per diagonal block: 1 if it takes the element-wise path
   l.total = at;
   return l;
 }
@@ -120,15 +138,15 @@ __host__ __device__ inline Layout layout() {
 }  // namespace prep_lean
 
 // Whether chunk_prepare_lean serves this call (the launcher's dispatch; every other call keeps
-// chunk_prepare): the forward under safe_gate, or the backward's recompute (Akk given, no output;
-// it computes no Aqk or L, so any gate).
+// chunk_prepare): the forward (any gate: diagonal blocks out of the median path's range take the
+// element-wise one), or the backward's recompute (Akk given, no output; no Aqk or L).
 inline bool chunk_prepare_lean_applies(const ChunkKdaFwdParams& p) {
   const bool recompute = p.Akk_saved != nullptr && p.o == nullptr;
   const bool fixed = p.dtype == DType::kBFloat16 && p.BT == 64 && p.K == 128 && p.V == 128 &&
                      aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.w) &&
                      aligned16(p.u);
   if (recompute) return fixed && aligned16(p.Akk_saved);
-  return fixed && p.safe_gate && p.Akk_saved == nullptr && p.rstd_qk == nullptr &&
+  return fixed && p.Akk_saved == nullptr && p.rstd_qk == nullptr &&
          aligned16(p.Aqk) && aligned16(p.Akk);
 }
 
@@ -138,7 +156,7 @@ template <typename T, bool kRecompute>
 __global__ void __launch_bounds__(prep_lean::kThreads, 2)
     chunk_prepare_lean_kernel(const ChunkKdaFwdParams p) {
   using namespace prep_lean;
-  static_assert(std::is_same<T, __nv_bfloat16>::value, "bf16 only (safe_gate diagonal range)");
+  static_assert(std::is_same<T, __nv_bfloat16>::value, "bf16 only (the diagonal operands' range)");
   extern __shared__ __align__(128) unsigned char smem[];
   const Layout lay = layout<T, kRecompute>();
   T* sq = reinterpret_cast<T*>(smem + lay.sq);
@@ -158,6 +176,7 @@ __global__ void __launch_bounds__(prep_lean::kThreads, 2)
   float* beta_s = reinterpret_cast<float*>(smem + lay.beta);
   float* tot = reinterpret_cast<float*>(smem + lay.tot);
   float* gref = reinterpret_cast<float*>(smem + lay.gref);
+  int* diag_bad = reinterpret_cast<int*>(smem + lay.diag_bad);
   float* gfirst = gref;              // [4][64]: G of row 16 r
   float* gmed = gref + 4 * kHalf;    // [4][64]: G of block r's median reference row
   float* glast = gref + 8 * kHalf;   // [64]: G of row L - 1
@@ -232,6 +251,7 @@ __global__ void __launch_bounds__(prep_lean::kThreads, 2)
   const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? __expf(p.A_log[hv]) : 1.f;
 
   // ---- per-row scalars: beta, l2norm rstd ---------------------------------------------------
+  if (!kRecompute && tid < 4) diag_bad[tid] = 0;  // read after the half loop's barriers
   if (tid < kBT) {
     const int i = tid;
     beta_s[i] = i < L ? beta_of(p, load_any(p.beta, p.beta_dtype, (row0 + i) * HV + hv)) : 0.f;
@@ -306,11 +326,23 @@ __global__ void __launch_bounds__(prep_lean::kThreads, 2)
     }
     if (h == 0) load_g(1, graw);  // the second half's g in flight during this half
     tot[blk * kHalf + cl] = run;
+    const int lsub = L - r0;
+    const int med = lsub <= 0 ? 0 : (lsub - 1 < 8 ? lsub - 1 : 8);  // median_ref_row - r0
+    if constexpr (!kRecompute) {
+      // The median path's range, on the block-local sums (the offset of earlier blocks cancels in
+      // G_i - G_m). Rows past L carry gate 0, so they add nothing beyond the last row's span.
+      float gm_local = 0.f;
+#pragma unroll
+      for (int it = 0; it < 16; ++it)
+        if (it == med) gm_local = G[it];
+      float span = 0.f;
+#pragma unroll
+      for (int it = 0; it < 16; ++it) span = fmaxf(span, fabsf(G[it] - gm_local));
+      if (!(span <= kDiagSpanMax)) atomicOr(diag_bad + blk, 1);  // NaN spans too
+    }
     __syncthreads();
     float before = 0.f;
     for (int b2 = 0; b2 < blk; ++b2) before += tot[b2 * kHalf + cl];
-    const int lsub = L - r0;
-    const int med = lsub <= 0 ? 0 : (lsub - 1 < 8 ? lsub - 1 : 8);  // median_ref_row - r0
 #pragma unroll
     for (int it = 0; it < 16; ++it) {
       G[it] += before;
@@ -330,49 +362,65 @@ __global__ void __launch_bounds__(prep_lean::kThreads, 2)
     float s_ref[4];
 #pragma unroll
     for (int I = 0; I < 4; ++I)
-      s_ref[I] = (I > blk + 1) ? __expf(gfirst[I * kHalf + cl] - g_next) : 1.f;
+      s_ref[I] = (I > blk + 1) ? exp_ftz(gfirst[I * kHalf + cl] - g_next) : 1.f;
+    // The row loop once per 16-row block (kBlk == blk, uniform per warp): which operand versions a
+    // row writes depends on its block, and as run-time branches those cost a divergence region
+    // per row.
+    // Unsigned 32-bit element offsets from the CTA's base pointers: one wide multiply-add per
+    // store address (signed ones cost a sign extension and a 64-bit shift-add each).
+    const uint32_t o_first = static_cast<uint32_t>(r0 * hks + col);
+    const uint32_t o_stride = static_cast<uint32_t>(hks);
+    auto rows = [&](auto blk_constant) {
+      constexpr int kBlk = decltype(blk_constant)::value;
 #pragma unroll
-    for (int it = 0; it < 16; ++it) {
-      const int i = r0 + it;
-      const float Gi = G[it];
-      float a = to_float<T>(sq[i * kLdFull + col]);
-      float e = to_float<T>(sk[i * kLdFull + col]);
-      if (p.use_qk_l2norm) {
-        a = round_to<T>(a * rq[i]);
-        e = round_to<T>(e * rk[i]);
-      }
-      const float eg = __expf(Gi);
-      if (i < L) {
-        const int o = i * hks + col;
-        qg[o] = from_float<T>(a * eg);
-        kg[o] = from_float<T>(e * __expf(gl - Gi));
-        if (full_g_cum || i == L - 1) g_cum[o] = Gi;
-      }
-      sk[i * kLdFull + col] = from_float<T>(beta_s[i] * e * eg);  // w operand (0 past L)
-      if constexpr (!kRecompute) {
-      // diagonal blocks: median reference
-      const float x = __expf(Gi - gm);
-      qd[i * kLdHalf + cl] = from_float<T>(a * x);
-      kd[i * kLdHalf + cl] = from_float<T>(e * x);
-      kcd[i * kLdHalf + cl] = from_float<T>(e * __expf(gm - Gi));
-      // off-diagonal row operands (blocks 1..3): reference = the block's first row
-      if (blk > 0) {
-        const float y = __expf(Gi - g_own_first);
-        sq[i * kLdFull + col] = from_float<T>(a * y);
-        ko[i * kLdHalf + cl] = from_float<T>(e * y);
-      }
-      // off-diagonal column operands (blocks 0..2), one version per later reference block
-      if (blk < 3) {
-        const float z = e * __expf(g_next - Gi);
+      for (int it = 0; it < 16; ++it) {
+        const int i = 16 * kBlk + it;
+        const float Gi = G[it];
+        float a = to_float<T>(sq[i * kLdFull + col]);
+        float e = to_float<T>(sk[i * kLdFull + col]);
+        if (p.use_qk_l2norm) {
+          a = round_to<T>(a * rq[i]);
+          e = round_to<T>(e * rk[i]);
+        }
+        const float eg = exp_ftz(Gi);
+        if (i < L) {
+          const uint32_t o = o_first + it * o_stride;
+          qg[o] = from_float<T>(a * eg);
+          kg[o] = from_float<T>(e * exp_ftz(gl - Gi));
+          if (full_g_cum || i == L - 1) g_cum[o] = Gi;
+        }
+        sk[i * kLdFull + col] = from_float<T>(beta_s[i] * e * eg);  // w operand (0 past L)
+        if constexpr (!kRecompute) {
+          // diagonal blocks: median reference
+          const float x = exp_ftz(Gi - gm);
+          qd[i * kLdHalf + cl] = from_float<T>(a * x);
+          kd[i * kLdHalf + cl] = from_float<T>(e * x);
+          kcd[i * kLdHalf + cl] = from_float<T>(e * exp_ftz(gm - Gi));
+          // off-diagonal row operands (blocks 1..3): reference = the block's first row
+          if constexpr (kBlk > 0) {
+            const float y = exp_ftz(Gi - g_own_first);
+            sq[i * kLdFull + col] = from_float<T>(a * y);
+            ko[i * kLdHalf + cl] = from_float<T>(e * y);
+          }
+          // off-diagonal column operands (blocks 0..2), one version per later reference block
+          if constexpr (kBlk < 3) {
+            const float z = e * exp_ftz(g_next - Gi);
 #pragma unroll
-        for (int I = 1; I < 4; ++I)
-          if (I > blk) kc[(kc_base(I) + i) * kLdHalf + cl] = from_float<T>(z * s_ref[I]);
+            for (int I = kBlk + 1; I < 4; ++I)
+              kc[(kc_base(I) + i) * kLdHalf + cl] = from_float<T>(z * s_ref[I]);
+          }
+        } else {
+          // The recompute's loop has no shared stores that could alias the q/k reads, and the
+          // compiler then hoisted all 16 rows' loads and spilled (132 bytes): keep rows apart.
+          asm volatile("" ::: "memory");
+        }
       }
-      } else {
-        // The recompute's loop has no shared stores that could alias the q/k reads, and the
-        // compiler then hoisted all 16 rows' loads and spilled (132 bytes): keep rows apart.
-        asm volatile("" ::: "memory");
-      }
+    };
+    switch (blk) {
+      case 0: rows(std::integral_constant<int, 0>{}); break;
+      case 1: rows(std::integral_constant<int, 1>{}); break;
+      case 2: rows(std::integral_constant<int, 2>{}); break;
+      default: rows(std::integral_constant<int, 3>{}); break;
     }
     __syncthreads();  // operands of this half visible
     // -- products of this half: 4 k-steps of 16 for each unit
@@ -405,14 +453,78 @@ __global__ void __launch_bounds__(prep_lean::kThreads, 2)
   if constexpr (!kRecompute) {
   T* Aqk = static_cast<T*>(p.Aqk) + ha0;
   T* Akk = static_cast<T*>(p.Akk) + ha0;
-  // ---- Aqk to global (scaled, j <= i), L (beta-scaled, j < i) to shared --------------------
   const float scale = p.scale;
+  // ---- diagonal blocks out of the median path's range: element by element (rare) -------------
+  // Written straight to Aqk and to the L tile (free now: the operand tiles are dead); the
+  // fragments of these blocks are skipped below. Scratch: the q tile (its last reader was the
+  // second half's products). Per block: q-hat, k-hat and the block-local cumsum G of its 16 rows
+  // over all 128 columns, then thread (i, j) sums q-hat_i k-hat_j e^{G_i - G_j} (and k-hat_i ...)
+  // over the columns in fp32, as chunk_prepare does without safe_gate.
+  if (diag_bad[0] | diag_bad[1] | diag_bad[2] | diag_bad[3]) {  // uniform
+    T* xq = sq;
+    T* xk = sq + 16 * kLdFull;
+    float* xg = reinterpret_cast<float*>(sq + 32 * kLdFull);  // 16 x kLdX floats fit the rest
+#pragma unroll 1
+    for (int I = 0; I < 4; ++I) {
+      if (!diag_bad[I]) continue;  // uniform
+      const int rb = 16 * I;
+      if (tid < kK) {
+        const int c = tid;
+        const float bias_c =
+            (p.use_gate_in_kernel && p.dt_bias != nullptr) ? p.dt_bias[hv * kK + c] : 0.f;
+        float gr[16];
+        int64_t off[16];
+#pragma unroll
+        for (int it = 0; it < 16; ++it)
+          off[it] = (rb + it < L ? static_cast<int64_t>(rb + it) * hks : 0) + hk0 + c;
+        gather_any(gr, p.g, p.g_dtype, off);
+        float run = 0.f;
+#pragma unroll
+        for (int it = 0; it < 16; ++it) {
+          const int i = rb + it;
+          float a = 0.f, e = 0.f;
+          if (i < L) {
+            run += gate_of(p, gr[it], bias_c, gate_a);
+            a = to_float<T>(q[i * qks + c]);
+            e = to_float<T>(k[i * qks + c]);
+            if (p.use_qk_l2norm) {
+              a = round_to<T>(a * rq[i]);
+              e = round_to<T>(e * rk[i]);
+            }
+          }
+          xg[it * kLdX + c] = run;
+          xq[it * kLdFull + c] = from_float<T>(a);
+          xk[it * kLdFull + c] = from_float<T>(e);
+        }
+      }
+      __syncthreads();
+      {
+        const int i = tid / 16, j = tid % 16;  // entry (i, j) of the block
+        float aq = 0.f, al = 0.f;
+        if (j <= i) {
+#pragma unroll 4
+          for (int c = 0; c < kK; ++c) {
+            const float f = to_float<T>(xk[j * kLdFull + c]) *
+                            exp_ftz(xg[i * kLdX + c] - xg[j * kLdX + c]);
+            aq += to_float<T>(xq[i * kLdFull + c]) * f;
+            al += to_float<T>(xk[i * kLdFull + c]) * f;
+          }
+        }
+        const int gi = rb + i, gj = rb + j;
+        if (gi < L) Aqk[gi * has + gj] = from_float<T>(j <= i ? scale * aq : 0.f);
+        lf[gi * kLdF + gj] = j < i ? beta_s[gi] * al : 0.f;
+      }
+      __syncthreads();  // the scratch is refilled for the next block
+    }
+  }
+  // ---- Aqk to global (scaled, j <= i), L (beta-scaled, j < i) to shared --------------------
 #pragma unroll
   for (int s = 0; s < 3; ++s) {
     const int unit = warp + 8 * s;
     if (unit >= 2 * kPairs) break;
     const int pr = unit / 2, nt = unit % 2;
     const int I = pair_row(pr), J = pair_col(pr);
+    if (I == J && diag_bad[I]) continue;  // written element by element above
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {  // fragment rows g8 and g8 + 8
       const int i = 16 * I + g8 + 8 * hr;
@@ -464,6 +576,9 @@ __global__ void __launch_bounds__(prep_lean::kThreads, 2)
     if (tid < npairs * 64) {
       const int aa = tid / 64, bb = aa + d, r = (tid % 64) / 4, c4 = (tid % 4) * 4;
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      // (A multiple of 16 iterations: unrolled by 4 so that the shared loads of four steps are
+      // in flight together instead of one round trip a step.)
+#pragma unroll 4
       for (int m = 16 * aa; m < 16 * bb; ++m) {
         const float lv = lf[(16 * bb + r) * kLdF + m];
         const float4 xv = *reinterpret_cast<const float4*>(ai + m * kLdF + 16 * aa + c4);
@@ -478,6 +593,7 @@ __global__ void __launch_bounds__(prep_lean::kThreads, 2)
     if (tid < npairs * 64) {
       const int aa = tid / 64, bb = aa + d, r = (tid % 64) / 4, c4 = (tid % 4) * 4;
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma unroll 4
       for (int m = 0; m <= r; ++m) {
         const float xv = ai[(16 * bb + r) * kLdF + 16 * bb + m];
         const float4 tv = *reinterpret_cast<const float4*>(tmp + aa * 320 + m * 20 + c4);
