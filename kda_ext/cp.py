@@ -314,14 +314,14 @@ def entry_state(maps_A: torch.Tensor, maps_C: torch.Tensor, rank: int, pre_num_r
 
     Every rank goes through all W maps, with the unused ones masked out rather than skipped, so
     that every rank's output depends on the gathered maps: the backward's reduce-scatter then runs
-    on every rank (a collective that one rank skips leaves the others waiting forever)."""
+    on every rank (a collective that one rank skips hangs or fails the others)."""
     W = maps_A.shape[0]
     state = torch.zeros_like(maps_C[0])
-    first = rank - pre_num_ranks
+    # built on the device (no host-to-device copy), from an int or a device tensor alike
+    ranks = torch.arange(W, device=state.device)
+    live = (ranks >= rank - pre_num_ranks) & (ranks < rank)
     for j in range(W):
-        live = (first <= j) & (j < rank) if isinstance(first, torch.Tensor) else \
-            torch.tensor(first <= j < rank, device=state.device)
-        state = torch.where(live, maps_A[j] @ state + maps_C[j], state)
+        state = torch.where(live[j], maps_A[j] @ state + maps_C[j], state)
     return state
 
 
