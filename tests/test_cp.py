@@ -228,3 +228,23 @@ def test_entry_state_folds_the_earlier_ranks_maps():
         assert torch.allclose(entry_state(A, C, 3, pre), expected, rtol=0, atol=1e-12)
     assert torch.equal(entry_state(A, C, 3, 0), torch.zeros(2, 3, 5, dtype=torch.float64))
     assert torch.allclose(entry_state(A, C, 1, 1), C[0], rtol=0, atol=0)
+
+
+def test_readme_example_on_two_ranks(tmp_path):
+    # test_readme.py runs the README's context-parallel example as a group of one; here torchrun
+    # (--standalone: a free port of its own) runs it on two ranks, as the README says to.
+    import re
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"^```python\n(.*?)^```$", f.read(), flags=re.DOTALL | re.MULTILINE)
+    block, = [b for b in blocks if "build_cp_context" in b]
+    script = tmp_path / "cp_example.py"
+    script.write_text(block, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=TIME_LIMIT_S)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-6000:]}"
+    errors = dict(re.findall(r"rank (\d): max \|o - o_whole\| = (\S+)", result.stdout))
+    assert sorted(errors) == ["0", "1"], result.stdout
+    # fp32 on the CPU: the same maths summed in another order
+    assert all(float(e) < 1e-5 for e in errors.values()), result.stdout
