@@ -1,11 +1,12 @@
 # tests/cp_worker.py: one rank of a context-parallel test, started by tests/test_cp.py (not a test file).
-"""Usage: python cp_worker.py RANK WORLD_SIZE STORE_FILE SCENARIO
+"""Usage: python cp_worker.py RANK WORLD_SIZE STORE_FILE SCENARIO [gloo|nccl]
 
-Joins a gloo group through a file store, runs every case of SCENARIO (see CASES) and exits 0, or
-raises (exit 1, traceback on stderr). Every rank builds the same global inputs from the case's
+Joins a process group through a file store, runs every case of SCENARIO (see CASES) and exits 0,
+or raises (exit 1, traceback on stderr). Every rank builds the same global inputs from the case's
 seed, computes the single-process chunk_kda result on the whole stream (output and gradients),
 runs chunk_kda with cp_context on its own share, and checks its share of the output and of every
-gradient against the whole-stream result, in float64, to an RMS error ratio of 1e-10."""
+gradient against the whole-stream result: gloo on the CPU in float64 to an RMS error ratio of
+1e-10; nccl on GPU `rank` in float32 to tests/test_segments.py's CUDA ratios (2e-3, gradients 5e-3)."""
 import sys
 import types
 
@@ -17,7 +18,9 @@ from conftest import assert_rel_close
 
 import kda_ext
 
-RATIO = 1e-10   # float64 on the CPU: the CP result is the same maths, summed in another order
+# float64 on the CPU: the CP result is the same maths, summed in another order. main() switches
+# to float32 on the GPU with NCCL.
+SETUP = dict(device=torch.device("cpu"), dtype=torch.float64, ratio=1e-10, grad_ratio=1e-10)
 
 KIMI = dict(use_gate_in_kernel=True, safe_gate=True, lower_bound=-5.0, use_qk_l2norm_in_kernel=True,
             use_beta_sigmoid_in_kernel=True)
@@ -93,8 +96,13 @@ def run_case(name, offsets, split, cfg, HV, compiled=None):
     H, K, V = 2, 16, 16
     T = offsets[-1]
     tensors, params = _inputs(T, H, HV, K, V, cfg, gen)
-    cu = torch.tensor(offsets, dtype=torch.int64)
     do = torch.randn(1, T, HV, V, generator=gen, dtype=torch.float64)
+    device, dtype = SETUP["device"], SETUP["dtype"]
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    tensors = {n: t.to(device, dtype if n in ("q", "k", "v") else param_dtype) for n, t in tensors.items()}
+    params = {n: t.to(device, param_dtype) for n, t in params.items()}
+    do = do.to(device, dtype)
+    cu = torch.tensor(offsets, dtype=torch.int64, device=device)
 
     # the single-process result on the whole stream
     ref_leaves = {n: t.clone().requires_grad_() for n, t in {**tensors, **params}.items()}
@@ -120,15 +128,15 @@ def run_case(name, offsets, split, cfg, HV, compiled=None):
 
     fn = compiled or _forward
     o = fn(*local.values(), ctx, cfg, **local_params)
-    assert_rel_close(f"o ({where})", o_ref[:, s:e], o, RATIO)
+    assert_rel_close(f"o ({where})", o_ref[:, s:e], o, SETUP["ratio"])
     grads = torch.autograd.grad(o, list(local.values()) + list(local_params.values()), do[:, s:e])
     for n, grad in zip(local, grads):
-        assert_rel_close(f"d{n} ({where})", grads_ref[n][:, s:e], grad, RATIO)
+        assert_rel_close(f"d{n} ({where})", grads_ref[n][:, s:e], grad, SETUP["grad_ratio"])
     for n, grad in zip(local_params, grads[len(local):]):
         # a replicated parameter: each rank holds the gradient of its own tokens' outputs
         grad = grad.clone()
         dist.all_reduce(grad)
-        assert_rel_close(f"d{n} ({where})", grads_ref[n], grad, RATIO)
+        assert_rel_close(f"d{n} ({where})", grads_ref[n], grad, SETUP["grad_ratio"])
 
     # This test has teeth: without the earlier ranks' state the first piece's output is wrong,
     # and without the later ranks' gradients the last piece's gradients are.
@@ -149,8 +157,12 @@ def run_case(name, offsets, split, cfg, HV, compiled=None):
 
 def main():
     rank, world_size, store_file, scenario = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    backend = sys.argv[5] if len(sys.argv) > 5 else "gloo"
     torch.set_num_threads(1)   # several ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        SETUP.update(device=torch.device("cuda", rank), dtype=torch.float32, ratio=2e-3, grad_ratio=5e-3)
+    dist.init_process_group(backend, init_method=f"file://{store_file}", rank=rank, world_size=world_size)
     try:
         if scenario == "compile":
             fn = torch.compile(_forward, fullgraph=True)

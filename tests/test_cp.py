@@ -23,13 +23,13 @@ ROOT = os.path.dirname(HERE)
 TIME_LIMIT_S = 240   # a run takes 5 to 20 s; a hang (a collective one rank skipped) hits this
 
 
-def _launch(world_size: int, scenario: str, tmp_path) -> None:
+def _launch(world_size: int, scenario: str, tmp_path, backend: str = "gloo") -> None:
     store = tmp_path / "store"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     logs = [open(tmp_path / f"rank{r}.log", "w+") for r in range(world_size)]
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "cp_worker.py"), str(r), str(world_size),
-                               str(store), scenario], stdout=logs[r], stderr=subprocess.STDOUT, env=env, cwd=HERE)
+                               str(store), scenario, backend], stdout=logs[r], stderr=subprocess.STDOUT, env=env, cwd=HERE)
              for r in range(world_size)]
     deadline = time.monotonic() + TIME_LIMIT_S
     timed_out = False
@@ -54,12 +54,23 @@ def _launch(world_size: int, scenario: str, tmp_path) -> None:
     assert all(p.returncode == 0 for p in procs), f"{scenario} failed\n" + "\n".join(report)
 
 
-@pytest.mark.parametrize("world_size,scenario", [(2, "world2"), (3, "world3"), (4, "world4"), (2, "compile")])
+SCENARIOS = [(2, "world2"), (3, "world3"), (4, "world4"), (2, "compile")]
+
+
+@pytest.mark.parametrize("world_size,scenario", SCENARIOS)
 def test_cp_equals_single_process(world_size, scenario, tmp_path):
     """Output and every gradient (q, k, v, g, beta; A_log and dt_bias with the in-kernel gate) of
     each rank equal the whole-stream result; 'compile' does it under torch.compile(fullgraph=True)
     and then checks that another split with the same local shapes does not recompile."""
     _launch(world_size, scenario, tmp_path)
+
+
+@pytest.mark.parametrize("world_size,scenario", SCENARIOS)
+def test_cp_equals_single_process_nccl(world_size, scenario, tmp_path):
+    """The same on GPUs with NCCL, in float32 (for a multi-GPU machine)."""
+    if torch.cuda.device_count() < world_size or not kda_ext.chunk._HAS_CUDA_KERNELS:
+        pytest.skip(f"needs {world_size} GPUs and a CUDA build of kda_ext (has {torch.cuda.device_count()} GPUs)")
+    _launch(world_size, scenario, tmp_path, backend="nccl")
 
 
 # --- build_cp_context's metadata, without processes ---------------------------------------------
