@@ -299,8 +299,9 @@ def read_context(ctx: Any, device: torch.device, compiling: bool) -> _Plan:
 
 
 def _gather_maps(local_map: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """[W, *local_map.shape]: every rank's map (gathered along a new leading axis). A functional collective: differentiable (its
-    backward is a reduce-scatter) and traceable by torch.compile. NCCL and gloo both have it."""
+    """[W, *local_map.shape]: every rank's map, in rank order. A functional collective:
+    differentiable (its backward is a reduce-scatter), traceable by torch.compile, and on NCCL and
+    gloo alike."""
     from torch.distributed._functional_collectives import all_gather_single_autograd
 
     gathered = all_gather_single_autograd(local_map, 0, plan.group)
