@@ -25,6 +25,7 @@ except ImportError as _error:
     raise ImportError(_explain_load_failure(_error)) from _error
 from . import ops  # noqa: F401  (fakes and autograd; must come after _C)
 from .chunk import chunk_kda
+from .cp import CPContext, build_cp_context
 from .reference import (
     l2norm,
     naive_chunk_kda,
@@ -38,6 +39,8 @@ __all__ = [
     "build_info",
     "print_build_info",
     "chunk_kda",
+    "build_cp_context",
+    "CPContext",
     "naive_recurrent_kda",
     "naive_chunk_kda",
     "naive_kda_gate",

@@ -14,7 +14,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from . import _dispatch, ops
+from . import _dispatch, cp, ops
 
 __all__ = ["chunk_kda"]
 
@@ -285,8 +285,14 @@ def chunk_kda(
     ``cu_seqlens_cpu``             ``[N + 1]`` int on the CPU            host copy of cu_seqlens
                                                                          (validation and ``h``
                                                                          slicing without a sync)
-    ``cp_context``                 must be None                          context parallelism is
-                                                                         not supported
+    ``cp_context``                 from ``kda_ext.build_cp_context``     context parallelism:
+                                   (or FLA's ``FLACPContext``,           q..beta hold this
+                                   contiguous layout)                    rank's share [1, T_local,
+                                                                         ...]; the context's
+                                                                         offsets replace
+                                                                         cu_seqlens; no
+                                                                         initial/final state
+                                                                         (kda_ext/cp.py)
     kw ``A_log``                   HV elements, float32 (float64 with    gate decay rate (in-
                                    float64 q)                            kernel gate; optional
                                                                          with ``lower_bound``)
@@ -334,7 +340,7 @@ def chunk_kda(
         TypeError: a non-tensor input, a wrong dtype, float64 on a GPU, an unknown keyword.
         ValueError: a wrong shape, device or flag combination (messages name the argument, the
             expectation and the given value); with ``check_inputs``, NaN/inf or g > 0.
-        NotImplementedError: ``cp_context`` is not None.
+        RuntimeError: ``cp_context`` without an initialised process group.
     """
     # --- keyword arguments FLA only accepts through **kwargs ----------------------------------
     unknown = [name for name in kwargs if name not in _KNOWN_KWARGS]
@@ -359,10 +365,40 @@ def chunk_kda(
             DeprecationWarning, stacklevel=2)
         state_v_first = bool(transpose_state_layout)
 
+    cp_plan = None
     if cp_context is not None:
-        raise NotImplementedError(
-            "chunk_kda: context parallelism (`cp_context`) is not supported by kda_ext; "
-            "pass cp_context=None")
+        # FLA's rules: the context's local offsets replace cu_seqlens; no state in or out (the
+        # states at the rank boundaries are the context's business).
+        if initial_state is not None:
+            raise ValueError(
+                "chunk_kda: `initial_state` is not supported with `cp_context` (the entry state of "
+                "each rank's first sequence comes from the earlier ranks); pass initial_state=None")
+        if output_final_state:
+            raise ValueError(
+                "chunk_kda: `output_final_state=True` is not supported with `cp_context`; pass "
+                "output_final_state=False")
+        if return_intermediate_states:
+            raise ValueError(
+                "chunk_kda: `return_intermediate_states=True` is not supported with `cp_context`")
+        cp_plan = cp.read_context(cp_context, q.device, _is_compiling())
+        if cu_seqlens is not None and cu_seqlens is not cp_plan.cu_seqlens:
+            same = (tuple(cu_seqlens.shape) == tuple(cp_plan.cu_seqlens.shape) and (
+                cu_seqlens.device.type != "cpu" or _is_compiling()
+                or torch.equal(cu_seqlens.to(torch.int64), cp_plan.cu_seqlens.to(torch.int64))))
+            if not same:
+                raise ValueError(
+                    "chunk_kda: `cu_seqlens` must be None (or the context's local offsets) with "
+                    f"`cp_context`, whose local offsets replace it; got {cu_seqlens.tolist()} and "
+                    f"cp_context.cu_seqlens {cp_plan.cu_seqlens.tolist()}")
+        cu_seqlens, cu_seqlens_cpu = cp_plan.cu_seqlens, cp_plan.cu_seqlens_cpu
+        if q.dim() != 4 or q.shape[0] != 1:
+            raise ValueError(
+                "chunk_kda: with `cp_context`, q must be this rank's tokens [1, T_local, H, K], got "
+                f"shape {tuple(q.shape)}")
+        if not _is_compiling() and cu_seqlens_cpu is not None and int(cu_seqlens_cpu[-1]) != q.shape[1]:
+            raise ValueError(
+                f"chunk_kda: `cp_context` holds {int(cu_seqlens_cpu[-1])} tokens on this rank "
+                f"(cu_seqlens_cpu[-1]) but q has T_local={q.shape[1]} (q.shape[1])")
 
     if q.dim() != 4:
         raise ValueError(f"chunk_kda: `q` must be [B, T, H, K], got shape {tuple(q.shape)}")
@@ -570,6 +606,14 @@ def chunk_kda(
 
     if not _is_compiling():
         _dispatch.log_forward(q, v, int(chunk_size))
+    if cp_plan is not None:
+        flags = dict(use_qk_l2norm=bool(use_qk_l2norm_in_kernel), use_gate_in_kernel=bool(use_gate_in_kernel),
+                     use_beta_sigmoid=bool(use_beta_sigmoid_in_kernel), allow_neg_eigval=bool(allow_neg_eigval),
+                     safe_gate=bool(safe_gate), lower_bound=lower_bound)
+        o = cp.chunk_kda_cp(q, k, v, g, beta, scale=scale, A_log=A_log, dt_bias=dt_bias, plan=cp_plan,
+                            flags=flags, state_v_first=bool(state_v_first), chunk_size=int(chunk_size),
+                            disable_recompute=bool(disable_recompute))
+        return o, None
     out = ops.chunk_kda_fwd(
         q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
         bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),

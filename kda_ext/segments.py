@@ -8,7 +8,7 @@ maps the entry state to the exit state as S_end = A S_start + C, with
 So a long sequence can be cut into segments whose (A, C) are computed independently (in parallel),
 joined by a short scan S_start(s + 1) = A_s S_start(s) + C_s, and each segment's output computed
 from its true entry state. This is the structure issue 17's few-heads forward (segments of one
-sequence on one GPU) and context parallelism (segments on several GPUs) build on.
+sequence on one GPU) and context parallelism (kda_ext.cp: segments on several ranks) build on.
 
 This module is the algorithm at the level of the public op: every piece is a `chunk_kda` call
 (so it runs on the CPU and CUDA backends, with every gate and flag, and is differentiable), plus
@@ -24,7 +24,7 @@ import torch
 
 from .chunk import chunk_kda
 
-__all__ = ["segment_bounds", "segment_state_maps", "scan_segment_states", "chunk_kda_segmented"]
+__all__ = ["segment_bounds", "sequence_state_maps", "segment_state_maps", "scan_segment_states", "chunk_kda_segmented"]
 
 
 def segment_bounds(T: int, num_segments: int, chunk_size: int = 64) -> List[int]:
@@ -43,11 +43,25 @@ def _pack(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
 
 
+def sequence_state_maps(final_state, q, k, v, g, beta, num_seqs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A, C) of each of the `num_seqs` sequences of an input: A [N, HV, K, K], C [N, HV, K, V]
+    (fp32, fp64 for fp64 inputs; states in the [K, V] layout), from two runs of
+    `final_state(q, k, v, g, beta, initial_state)`, a chunk_kda forward (with the caller's gates,
+    flags and sequence offsets) that returns the [N, HV, K, *] final states: A from v = 0 and
+    initial state I, C from the real v and initial state 0. q only matters through l2norm's
+    shapes, since no output is used."""
+    K = k.shape[-1]
+    HV = v.shape[2]
+    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # chunk_kda's rule
+    eye = torch.eye(K, device=q.device, dtype=state_dtype).expand(num_seqs, HV, K, K).contiguous()
+    zero_v = v.new_zeros(*v.shape[:-1], K)
+    return final_state(q, k, zero_v, g, beta, eye), final_state(q, k, v, g, beta, None)
+
+
 def segment_state_maps(q, k, v, g, beta, bounds: List[int], **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
     """(A, C) of every segment of every batch row: A [B, S, HV, K, K], C [B, S, HV, K, V] (fp32,
     states in the [K, V] layout), for inputs [B, T, ...] cut at `bounds` (the same for every row).
-    `kwargs` are chunk_kda's flags (gates, l2norm, beta sigmoid, scale, chunk_size, ...); q only
-    matters through l2norm's shapes, since no output is used."""
+    `kwargs` are chunk_kda's flags (gates, l2norm, beta sigmoid, scale, chunk_size, ...)."""
     B, T, HV, V = v.shape
     K = k.shape[-1]
     S = len(bounds) - 1
@@ -56,14 +70,12 @@ def segment_state_maps(q, k, v, g, beta, bounds: List[int], **kwargs) -> Tuple[t
     # Every segment of every row as one packed varlen batch.
     cu = torch.tensor([b * T + x for b in range(B) for x in bounds[:-1]] + [B * T], device=q.device,
                       dtype=torch.int64)
-    pq, pk, pv, pg, pb = (_pack(t) for t in (q, k, v, g, beta))
-    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # chunk_kda's rule
-    eye = torch.eye(K, device=q.device, dtype=state_dtype).expand(B * S, HV, K, K).contiguous()
-    zero_v = torch.zeros(1, B * T, HV, K, device=v.device, dtype=v.dtype)
-    _, A = chunk_kda(pq, pk, zero_v, pg, pb, initial_state=eye, output_final_state=True,
-                     cu_seqlens=cu, **kwargs)
-    _, C = chunk_kda(pq, pk, pv, pg, pb, initial_state=None, output_final_state=True,
-                     cu_seqlens=cu, **kwargs)
+
+    def final_state(q_, k_, v_, g_, beta_, initial_state):
+        return chunk_kda(q_, k_, v_, g_, beta_, initial_state=initial_state, output_final_state=True,
+                         cu_seqlens=cu, **kwargs)[1]
+
+    A, C = sequence_state_maps(final_state, *(_pack(t) for t in (q, k, v, g, beta)), B * S)
     return A.reshape(B, S, HV, K, K), C.reshape(B, S, HV, K, V)
 
 

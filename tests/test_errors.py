@@ -46,8 +46,10 @@ def test_transpose_state_layout_is_deprecated():
         _raises(ValueError, "chunk_size", **_args(), transpose_state_layout=True, chunk_size=16)
 
 
-def test_cp_context_not_supported():
-    _raises(NotImplementedError, "cp_context", **_args(), cp_context=object())
+def test_cp_context_of_unknown_type():
+    # (context parallelism itself: tests/test_cp.py)
+    _raises(TypeError, "`cp_context` must be a context from kda_ext.build_cp_context", **_varlen_args(),
+            cp_context=object())
 
 
 def test_non_tensor_input():
