@@ -487,3 +487,42 @@ def test_compiled_decode_step_updates_the_pool_like_eager(device):
     o = torch.compile(step, fullgraph=True)(x, pool, idx)
     torch.testing.assert_close(o, o_eager, rtol=0, atol=0)
     torch.testing.assert_close(pool, eager_pool, rtol=0, atol=0)
+
+
+def test_signature_is_flas():
+    # FLA 0.6.0's public fused_recurrent_kda, in order; the FLA backend calls us with it.
+    import inspect
+
+    fla_order = ["q", "k", "v", "g", "beta", "A_log", "dt_bias", "scale", "initial_state",
+                 "output_final_state", "use_qk_l2norm_in_kernel", "use_gate_in_kernel",
+                 "use_beta_sigmoid_in_kernel", "allow_neg_eigval", "lower_bound", "state_v_first",
+                 "cu_seqlens"]
+    params = inspect.signature(FR).parameters
+    positional = [n for n, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional == fla_order
+    assert all(params[n].default is None or params[n].default is False for n in fla_order[5:])
+    x, kw = make("cpu", T=2, gate="softplus")
+    o_pos, ht_pos = FR(x["q"], x["k"], x["v"], x["g"], x["beta"], kw["A_log"], kw["dt_bias"], None,
+                       kw["initial_state"], True, False, True)
+    o_kw, ht_kw = FR(**x, **kw)
+    torch.testing.assert_close(o_pos, o_kw, rtol=0, atol=0)
+    torch.testing.assert_close(ht_pos, ht_kw, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_graph_replays_a_decode_step_on_the_pool():
+    x, kw, pool, idx = pool_case("cuda", dtype=torch.bfloat16, state_v_first=True)
+    kw = {n: t for n, t in kw.items() if n != "output_final_state"}
+    eager_pool = pool.clone()
+    o_eager, _ = FR(**x, **dict(kw, initial_state=eager_pool, ssm_state_indices=idx, inplace_final_state=True))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
+        FR(**x, **dict(kw, initial_state=pool.clone(), ssm_state_indices=idx, inplace_final_state=True))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, _ = FR(**x, **dict(kw, initial_state=pool, ssm_state_indices=idx, inplace_final_state=True))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(o, o_eager, rtol=0, atol=0)
+    torch.testing.assert_close(pool, eager_pool, rtol=0, atol=0)
