@@ -188,8 +188,10 @@ def test_steps_of_one_token_chained_equal_one_call(device, state_v_first, dtype)
         step = {n: x[n][:, t:t + 1] for n in x}
         o, state = FR(**step, **dict(kw, initial_state=state))
         outs.append(o)
-    # Same kernel, same per-token arithmetic: identical up to the order of nothing.
-    torch.testing.assert_close(torch.cat(outs, dim=1), o_all, rtol=0, atol=0)
+    # Same per-token arithmetic; the state passes through memory in fp32 between calls. Held near
+    # bitwise (a 16-bit output may round to the neighbouring value if the compiler contracts a
+    # multiply-add differently in the loop; a wrong chaining moves o by O(1)).
+    assert_rel_close("o", o_all, torch.cat(outs, dim=1), 1e-6 if dtype == torch.float32 else 1e-3)
     torch.testing.assert_close(state, ht_all, rtol=1e-6, atol=1e-6)
 
 
