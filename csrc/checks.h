@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include <optional>
+#include <string>
 
 namespace kda_ext {
 
@@ -118,6 +119,126 @@ inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, co
     TORCH_CHECK(h0.scalar_type() == sdt, "kda_ext: initial_state must be ", sdt, ", got ",
                 h0.scalar_type());
     check_same_device(q, h0, "initial_state");
+  }
+  if (use_gate_in_kernel) {
+    TORCH_CHECK(A_log.has_value() || lower_bound.has_value(),
+                "kda_ext: the in-kernel softplus gate needs A_log");
+    if (A_log.has_value()) {
+      TORCH_CHECK(A_log->numel() == d.HV, "kda_ext: A_log must have HV=", d.HV,
+                  " elements, got ", A_log->numel());
+      TORCH_CHECK(A_log->scalar_type() == at::kFloat || A_log->scalar_type() == at::kDouble,
+                  "kda_ext: A_log must be float32 or float64, got ", A_log->scalar_type());
+      check_same_device(q, *A_log, "A_log");
+    }
+    if (dt_bias.has_value()) {
+      TORCH_CHECK(dt_bias->numel() == d.HV * d.K, "kda_ext: dt_bias must have HV*K=",
+                  d.HV * d.K, " elements, got ", dt_bias->numel());
+      TORCH_CHECK(dt_bias->scalar_type() == at::kFloat || dt_bias->scalar_type() == at::kDouble,
+                  "kda_ext: dt_bias must be float32 or float64, got ", dt_bias->scalar_type());
+      check_same_device(q, *dt_bias, "dt_bias");
+    }
+  }
+  return d;
+}
+
+// Sizes of one fused_recurrent_kda call. P is the number of state slots (rows of the state
+// tensor): N without ssm_state_indices, the pool size with them.
+struct RecurrentDims {
+  int64_t B, T, H, HV, K, V, N, P;
+  bool varlen, indexed;
+};
+
+// fused_recurrent_kda_fwd / _inplace: the shapes, dtypes and devices every backend relies on.
+// `state` is the initial state (or the state updated in place); `inplace` adds what writing
+// into it needs: its three inner dims dense (its slots may be strided: a view into a larger
+// cache), and slots that do not overlap.
+inline RecurrentDims check_fused_recurrent_args(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    const at::Tensor& beta, const std::optional<at::Tensor>& state,
+    const std::optional<at::Tensor>& A_log, const std::optional<at::Tensor>& dt_bias,
+    const std::optional<at::Tensor>& cu_seqlens,
+    const std::optional<at::Tensor>& ssm_state_indices, bool use_gate_in_kernel,
+    std::optional<double> lower_bound, bool state_v_first, bool inplace) {
+  TORCH_CHECK(q.dim() == 4, "kda_ext: q must be [B, T, H, K], got shape ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "kda_ext: k must have q's shape ", q.sizes(), ", got ",
+              k.sizes());
+  TORCH_CHECK(v.dim() == 4, "kda_ext: v must be [B, T, HV, V], got shape ", v.sizes());
+  RecurrentDims d{};
+  d.B = q.size(0);
+  d.T = q.size(1);
+  d.H = q.size(2);
+  d.K = q.size(3);
+  d.HV = v.size(2);
+  d.V = v.size(3);
+  TORCH_CHECK(v.size(0) == d.B && v.size(1) == d.T, "kda_ext: v must be [", d.B, ", ", d.T,
+              ", HV, V] (B and T of q), got ", v.sizes());
+  TORCH_CHECK(d.H > 0 && d.HV > 0 && d.HV % d.H == 0, "kda_ext: the value heads HV=", d.HV,
+              " must be a positive multiple of the q/k heads H=", d.H);
+  TORCH_CHECK(d.K > 0 && d.K <= 256, "kda_ext: key head dim K must be in [1, 256], got ", d.K);
+  TORCH_CHECK(d.V > 0 && d.V <= 256, "kda_ext: value head dim V must be in [1, 256], got ", d.V);
+  TORCH_CHECK(g.dim() == 4 && g.size(0) == d.B && g.size(1) == d.T && g.size(2) == d.HV &&
+                  g.size(3) == d.K,
+              "kda_ext: g must be [", d.B, ", ", d.T, ", ", d.HV, ", ", d.K, "], got ", g.sizes());
+  TORCH_CHECK(beta.dim() == 3 && beta.size(0) == d.B && beta.size(1) == d.T &&
+                  beta.size(2) == d.HV,
+              "kda_ext: beta must be [", d.B, ", ", d.T, ", ", d.HV, "], got ", beta.sizes());
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"},
+                         {&g, "g"}, {&beta, "beta"}}) {
+    TORCH_CHECK(is_float_dtype(t->scalar_type()), "kda_ext: ", name,
+                " must be float16, bfloat16, float32 or float64, got ", t->scalar_type());
+    check_same_device(q, *t, name);
+  }
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "kda_ext: q, k and v must share a dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  d.varlen = cu_seqlens.has_value();
+  if (d.varlen) {
+    const auto& cu = *cu_seqlens;
+    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2,
+                "kda_ext: cu_seqlens must be a 1-D tensor of N+1 >= 2 offsets, got shape ",
+                cu.sizes());
+    TORCH_CHECK(cu.scalar_type() == at::kLong || cu.scalar_type() == at::kInt,
+                "kda_ext: cu_seqlens must be int32 or int64, got ", cu.scalar_type());
+    check_same_device(q, cu, "cu_seqlens");
+    TORCH_CHECK(d.B == 1, "kda_ext: batch size must be 1 with cu_seqlens, got ", d.B);
+    d.N = cu.numel() - 1;
+  } else {
+    d.N = d.B;
+  }
+  d.indexed = ssm_state_indices.has_value();
+  if (d.indexed) {
+    const auto& idx = *ssm_state_indices;
+    TORCH_CHECK(idx.dim() == 1 && idx.size(0) == d.N,
+                "kda_ext: ssm_state_indices must be [N] = [", d.N, "] (one state slot per "
+                "sequence), got shape ", idx.sizes());
+    TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
+                "kda_ext: ssm_state_indices must be int32 or int64, got ", idx.scalar_type());
+    check_same_device(q, idx, "ssm_state_indices");
+    TORCH_CHECK(state.has_value(),
+                "kda_ext: ssm_state_indices index a state pool, so initial_state must be given");
+  }
+  TORCH_CHECK(!inplace || state.has_value(), "kda_ext: the in-place update needs a state");
+  d.P = d.N;
+  if (state.has_value()) {
+    const auto& s = *state;
+    const int64_t r = state_v_first ? d.V : d.K, c = state_v_first ? d.K : d.V;
+    TORCH_CHECK(s.dim() == 4 && s.size(1) == d.HV && s.size(2) == r && s.size(3) == c &&
+                    (d.indexed || s.size(0) == d.N),
+                "kda_ext: initial_state must be [", d.indexed ? "P" : std::to_string(d.N), ", ",
+                d.HV, ", ", r, ", ", c, "]", d.indexed ? " (P state slots)" : "", ", got ",
+                s.sizes());
+    d.P = s.size(0);
+    TORCH_CHECK(s.scalar_type() == compute_dtype(q), "kda_ext: initial_state must be ",
+                compute_dtype(q), ", got ", s.scalar_type());
+    check_same_device(q, s, "initial_state");
+    if (inplace) {
+      TORCH_CHECK(s.stride(3) == 1 && s.stride(2) == c && s.stride(1) == r * c,
+                  "kda_ext: a state updated in place must be dense in its last three dims "
+                  "(strides [*, ", r * c, ", ", c, ", 1]), got strides ", s.strides());
+      TORCH_CHECK(d.P <= 1 || s.stride(0) >= d.HV * r * c,
+                  "kda_ext: the slots of a state updated in place must not overlap: stride(0) "
+                  "must be >= ", d.HV * r * c, ", got ", s.stride(0));
+    }
   }
   if (use_gate_in_kernel) {
     TORCH_CHECK(A_log.has_value() || lower_bound.has_value(),

@@ -2,7 +2,8 @@
 //
 // Every backend (csrc/cpu, csrc/cuda) registers implementations of these schemas with
 // TORCH_LIBRARY_IMPL; fakes and autograd are registered from Python (kda_ext/ops.py).
-// The ops are functional: they never mutate or return their inputs.
+// The ops are functional (they never mutate or return their inputs), except
+// fused_recurrent_kda_inplace, whose schema declares the state it updates.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -37,4 +38,23 @@ TORCH_LIBRARY(kda_ext, m) {
       "bool safe_gate, float? lower_bound, bool state_v_first, int chunk_size) -> "
       "(Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dbeta, Tensor dA_log, Tensor ddt_bias, "
       "Tensor dh0)");
+  // Decode: the token-by-token recurrence (forward only). `initial_state` is [N, HV, K, V] (or
+  // [N, HV, V, K]), or with `ssm_state_indices` ([N] slot per sequence; negative = padding) a pool
+  // [P, HV, ...] read at each sequence's slot. `final_state` is [N, HV, ...] (empty when
+  // output_final_state is false), never an alias of an input.
+  m.def(
+      "fused_recurrent_kda_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
+      "Tensor? initial_state, Tensor? A_log, Tensor? dt_bias, Tensor? cu_seqlens, "
+      "Tensor? ssm_state_indices, bool use_qk_l2norm, bool use_gate_in_kernel, "
+      "bool use_beta_sigmoid, bool allow_neg_eigval, float? lower_bound, bool state_v_first, "
+      "bool output_final_state) -> (Tensor o, Tensor final_state)");
+  // The same recurrence with the state read from and written back to `state` (the caller's
+  // [N, HV, ...] states, or with `ssm_state_indices` the slots of a pool): serving's in-place
+  // update, no gather or scatter. The one op here that mutates an input (declared by (a!)).
+  m.def(
+      "fused_recurrent_kda_inplace(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, "
+      "float scale, Tensor(a!) state, Tensor? A_log, Tensor? dt_bias, Tensor? cu_seqlens, "
+      "Tensor? ssm_state_indices, bool use_qk_l2norm, bool use_gate_in_kernel, "
+      "bool use_beta_sigmoid, bool allow_neg_eigval, float? lower_bound, bool state_v_first) -> "
+      "Tensor o");
 }

@@ -26,6 +26,7 @@ except ImportError as _error:
 from . import ops  # noqa: F401  (fakes and autograd; must come after _C)
 from .chunk import chunk_kda
 from .cp import CPContext, build_cp_context
+from .recurrent import fused_recurrent_kda
 from .reference import (
     l2norm,
     naive_chunk_kda,
@@ -41,6 +42,7 @@ __all__ = [
     "chunk_kda",
     "build_cp_context",
     "CPContext",
+    "fused_recurrent_kda",
     "naive_recurrent_kda",
     "naive_chunk_kda",
     "naive_kda_gate",

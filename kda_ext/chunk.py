@@ -31,25 +31,25 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _require_tensor(x: Any, name: str) -> None:
+def _require_tensor(x: Any, name: str, fn: str = "chunk_kda") -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"chunk_kda: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
 
 
-def _check_device(x: torch.Tensor, name: str, device: torch.device) -> None:
+def _check_device(x: torch.Tensor, name: str, device: torch.device, fn: str = "chunk_kda") -> None:
     if x.device != device:
         raise ValueError(
-            f"chunk_kda: `{name}` must be on {device} (the device of `q`), got {x.device}")
+            f"{fn}: `{name}` must be on {device} (the device of `q`), got {x.device}")
 
 
-def _check_backend(device: torch.device) -> None:
+def _check_backend(device: torch.device, fn: str = "chunk_kda") -> None:
     """A clear error, instead of the dispatcher's, when this build has no kernel for the device."""
     if device.type not in ("cuda", "cpu", "meta"):
         raise NotImplementedError(
-            f"chunk_kda: kda_ext has CPU and CUDA kernels only, got tensors on {device}")
+            f"{fn}: kda_ext has CPU and CUDA kernels only, got tensors on {device}")
     if device.type == "cuda" and not _HAS_CUDA_KERNELS:
         raise RuntimeError(
-            "chunk_kda: got CUDA tensors, but this build of kda_ext has no CUDA kernels "
+            f"{fn}: got CUDA tensors, but this build of kda_ext has no CUDA kernels "
             "(built with KDA_EXT_CUDA=0, or without nvcc or a CUDA build of torch); rebuild with "
             "KDA_EXT_CUDA=1, e.g. `KDA_EXT_CUDA=1 pip install --no-build-isolation .`")
 
@@ -68,10 +68,10 @@ def _probe_cuda_kernels() -> bool:
 _HAS_CUDA_KERNELS = _probe_cuda_kernels()
 
 
-def _check_no_fp64_on_gpu(x: torch.Tensor, name: str) -> None:
+def _check_no_fp64_on_gpu(x: torch.Tensor, name: str, fn: str = "chunk_kda") -> None:
     if x.dtype == torch.float64 and x.device.type != "cpu":
         raise TypeError(
-            f"chunk_kda: `{name}` is float64, which only the CPU backend supports "
+            f"{fn}: `{name}` is float64, which only the CPU backend supports "
             f"(got a float64 tensor on {x.device}); use float32, float16 or bfloat16")
 
 
@@ -105,8 +105,9 @@ def _axes_1_2_swapped(shape: Tuple[int, ...], expected: Tuple[int, ...]) -> bool
             and shape[3:] == expected[3:])
 
 
-def _shape_error(name: str, expected: Tuple[int, ...], layout: str, got: torch.Tensor) -> ValueError:
-    message = f"chunk_kda: `{name}` must be {list(expected)} ({layout}), got {list(got.shape)}"
+def _shape_error(name: str, expected: Tuple[int, ...], layout: str, got: torch.Tensor,
+                 fn: str = "chunk_kda") -> ValueError:
+    message = f"{fn}: `{name}` must be {list(expected)} ({layout}), got {list(got.shape)}"
     if _axes_1_2_swapped(tuple(got.shape), expected):
         message += f"; it looks head-first (axes 1 and 2 swapped): {_TRANSPOSE_HINT}"
     return ValueError(message)
@@ -126,11 +127,11 @@ def _warn_if_time_looks_like_heads(T: int, H: int, shape: Tuple[int, ...]) -> No
 
 
 def _check_gate_param_numel(x: torch.Tensor, name: str, per_head: int, what: str,
-                            T: int, HV: int) -> None:
+                            T: int, HV: int, fn: str = "chunk_kda") -> None:
     numel = HV * per_head
     if x.numel() == numel:
         return
-    message = (f"chunk_kda: `{name}` must have {what}={numel} elements, got {x.numel()} "
+    message = (f"{fn}: `{name}` must have {what}={numel} elements, got {x.numel()} "
                f"(shape {tuple(x.shape)})")
     if T != HV and x.numel() == T * per_head:
         # The parameter is sized for the head count, which head-first inputs put on axis 1.

@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["chunk_kda_fwd", "chunk_kda_bwd", "FwdOutputs", "BwdOutputs"]
+__all__ = ["chunk_kda_fwd", "chunk_kda_bwd", "FwdOutputs", "BwdOutputs", "fused_recurrent_kda_fwd",
+           "fused_recurrent_kda_inplace"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -400,3 +401,194 @@ def _bwd_backward(ctx, *grads):
 # Registered so that differentiating through the gradients raises instead of silently
 # returning nothing (the dispatcher's fallback only warns).
 torch.library.register_autograd("kda_ext::chunk_kda_bwd", _bwd_backward, setup_context=_bwd_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: kda_ext::fused_recurrent_kda_fwd / fused_recurrent_kda_inplace (forward only).
+# ---------------------------------------------------------------------------------------------
+
+
+def fused_recurrent_kda_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: Optional[torch.Tensor],
+    A_log: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    ssm_state_indices: Optional[torch.Tensor],
+    use_qk_l2norm: bool,
+    use_gate_in_kernel: bool,
+    use_beta_sigmoid: bool,
+    allow_neg_eigval: bool,
+    lower_bound: Optional[float],
+    state_v_first: bool,
+    output_final_state: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the recurrence (``torch.ops.kda_ext.fused_recurrent_kda_fwd``); forward only.
+
+    Args:
+        As :func:`kda_ext.fused_recurrent_kda`; ``initial_state`` is ``[N, HV, ...]``, or with
+        ``ssm_state_indices`` (``[N]``, negative = padding) a pool ``[P, HV, ...]`` that is only read.
+
+    Returns:
+        ``(o [B,T,HV,V] in q's dtype, final_state [N,HV,K,V] or [N,HV,V,K])``; final_state is empty
+        (numel 0) unless ``output_final_state``.
+    """
+    return torch.ops.kda_ext.fused_recurrent_kda_fwd.default(
+        q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens, ssm_state_indices,
+        use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval, lower_bound,
+        state_v_first, output_final_state)
+
+
+def fused_recurrent_kda_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    state: torch.Tensor,
+    A_log: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    ssm_state_indices: Optional[torch.Tensor],
+    use_qk_l2norm: bool,
+    use_gate_in_kernel: bool,
+    use_beta_sigmoid: bool,
+    allow_neg_eigval: bool,
+    lower_bound: Optional[float],
+    state_v_first: bool,
+) -> torch.Tensor:
+    """Run the recurrence with ``state`` updated in place
+    (``torch.ops.kda_ext.fused_recurrent_kda_inplace``); returns ``o``.
+
+    ``state`` is ``[N, HV, ...]``, or with ``ssm_state_indices`` a pool ``[P, HV, ...]`` of which
+    only the named slots are read and written; dense in its last three dims.
+    """
+    return torch.ops.kda_ext.fused_recurrent_kda_inplace.default(
+        q, k, v, g, beta, scale, state, A_log, dt_bias, cu_seqlens, ssm_state_indices,
+        use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval, lower_bound,
+        state_v_first)
+
+
+def _check_recurrent_args(q, k, v, g, beta, state, A_log, dt_bias, cu_seqlens, ssm_state_indices,
+                          use_gate_in_kernel, lower_bound, state_v_first, inplace):
+    """Mirror of csrc/checks.h check_fused_recurrent_args; returns (B, T, HV, K, V, N)."""
+    torch._check(q.dim() == 4, lambda: f"kda_ext: q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    torch._check(k.shape == q.shape,
+                 lambda: f"kda_ext: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    torch._check(v.dim() == 4, lambda: f"kda_ext: v must be [B, T, HV, V], got shape {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    torch._check(v.shape[0] == B and v.shape[1] == T,
+                 lambda: f"kda_ext: v must be [{B}, {T}, HV, V] (B and T of q), got {tuple(v.shape)}")
+    torch._check(H > 0 and HV > 0 and HV % H == 0,
+                 lambda: f"kda_ext: the value heads HV={HV} must be a positive multiple of the q/k heads H={H}")
+    torch._check(0 < K <= 256, lambda: f"kda_ext: key head dim K must be in [1, 256], got {K}")
+    torch._check(0 < V <= 256, lambda: f"kda_ext: value head dim V must be in [1, 256], got {V}")
+    torch._check(g.dim() == 4 and tuple(g.shape) == (B, T, HV, K),
+                 lambda: f"kda_ext: g must be [{B}, {T}, {HV}, {K}], got {tuple(g.shape)}")
+    torch._check(beta.dim() == 3 and tuple(beta.shape) == (B, T, HV),
+                 lambda: f"kda_ext: beta must be [{B}, {T}, {HV}], got {tuple(beta.shape)}")
+    for t, name in ((q, "q"), (k, "k"), (v, "v"), (g, "g"), (beta, "beta")):
+        torch._check(t.dtype in _FLOAT_DTYPES,
+                     lambda: f"kda_ext: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        torch._check(t.device == q.device,
+                     lambda: f"kda_ext: {name} must be on {q.device} (the device of q), got {t.device}")
+    torch._check(k.dtype == q.dtype and v.dtype == q.dtype,
+                 lambda: f"kda_ext: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens is not None:
+        torch._check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2,
+                     lambda: "kda_ext: cu_seqlens must be a 1-D tensor of N+1 >= 2 offsets, "
+                             f"got shape {tuple(cu_seqlens.shape)}")
+        torch._check(cu_seqlens.dtype in (torch.int32, torch.int64),
+                     lambda: f"kda_ext: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        torch._check(cu_seqlens.device == q.device,
+                     lambda: f"kda_ext: cu_seqlens must be on {q.device} (the device of q), got {cu_seqlens.device}")
+        torch._check(B == 1, lambda: f"kda_ext: batch size must be 1 with cu_seqlens, got {B}")
+        N = cu_seqlens.shape[0] - 1
+    else:
+        N = B
+    indexed = ssm_state_indices is not None
+    if indexed:
+        torch._check(ssm_state_indices.dim() == 1 and ssm_state_indices.shape[0] == N,
+                     lambda: f"kda_ext: ssm_state_indices must be [N] = [{N}] (one state slot per "
+                             f"sequence), got shape {tuple(ssm_state_indices.shape)}")
+        torch._check(ssm_state_indices.dtype in (torch.int32, torch.int64),
+                     lambda: f"kda_ext: ssm_state_indices must be int32 or int64, got {ssm_state_indices.dtype}")
+        torch._check(ssm_state_indices.device == q.device,
+                     lambda: f"kda_ext: ssm_state_indices must be on {q.device} (the device of q), "
+                             f"got {ssm_state_indices.device}")
+        torch._check(state is not None,
+                     lambda: "kda_ext: ssm_state_indices index a state pool, so initial_state must be given")
+    if state is not None:
+        r, c = (V, K) if state_v_first else (K, V)
+        torch._check(state.dim() == 4 and tuple(state.shape[1:]) == (HV, r, c)
+                     and (indexed or state.shape[0] == N),
+                     lambda: f"kda_ext: initial_state must be [{'P' if indexed else N}, {HV}, {r}, {c}], "
+                             f"got {tuple(state.shape)}")
+        sdt = _compute_dtype(q)
+        torch._check(state.dtype == sdt, lambda: f"kda_ext: initial_state must be {sdt}, got {state.dtype}")
+        torch._check(state.device == q.device,
+                     lambda: f"kda_ext: initial_state must be on {q.device} (the device of q), got {state.device}")
+        if inplace:
+            torch._check(state.stride(3) == 1 and state.stride(2) == c and state.stride(1) == r * c,
+                         lambda: "kda_ext: a state updated in place must be dense in its last three dims, "
+                                 f"got strides {tuple(state.stride())}")
+    if use_gate_in_kernel:
+        torch._check(A_log is not None or lower_bound is not None,
+                     lambda: "kda_ext: the in-kernel softplus gate needs A_log")
+        if A_log is not None:
+            torch._check(A_log.numel() == HV,
+                         lambda: f"kda_ext: A_log must have HV={HV} elements, got {A_log.numel()}")
+        if dt_bias is not None:
+            torch._check(dt_bias.numel() == HV * K,
+                         lambda: f"kda_ext: dt_bias must have HV*K={HV * K} elements, got {dt_bias.numel()}")
+    return B, T, HV, K, V, N
+
+
+@torch.library.register_fake("kda_ext::fused_recurrent_kda_fwd")
+def _fused_recurrent_kda_fwd_fake(q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
+                                  ssm_state_indices, use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid,
+                                  allow_neg_eigval, lower_bound, state_v_first, output_final_state):
+    B, T, HV, K, V, N = _check_recurrent_args(
+        q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, ssm_state_indices,
+        use_gate_in_kernel, lower_bound, state_v_first, inplace=False)
+    cdt = _compute_dtype(q)
+    o = q.new_empty((B, T, HV, V), dtype=q.dtype)
+    if output_final_state:
+        state = (V, K) if state_v_first else (K, V)
+        final_state = q.new_empty((N, HV, *state), dtype=cdt)
+    else:
+        final_state = q.new_empty((0,), dtype=cdt)
+    return o, final_state
+
+
+@torch.library.register_fake("kda_ext::fused_recurrent_kda_inplace")
+def _fused_recurrent_kda_inplace_fake(q, k, v, g, beta, scale, state, A_log, dt_bias, cu_seqlens,
+                                      ssm_state_indices, use_qk_l2norm, use_gate_in_kernel,
+                                      use_beta_sigmoid, allow_neg_eigval, lower_bound, state_v_first):
+    B, T, HV, K, V, N = _check_recurrent_args(
+        q, k, v, g, beta, state, A_log, dt_bias, cu_seqlens, ssm_state_indices,
+        use_gate_in_kernel, lower_bound, state_v_first, inplace=True)
+    return q.new_empty((B, T, HV, V), dtype=q.dtype)
+
+
+def _recurrent_setup_context(ctx, inputs, output):
+    pass
+
+
+def _recurrent_backward(ctx, *grads):
+    raise NotImplementedError(
+        "kda_ext: fused_recurrent_kda is forward-only (kda_ext::fused_recurrent_kda_fwd has no "
+        "backward); use kda_ext.chunk_kda to train")
+
+
+# Registered so that a backward through the op raises instead of silently returning nothing
+# (the public function already refuses inputs that require grad).
+torch.library.register_autograd("kda_ext::fused_recurrent_kda_fwd", _recurrent_backward,
+                                setup_context=_recurrent_setup_context)

@@ -131,6 +131,14 @@ if has bench; then
   cat "$OUT/bench.md" 2>/dev/null || tail -n 30 "$OUT/bench.log"
 fi
 
+# decode (not in the default steps: `bash scripts/device_check.sh build,decode`): one decode step
+# of fused_recurrent_kda beside FLA's against the HBM floor (benchmarks/bench_decode.py).
+if has decode; then
+  timeout "${DECODE_TIMEOUT:-180}" "$PY" benchmarks/bench_decode.py --copy-rate ${DECODE_ARGS:-} > "$OUT/decode.md" 2>&1
+  summary+=("decode bench: rc=$?")
+  cat "$OUT/decode.md"
+fi
+
 if has profile; then
   timeout "${PROFILE_TIMEOUT:-60}" "$PY" benchmarks/profile_kernels.py ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
   summary+=("profile: rc=$?")

@@ -570,3 +570,48 @@ def test_cpu_benchmark_prints_both_gate_kinds_and_their_ratio():
     assert any(line.strip().startswith("mild") for line in lines), proc.stdout
     assert any(line.strip().startswith("strong") for line in lines), proc.stdout
     assert any(line.strip().startswith("strong / mild: forward") for line in lines), proc.stdout
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/bench_decode.py: the decode step's inputs, floor and call, on the CPU
+# ---------------------------------------------------------------------------------------------
+
+import bench_decode  # noqa: E402
+
+
+def test_decode_bench_defaults_are_the_issue_shape_and_its_floor():
+    args = bench_decode.parse_args([])
+    assert (args.batch, args.heads, args.qk_heads, args.K, args.V, args.T) == (256, 32, 32, 128, 128, 1)
+    assert args.paths == ["functional", "inplace"] and args.layouts == ["vk", "kv"]
+    # 256 x 32 states of 64 KiB, read and written: 1 GiB, plus 256 x 32 x (5 x 128 + 1) bf16 values.
+    nbytes = bench_decode.traffic_bytes(256, 1, 32, 32, 128, 128, 2, 2)
+    assert nbytes == 2**30 + 256 * 32 * (5 * 128 + 1) * 2
+    assert nbytes / 3350e9 * 1e3 == pytest.approx(0.3237, abs=1e-3)  # perf-notes: ~0.32 ms
+    assert bench_decode.parse_args(["--heads", "32", "--qk-heads", "8"]).qk_heads == 8
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--heads", "32", "--qk-heads", "5"])
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--paths", "inplace,gather"])
+
+
+@pytest.mark.parametrize("path", bench_decode.PATHS)
+@pytest.mark.parametrize("layout", bench_decode.LAYOUTS)
+@pytest.mark.parametrize("mode", bench_decode.MODES)
+def test_decode_bench_call_runs_on_cpu(path, layout, mode):
+    args = bench_decode.parse_args(["--batch", "3", "--heads", "4", "--qk-heads", "2", "--K", "16",
+                                    "--V", "8", "--mode", mode, "--dtype", "fp32"])
+    x, kw = bench_decode.make_inputs(args, layout, path, device="cpu")
+    pool = kw["initial_state"].clone()
+    o, ht = bench_decode.run_ours(x, kw)
+    assert o.shape == (3, 1, 4, 8) and torch.isfinite(o).all()
+    assert ht.shape[-2:] == ((8, 16) if layout == "vk" else (16, 8))
+    if path == "inplace":  # the named slots changed, the others did not
+        assert ht is kw["initial_state"] and ht.shape[0] == 6
+        idx = kw["ssm_state_indices"]
+        rest = [s for s in range(6) if s not in idx.tolist()]
+        assert not torch.equal(ht[idx], pool[idx]) and torch.equal(ht[rest], pool[rest])
+
+
+def test_decode_bench_skips_fla_with_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fla", None)
+    line = bench_decode.fla_skip_line()
+    assert line.startswith("FLA skipped: import fla.ops.kda.fused_recurrent failed") and "\n" not in line

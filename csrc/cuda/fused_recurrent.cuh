@@ -1,0 +1,455 @@
+// kda_ext CUDA: the fused_recurrent_kda (decode) kernel: the token-by-token KDA recurrence with
+// the state held in registers across a sequence's tokens.
+//
+// Design (what decode needs: at T = 1 the kernel only moves states, 64 KiB read + 64 KiB written
+// per (sequence, head) at K = V = 128, against a few hundred bytes of q/k/v/g):
+// - One CTA of 128 threads per (sequence, value head, slice of kBV = 32 value columns), the whole
+//   K in the CTA: 256 x 32 x 4 = 32768 CTAs at the main decode shape, and every k.S and q.S
+//   reduction stays inside the CTA. Each state element is read once (at the start) and written
+//   once (at the end), with 16-byte streaming accesses (ld/st .cs: the state is touched once)
+//   where K and V allow it (kVec = 4), else 4-byte ones; consecutive threads touch consecutive
+//   addresses in both layouts, so every warp access is whole 128-byte lines.
+// - The tile geometry depends on which dim is contiguous in memory:
+//   [K, V] (state_v_first = false): rows are k. A thread owns kVec consecutive columns of
+//     kRowsPT rows strided by kRowGroups; the k-reductions go lanes -> shuffles, warps -> shared
+//     memory (two barriers a token besides the input one).
+//   [V, K] (state_v_first = true): rows are v, warp w owns rows 8w .. 8w+7 whole, a lane kVec
+//     consecutive k of each row (kColIters strided chunks). A row's k-reduction is one warp's:
+//     the eight rows' sums are reduced together by a transposed butterfly (9 shuffles, not 40),
+//     no shared memory and no barrier.
+// - Per token the inputs (q, k, g of one head, a 32-column slice of v, beta) are staged in
+//   shared memory (double-buffered by token parity: one barrier a token), the in-kernel gate and
+//   beta sigmoid applied once, and the next token's inputs are loaded into registers before the
+//   current token's state work, so at T > 1 their latency is hidden. The l2norm is folded into
+//   scalars (rsqrt of the sums of squares, reduced in the same barrier): k̂.S = r_k (k.S),
+//   S += k̂ d^T = k (r_k d)^T, o = scale r_q (q.S).
+// - Sequences: fixed length (sequence n = rows n*T ..) or cu_seqlens read on the device, each
+//   clamped to [0, T) (no host sync; bad offsets cannot make it read or write out of bounds).
+//   State slots (ssm_state_indices) are read per CTA; a negative slot is padding (outputs 0,
+//   nothing else touched), one >= num_slots is out of range (outputs NaN, nothing else touched).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/fused_recurrent_params.h"
+
+namespace kda_ext {
+namespace cuda {
+namespace recurrent {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBV = 32;  // value columns per CTA
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+__device__ __forceinline__ float as_float(T x);
+template <>
+__device__ __forceinline__ float as_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float as_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float as_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// g and beta come in their own float dtypes (a run-time tag, not more instantiations).
+__device__ __forceinline__ float load_tagged(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::kFloat64: return static_cast<float>(static_cast<const double*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ int64_t load_index(const void* p, bool is_int64, int64_t i) {
+  return is_int64 ? static_cast<const int64_t*>(p)[i]
+                  : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+}
+
+// Softplus with the reference kernels' threshold (x > 20 returns x).
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+
+// Sums each of a[0..7] over the 32 lanes of the warp. Lane l ends with the total of a[(l >> 2) & 7]:
+// three halving exchanges (4 + 2 + 1 shuffles) leave one value per lane summed over 8 lanes,
+// then two plain steps finish the sum over the remaining 4 lanes of each group.
+__device__ __forceinline__ float warp_sum8_transposed(const float (&a)[8], int lane) {
+  float b[4], c[2];
+  const bool hi16 = lane & 16, hi8 = lane & 8, hi4 = lane & 4;
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const float send = hi16 ? a[m] : a[m + 4];
+    b[m] = (hi16 ? a[m + 4] : a[m]) + __shfl_xor_sync(kFullMask, send, 16);
+  }
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const float send = hi8 ? b[m] : b[m + 2];
+    c[m] = (hi8 ? b[m + 2] : b[m]) + __shfl_xor_sync(kFullMask, send, 8);
+  }
+  float d = (hi4 ? c[1] : c[0]) + __shfl_xor_sync(kFullMask, hi4 ? c[0] : c[1], 4);
+  d += __shfl_xor_sync(kFullMask, d, 2);
+  d += __shfl_xor_sync(kFullMask, d, 1);
+  return d;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFullMask, x, off);
+  return x;
+}
+
+// Which state elements a thread owns. Element (i, c) of a thread is at `row(i) * ld + col(c)` of
+// the (sequence, head) tile, where ld is the contiguous dim (V for [K, V], K for [V, K]); c runs
+// over kCols = kColIters * kVec columns (kVec consecutive ones per chunk).
+template <bool kVFirst, int kVec, int kKMax>
+struct Tile;
+
+// [K, V]: rows are k (kKMax of them), columns the CTA's kBV value columns.
+template <int kVec, int kKMax>
+struct Tile<false, kVec, kKMax> {
+  static constexpr int kColGroups = kBV / kVec;
+  static constexpr int kRowGroups = kThreads / kColGroups;
+  static constexpr int kRows = kKMax / kRowGroups;
+  static constexpr int kColIters = 1;
+  static constexpr int kCols = kVec;
+  static_assert(kRows * kRowGroups == kKMax, "rows must tile kKMax");
+  __device__ static int row(int tid, int i) { return tid / kColGroups + i * kRowGroups; }
+  __device__ static int col(int tid, int c) { return (tid % kColGroups) * kVec + c; }
+};
+
+// [V, K]: rows are the CTA's kBV value rows (warp w: rows 8w .. 8w+7), columns k.
+template <int kVec, int kKMax>
+struct Tile<true, kVec, kKMax> {
+  static constexpr int kRows = kBV / kWarps;
+  static constexpr int kColIters = (kKMax + 32 * kVec - 1) / (32 * kVec);
+  static constexpr int kCols = kColIters * kVec;
+  static_assert(kRows == 8, "the transposed warp reduction sums eight rows");
+  __device__ static int row(int tid, int i) { return (tid / 32) * kRows + i; }
+  __device__ static int col(int tid, int c) {
+    return (c / kVec) * 32 * kVec + (tid % 32) * kVec + c % kVec;
+  }
+};
+
+struct GateParams {
+  bool in_kernel, lower_bound_gate;
+  float a, lb;
+};
+
+// The per-step log decay from g's stored value (identity unless the gate is in the kernel).
+__device__ __forceinline__ float gate_value(float graw, float bias, const GateParams& gp) {
+  if (!gp.in_kernel) return graw;
+  const float x = graw + bias;
+  return gp.lower_bound_gate ? gp.lb * sigmoid_f(gp.a * x) : -gp.a * softplus_f(x);
+}
+
+// CTAs an SM must hold at once (__launch_bounds__' floor): at T = 1 the bytes in flight per SM
+// are this many state tiles (16 KiB at K = 128). Unbounded, ptxas took ~120 registers for the
+// [V, K] tile (4 CTAs per SM) though 80 hold it without spilling (6 per SM). The [K, V] tile
+// takes 76 by itself (6 per SM) and spills when held to 80; the other instantiations (odd K/V
+// and K > 128) spill under any floor that raises their occupancy, so they keep ptxas's choice,
+// except the [V, K] 4-byte K <= 64 one, which spilled 4 bytes at ptxas's choice of 72 and holds
+// in 80 (ptxas -v, sm_90a, nvcc 13.0).
+template <bool kVFirst, int kVec, int kKMax>
+constexpr int min_blocks_per_sm() {
+  if (kVFirst && kVec == 4 && kKMax <= 128) return 6;
+  if (kVFirst && kVec == 1 && kKMax <= 64) return 5;
+  return 0;  // no floor: ptxas's own choice
+}
+
+template <typename Tin, bool kVFirst, int kVec, int kKMax>
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKMax>())
+    fused_recurrent_kda_kernel(const FusedRecurrentParams p) {
+  using Geo = Tile<kVFirst, kVec, kKMax>;
+  constexpr int kRows = Geo::kRows, kCols = Geo::kCols;
+  // Shared rows of q/k/decay cover every column a thread may touch (masked ones read zeros).
+  constexpr int kSmemK = kKMax > kThreads ? kKMax : kThreads;
+  constexpr int kPerThread = kSmemK / kThreads;  // input elements a thread stages per token
+
+  __shared__ float s_q[2][kSmemK], s_k[2][kSmemK], s_decay[2][kSmemK];
+  __shared__ float s_v[2][kBV];
+  __shared__ float s_beta[2];
+  __shared__ float s_sumsq[2][kWarps][2];
+  __shared__ float s_pred[kWarps][kBV], s_out[kWarps][kBV];  // [K, V] layout only
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t K = p.K, V = p.V, H = p.H, HV = p.HV;
+  const int64_t num_slices = (V + kBV - 1) / kBV;
+  const int64_t item = blockIdx.x;
+  const int v0 = static_cast<int>(item % num_slices) * kBV;
+  const int64_t nh = item / num_slices;
+  const int64_t hv = nh % HV, n = nh / HV;
+  const int64_t h = hv / (HV / H);
+
+  int64_t bos, eos;
+  if (p.cu_seqlens != nullptr) {
+    // Clamped, so that offsets nobody validated (no host sync) cannot move reads out of bounds.
+    bos = load_index(p.cu_seqlens, p.cu_seqlens_int64, n);
+    eos = load_index(p.cu_seqlens, p.cu_seqlens_int64, n + 1);
+    bos = bos < 0 ? 0 : (bos > p.T ? p.T : bos);
+    eos = eos < bos ? bos : (eos > p.T ? p.T : eos);
+  } else {
+    bos = n * p.T;
+    eos = bos + p.T;
+  }
+  const int64_t slot = p.slots != nullptr ? load_index(p.slots, p.slots_int64, n) : n;
+  const int64_t head_off = hv * K * V;
+  Tin* const o = static_cast<Tin*>(p.o);
+
+  if (slot < 0 || slot >= p.num_slots) {
+    // Padding (negative) gives zeros; an out-of-range slot, which the host could not check
+    // without a sync, gives NaN so that the mistake shows. The pool is not touched.
+    const float fill = slot < 0 ? 0.f : __int_as_float(0x7fc00000);
+    for (int64_t r = bos; r < eos; ++r)
+      if (tid < kBV && v0 + tid < V) o[(r * HV + hv) * V + v0 + tid] = from_float<Tin>(fill);
+    if (p.state_out != nullptr && !p.out_by_slot) {
+      float* dst = p.state_out + n * p.state_out_stride + head_off;
+      for (int64_t e = tid; e < K * kBV; e += kThreads) {
+        const int64_t kk = e / kBV, vv = v0 + e % kBV;
+        if (vv < V) dst[kVFirst ? vv * K + kk : kk * V + vv] = fill;
+      }
+    }
+    return;
+  }
+
+  // ---- the state tile: every load issued before anything waits on one ----------------------
+  const int64_t ld = kVFirst ? K : V;  // the contiguous dim
+  const int64_t row_limit = kVFirst ? V : K, col_limit = kVFirst ? K : V;
+  const int row0 = kVFirst ? v0 : 0, col0 = kVFirst ? 0 : v0;
+  float s[kRows][kCols];
+  const float* src = p.state_in != nullptr ? p.state_in + slot * p.state_in_stride + head_off
+                                           : nullptr;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int64_t r = row0 + Geo::row(tid, i);
+#pragma unroll
+    for (int c = 0; c < kCols; c += kVec) {
+      const int64_t cc = col0 + Geo::col(tid, c);
+      // With kVec = 4 the contiguous dim is a multiple of 4: a vector is all in or all out.
+      const bool in = src != nullptr && r < row_limit && cc < col_limit;
+      if constexpr (kVec == 4) {
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (in) x = __ldcs(reinterpret_cast<const float4*>(src + r * ld + cc));
+        s[i][c] = x.x;
+        s[i][c + 1] = x.y;
+        s[i][c + 2] = x.z;
+        s[i][c + 3] = x.w;
+      } else {
+        s[i][c] = in ? __ldcs(src + r * ld + cc) : 0.f;
+      }
+    }
+  }
+
+  // ---- per-head constants of the gate ---------------------------------------------------------
+  GateParams gp;
+  gp.in_kernel = p.use_gate_in_kernel;
+  gp.lower_bound_gate = p.use_lower_bound_gate;
+  gp.lb = p.lower_bound;
+  gp.a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
+  float bias[kPerThread];
+#pragma unroll
+  for (int e = 0; e < kPerThread; ++e) {
+    const int64_t kk = tid + e * kThreads;
+    bias[e] = (p.use_gate_in_kernel && p.dt_bias != nullptr && kk < K) ? p.dt_bias[hv * K + kk]
+                                                                         : 0.f;
+  }
+
+  // ---- the token inputs, loaded one token ahead ----------------------------------------------
+  const Tin* const q = static_cast<const Tin*>(p.q);
+  const Tin* const kp = static_cast<const Tin*>(p.k);
+  const Tin* const vp = static_cast<const Tin*>(p.v);
+  float in_q[kPerThread], in_k[kPerThread], in_g[kPerThread], in_v = 0.f, in_beta = 0.f;
+  auto load_token = [&](int64_t r) {
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int64_t kk = tid + e * kThreads;
+      const bool in = kk < K;
+      in_q[e] = in ? as_float(q[(r * H + h) * K + kk]) : 0.f;
+      in_k[e] = in ? as_float(kp[(r * H + h) * K + kk]) : 0.f;
+      in_g[e] = in ? load_tagged(p.g, p.g_dtype, (r * HV + hv) * K + kk) : 0.f;
+    }
+    if (tid < kBV) in_v = v0 + tid < V ? as_float(vp[(r * HV + hv) * V + v0 + tid]) : 0.f;
+    if (tid == 0) in_beta = load_tagged(p.beta, p.beta_dtype, r * HV + hv);
+  };
+  if (bos < eos) load_token(bos);
+
+  int buf = 0;
+  for (int64_t r = bos; r < eos; ++r, buf ^= 1) {
+    // Stage this token's inputs (zeros past K) and the partial sums of squares of q and k.
+    float qq = 0.f, kk2 = 0.f;
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int64_t kk = tid + e * kThreads;
+      s_q[buf][kk] = in_q[e];
+      s_k[buf][kk] = in_k[e];
+      s_decay[buf][kk] = kk < K ? expf(gate_value(in_g[e], bias[e], gp)) : 0.f;
+      qq += in_q[e] * in_q[e];
+      kk2 += in_k[e] * in_k[e];
+    }
+    if (p.use_qk_l2norm) {
+      qq = warp_sum(qq);
+      kk2 = warp_sum(kk2);
+      if (lane == 0) {
+        s_sumsq[buf][warp][0] = qq;
+        s_sumsq[buf][warp][1] = kk2;
+      }
+    }
+    if (tid < kBV) s_v[buf][tid] = in_v;
+    if (tid == 0) {
+      float b = in_beta;
+      if (p.use_beta_sigmoid) b = (p.allow_neg_eigval ? 2.f : 1.f) * sigmoid_f(b);
+      s_beta[buf] = b;
+    }
+    if (r + 1 < eos) load_token(r + 1);
+    __syncthreads();
+
+    float rq = 1.f, rk = 1.f;
+    if (p.use_qk_l2norm) {
+      float sq = 0.f, sk = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        sq += s_sumsq[buf][w][0];
+        sk += s_sumsq[buf][w][1];
+      }
+      rq = 1.f / sqrtf(sq + 1e-6f);
+      rk = 1.f / sqrtf(sk + 1e-6f);
+    }
+    const float beta = s_beta[buf];
+    const float q_scale = p.scale * rq;
+
+    if constexpr (!kVFirst) {
+      // Columns are values: pred[c] = sum over this thread's rows of k * (decayed S).
+      float acc[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int kr = Geo::row(tid, i);
+        const float d = s_decay[buf][kr], kv = s_k[buf][kr];
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          s[i][c] *= d;
+          acc[c] = fmaf(kv, s[i][c], acc[c]);
+        }
+      }
+      // Lanes of one warp that share columns differ in the bits above the column group.
+#pragma unroll
+      for (int off = Geo::kColGroups; off < 32; off <<= 1)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[c] += __shfl_xor_sync(kFullMask, acc[c], off);
+      if (lane < Geo::kColGroups)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) s_pred[warp][Geo::col(tid, c)] = acc[c];
+      __syncthreads();
+      float dl[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int vc = Geo::col(tid, c);
+        float pred = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) pred += s_pred[w][vc];
+        dl[c] = rk * beta * (s_v[buf][vc] - rk * pred);
+        acc[c] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int kr = Geo::row(tid, i);
+        const float kv = s_k[buf][kr], qv = s_q[buf][kr];
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          s[i][c] = fmaf(kv, dl[c], s[i][c]);
+          acc[c] = fmaf(qv, s[i][c], acc[c]);
+        }
+      }
+#pragma unroll
+      for (int off = Geo::kColGroups; off < 32; off <<= 1)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[c] += __shfl_xor_sync(kFullMask, acc[c], off);
+      if (lane < Geo::kColGroups)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) s_out[warp][Geo::col(tid, c)] = acc[c];
+      __syncthreads();
+      if (tid < kBV && v0 + tid < V) {
+        float out = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) out += s_out[w][tid];
+        o[(r * HV + hv) * V + v0 + tid] = from_float<Tin>(q_scale * out);
+      }
+    } else {
+      // Rows are values, each row within one warp: per-row sums over k by warp reductions.
+      float kv[kCols], dv[kCols], qv[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int kc = Geo::col(tid, c);
+        kv[c] = s_k[buf][kc];
+        dv[c] = s_decay[buf][kc];
+        qv[c] = s_q[buf][kc];
+      }
+      float acc[kRows];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        acc[i] = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          s[i][c] *= dv[c];
+          acc[i] = fmaf(kv[c], s[i][c], acc[i]);
+        }
+      }
+      const int my_row = (lane >> 2) & 7;  // the row whose total this lane receives
+      const float pred = warp_sum8_transposed(acc, lane);
+      const float my_dl = rk * beta * (s_v[buf][warp * kRows + my_row] - rk * pred);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const float dl = __shfl_sync(kFullMask, my_dl, i * 4);
+        acc[i] = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          s[i][c] = fmaf(kv[c], dl, s[i][c]);
+          acc[i] = fmaf(qv[c], s[i][c], acc[i]);
+        }
+      }
+      const float out = warp_sum8_transposed(acc, lane);
+      const int vv = v0 + warp * kRows + my_row;
+      if ((lane & 3) == 0 && vv < V) o[(r * HV + hv) * V + vv] = from_float<Tin>(q_scale * out);
+    }
+  }
+
+  // ---- the final state: written once --------------------------------------------------------
+  if (p.state_out == nullptr || (p.out_by_slot && bos == eos)) return;  // in place, no token: unchanged
+  float* dst = p.state_out + (p.out_by_slot ? slot : n) * p.state_out_stride + head_off;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int64_t r = row0 + Geo::row(tid, i);
+#pragma unroll
+    for (int c = 0; c < kCols; c += kVec) {
+      const int64_t cc = col0 + Geo::col(tid, c);
+      if (r < row_limit && cc < col_limit) {
+        if constexpr (kVec == 4) {
+          __stcs(reinterpret_cast<float4*>(dst + r * ld + cc),
+                 make_float4(s[i][c], s[i][c + 1], s[i][c + 2], s[i][c + 3]));
+        } else {
+          __stcs(dst + r * ld + cc, s[i][c]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace recurrent
+}  // namespace cuda
+}  // namespace kda_ext
