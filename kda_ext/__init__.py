@@ -25,6 +25,7 @@ except ImportError as _error:
     raise ImportError(_explain_load_failure(_error)) from _error
 from . import ops  # noqa: F401  (fakes and autograd; must come after _C)
 from .chunk import chunk_kda
+from .recurrent import fused_recurrent_kda
 from .reference import (
     l2norm,
     naive_chunk_kda,
@@ -38,6 +39,7 @@ __all__ = [
     "build_info",
     "print_build_info",
     "chunk_kda",
+    "fused_recurrent_kda",
     "naive_recurrent_kda",
     "naive_chunk_kda",
     "naive_kda_gate",
