@@ -300,10 +300,10 @@ def _chunk_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict
 
 
 def _recurrent_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict[str, Any]:
-    from .recurrent import fused_recurrent_kda
+    import kda_ext
     named, extra = _bind(signature, args, kwargs, "fused_recurrent_kda_fwd")
-    call = _split_known(named, extra, _known_parameters(fused_recurrent_kda), _RECURRENT_UNUSED,
-                        signature)
+    call = _split_known(named, extra, _known_parameters(kda_ext.fused_recurrent_kda),
+                        _RECURRENT_UNUSED, signature)
     q_dtype = _check_tensors(call)
     _check_gate(call, q_dtype)
     beta, v, q = call["beta"], call["v"], call["q"]
@@ -355,8 +355,8 @@ def _make_backend_class(base: type, chosen_priority: int, chunk_signature, recur
             return self._verify(_recurrent_call, recurrent_signature, args, kwargs)
 
         def fused_recurrent_kda_fwd(self, *args, **kwargs):
-            from .recurrent import fused_recurrent_kda
-            return fused_recurrent_kda(**_recurrent_call(recurrent_signature, args, kwargs))
+            import kda_ext
+            return kda_ext.fused_recurrent_kda(**_recurrent_call(recurrent_signature, args, kwargs))
 
         KdaExtBackend.fused_recurrent_kda_fwd_verifier = fused_recurrent_kda_fwd_verifier
         KdaExtBackend.fused_recurrent_kda_fwd = fused_recurrent_kda_fwd

@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .chunk import chunk_kda
-from .recurrent import fused_recurrent_kda
+import kda_ext  # the kernels are looked up on the package when called (kda_ext.chunk_kda, ...)
 
 __all__ = ["KimiDeltaAttention", "KDACache", "ShortConvolution", "GatedRMSNorm"]
 
@@ -341,10 +340,10 @@ class KimiDeltaAttention(nn.Module):
                      use_beta_sigmoid_in_kernel=True, allow_neg_eigval=self.allow_neg_eigval,
                      lower_bound=self.lower_bound, state_v_first=True, cu_seqlens=cu_seqlens)
         if mode == "chunk":
-            o, recurrent_state = _quietly(chunk_kda, q, k, v, g, beta, safe_gate=self.safe_gate,
+            o, recurrent_state = _quietly(kda_ext.chunk_kda, q, k, v, g, beta, safe_gate=self.safe_gate,
                                           **flags, **gate_kwargs)
         else:
-            o, recurrent_state = fused_recurrent_kda(q, k, v, g, beta, **flags, **gate_kwargs)
+            o, recurrent_state = kda_ext.fused_recurrent_kda(q, k, v, g, beta, **flags, **gate_kwargs)
 
         if past_key_values is not None:
             past_key_values.update(

@@ -338,11 +338,10 @@ def test_decode_kernel_refuses_gradients():
     (False, False, 65, "fused_recurrent", "fused_recurrent"),
 ])
 def test_kernel_choice_follows_flas_rule(monkeypatch, training, grad, T, mode, expected):
-    import kda_ext.nn as nn_module
     called = []
     for name in ("chunk_kda", "fused_recurrent_kda"):
-        original = getattr(nn_module, name)
-        monkeypatch.setattr(nn_module, name,
+        original = getattr(kda_ext, name)
+        monkeypatch.setattr(kda_ext, name,
                             lambda *a, _f=original, _n=name, **kw: called.append(_n) or _f(*a, **kw))
     layer = KimiDeltaAttention(**SMALL, mode=mode).train(training)
     with torch.set_grad_enabled(grad):
