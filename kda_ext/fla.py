@@ -225,8 +225,12 @@ def _has_cuda_kernels() -> bool:
     return bool(chunk._HAS_CUDA_KERNELS)
 
 
-def _check_tensors(call: Dict[str, Any]) -> torch.dtype:
-    """Decline the devices, dtypes and sizes kda_ext's kernels do not cover; return q's dtype."""
+def _check_tensors(call: Dict[str, Any], convert_state: bool = False) -> torch.dtype:
+    """Decline the devices, dtypes and sizes kda_ext's kernels do not cover; return q's dtype.
+
+    ``convert_state``: FLA's decode kernel reads any float initial state into float32 (its chunk
+    path asserts float32), so there a lower-precision state is converted instead of declined.
+    """
     tensors = {name: call.get(name) for name in ("q", "k", "v", "g", "beta")}
     for name, x in tensors.items():
         if not isinstance(x, torch.Tensor):
@@ -252,7 +256,9 @@ def _check_tensors(call: Dict[str, Any]) -> torch.dtype:
     state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     h0 = call.get("initial_state")
     if h0 is not None and (not isinstance(h0, torch.Tensor) or h0.dtype != state_dtype):
-        raise _Declined(f"`initial_state` must be {state_dtype} for kda_ext, got {_short(h0)}")
+        if not (convert_state and isinstance(h0, torch.Tensor) and h0.is_floating_point()):
+            raise _Declined(f"`initial_state` must be {state_dtype} for kda_ext, got {_short(h0)}")
+        call["initial_state"] = h0.to(state_dtype)
     cu_seqlens = call.get("cu_seqlens")
     if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor)
                                    or cu_seqlens.dtype not in _INDEX_DTYPES):
@@ -261,7 +267,13 @@ def _check_tensors(call: Dict[str, Any]) -> torch.dtype:
 
 
 def _check_gate(call: Dict[str, Any], q_dtype: torch.dtype) -> None:
-    """The in-kernel gate's parameters as kda_ext takes them (FLA converts what it loads)."""
+    """The in-kernel gate as kda_ext computes it; A_log/dt_bias converted as FLA's kernels load them.
+
+    FLA's kernels read ``A_log`` and ``dt_bias`` in any float dtype and convert each value to
+    float32 on load (a model cast to bf16 has bf16 ones); kda_ext takes float32 (float64 with
+    float64 q), so the call gets the converted tensors: the same values, and autograd hands the
+    gradients back in the parameters' own dtypes.
+    """
     if not call.get("use_gate_in_kernel", False):
         return
     lower_bound = call.get("lower_bound")
@@ -271,11 +283,15 @@ def _check_gate(call: Dict[str, Any], q_dtype: torch.dtype) -> None:
         if isinstance(lower_bound, bool) or not isinstance(lower_bound, (int, float)) \
                 or not math.isfinite(lower_bound) or lower_bound > 0:
             raise _Declined(f"lower_bound={lower_bound!r}: kda_ext takes a finite value <= 0")
-    allowed = (torch.float32, torch.float64) if q_dtype == torch.float64 else (torch.float32,)
+    wanted = torch.float64 if q_dtype == torch.float64 else torch.float32
     for name in ("A_log", "dt_bias"):
         x = call.get(name)
-        if x is not None and (not isinstance(x, torch.Tensor) or x.dtype not in allowed):
-            raise _Declined(f"`{name}` must be float32 for kda_ext, got {_short(x)}")
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise _Declined(f"`{name}` must be a floating-point tensor, got {_short(x)}")
+        if x.dtype != wanted:
+            call[name] = x.to(wanted)
 
 
 def _known_parameters(function: Callable, extra: Tuple[str, ...] = ()) -> frozenset:
@@ -304,7 +320,7 @@ def _recurrent_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> 
     named, extra = _bind(signature, args, kwargs, "fused_recurrent_kda_fwd")
     call = _split_known(named, extra, _known_parameters(kda_ext.fused_recurrent_kda),
                         _RECURRENT_UNUSED, signature)
-    q_dtype = _check_tensors(call)
+    q_dtype = _check_tensors(call, convert_state=True)
     _check_gate(call, q_dtype)
     beta, v, q = call["beta"], call["v"], call["q"]
     if beta.dim() != 3:
