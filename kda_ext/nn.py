@@ -65,16 +65,20 @@ class ShortConvolution(nn.Conv1d):
             y, final = self._dense(x, cache, W)
         else:
             y, final = self._packed(x, cache, cu_seqlens, W)
+        # Sums and activation in float32 (FLA's kernel too), one rounding to x's dtype at the end.
+        y = y.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         if self.activation is not None:
             y = F.silu(y)
-        return y, (final if output_final_state else None)
+        return y.to(x.dtype), (final if output_final_state else None)
 
     def _dense(self, x, cache, W):
         B, T, D = x.shape
         xt = x.transpose(1, 2)
         history = (x.new_zeros(B, D, W - 1) if cache is None else cache[..., 1:].to(x.dtype))
         window = torch.cat([history, xt], dim=-1)  # [B, D, W - 1 + T]
-        y = F.conv1d(window, self.weight, self.bias, groups=D)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        bias = None if self.bias is None else self.bias.to(compute)
+        y = F.conv1d(window.to(compute), self.weight.to(compute), bias, groups=D)
         return y.transpose(1, 2), window[..., -W:]
 
     def _packed(self, x, cache, cu_seqlens, W):
@@ -84,8 +88,10 @@ class ShortConvolution(nn.Conv1d):
         N = cu_seqlens.shape[0] - 1
         sequence, position = _token_positions(cu_seqlens, T)
         tokens = torch.arange(T, device=x.device)
-        weight = self.weight[:, 0, :].to(x.dtype)  # [D, W]
-        y = x.new_zeros(T, D) if self.bias is None else self.bias.to(x.dtype).expand(T, D).clone()
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        weight = self.weight[:, 0, :].to(compute)  # [D, W]
+        y = x.new_zeros(T, D, dtype=compute) if self.bias is None else \
+            self.bias.to(compute).expand(T, D).clone()
         for shift in range(W):
             inside = position >= shift
             value = x[0, (tokens - shift).clamp(min=0)]
@@ -95,7 +101,7 @@ class ShortConvolution(nn.Conv1d):
                 value = torch.where(inside[:, None], value, cache[sequence, :, slot].to(x.dtype))
             else:
                 value = value * inside[:, None].to(x.dtype)
-            y = y + value * weight[:, W - 1 - shift]
+            y = y + value.to(compute) * weight[:, W - 1 - shift]
         bos, eos = cu_seqlens[:-1].to(torch.int64), cu_seqlens[1:].to(torch.int64)
         index = eos[:, None] - W + torch.arange(W, device=x.device)  # [N, W]
         from_input = x[0, index.clamp(min=0)].transpose(1, 2)  # [N, D, W]
