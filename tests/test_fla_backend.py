@@ -1,6 +1,7 @@
 # tests/test_fla_backend.py: kda_ext.fla.register() with FLA's real registry (when FLA imports) and
 # with stand-ins of older FLA layouts (always): what it accepts, declines, and how it is switched.
 import inspect
+import os
 import subprocess
 import sys
 import textwrap
@@ -446,3 +447,34 @@ def test_fla_before_the_registry(monkeypatch, tmp_path, restore_fla_modules):
     })
     with pytest.raises(ImportError, match=r"this FLA \(0.4.0\) predates FLA's backend registry"):
         kfla.register()
+
+
+# --- the plugin that runs FLA's own tests with the backend (scripts/pytest_kda_ext_fla.py) ----------
+
+PLUGIN_TEST = '''
+import torch
+import fla.ops.kda as fla_kda
+
+def test_calls_fla():
+    q, k = torch.randn(2, 1, 8, 2, 16).unbind(0)
+    v, g, beta = torch.randn(1, 8, 2, 16), -torch.rand(1, 8, 2, 16), torch.rand(1, 8, 2)
+    fla_kda.chunk_kda(q, k, v, g, beta)
+    fla_kda.chunk_kda(q, k, v, g, beta, chunk_size=64, use_graph=False)
+'''
+
+
+@requires_fla
+@pytest.mark.parametrize("calls_fla", [True, False])
+def test_upstream_test_plugin_counts_served_calls(tmp_path, calls_fla):
+    (tmp_path / "test_upstream.py").write_text(PLUGIN_TEST if calls_fla else "def test_nothing():\n    pass\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.join(root, "scripts"), root, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_kda_ext_fla", "-p",
+                             "no:cacheprovider", "test_upstream.py"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    if calls_fla:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "chunk_kda: served 2" in result.stdout
+    else:  # a run that never reached kda_ext must not pass
+        assert result.returncode != 0 and "served no chunk_kda call" in result.stdout
