@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -121,6 +122,19 @@ def test_fla_chunk_kda_runs_kda_ext_forward_and_backward(case):
 def _kda_ext_by_name(args, kwargs):
     names = list(inspect.signature(inspect.unwrap(fla_kda.chunk_kda)).parameters)
     return kda_ext.chunk_kda(**dict(zip(names, args)), **kwargs)
+
+
+@requires_fla
+def test_adds_no_warning_to_flas_calls():
+    kfla.register()
+    t = inputs(T=3, H=4, HV=4)  # fewer steps than heads: kda_ext's own function warns about layout
+    args = (t["q"], t["k"], t["v"], torch.nn.functional.logsigmoid(t["g"]), t["beta"].sigmoid())
+    with pytest.warns(UserWarning, match="fewer steps than heads"):
+        kda_ext.chunk_kda(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, _ = fla_kda.chunk_kda(*args)
+    assert torch.equal(o, kda_ext.chunk_kda(*args)[0])
 
 
 @requires_fla
