@@ -27,6 +27,7 @@ from . import ops  # noqa: F401  (fakes and autograd; must come after _C)
 from .chunk import chunk_kda
 from .cp import CPContext, build_cp_context
 from .recurrent import fused_recurrent_kda
+from . import fla, nn  # noqa: E402  (kda_ext.fla.register() is explicit: importing does nothing)
 from .reference import (
     l2norm,
     naive_chunk_kda,

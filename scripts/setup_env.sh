@@ -20,6 +20,12 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 "$PY" -m pip install -q pytest numpy ninja setuptools wheel
+# KDA_EXT_TEST_FLA=1 (CI sets it): also install flash-linear-attention and triton, which import on a
+# machine without a GPU, so the FLA tests (tests/test_fla_backend.py, FLA's layer in tests/test_nn.py
+# and the README's FLA example) run against FLA's real registry and layer; without them they skip.
+if [ "${KDA_EXT_TEST_FLA:-0}" = "1" ]; then
+  "$PY" -m pip install -q flash-linear-attention triton
+fi
 # The CUDA build and scripts/check_cuda_compile.py use only nvidia-cutlass's headers (CuTe,
 # CUTLASS): its Python dependencies (cuda-python, scipy, ...) are not needed.
 "$PY" -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
