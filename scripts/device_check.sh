@@ -4,7 +4,8 @@
 #
 #   bash scripts/device_check.sh [steps]     steps: any of build,test,margins,sanitize,flashkda,bench,
 #                                            profile,ncu (default all but ncu)
-# Environment: OUT (results folder, default /tmp/kda_out), PYTEST_ARGS (extra pytest args,
+# Environment: OUT (results folder, default /tmp/kda_out), PYTEST_FILES (test files, default tests:
+# PYTEST_ARGS is split on spaces, so a -k expression must be one word), PYTEST_ARGS (extra pytest args,
 # default "-k cuda"), BENCH_ARGS (benchmark args), PROFILE_ARGS (profile_kernels.py args, e.g.
 # "--impl fla --what fwd"); FLA wheels in .whl/ are installed if present.
 # The build is skipped when kda_ext/_C*.so exists and was built from the same sources (a hash of
@@ -95,7 +96,7 @@ if has build; then
 fi
 
 if has test; then
-  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -ra -p no:cacheprovider tests ${PYTEST_ARGS:--k cuda} > "$OUT/tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -ra -p no:cacheprovider ${PYTEST_FILES:-tests} ${PYTEST_ARGS:--k cuda} > "$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
   summary+=("tests (${PYTEST_ARGS:--k cuda}): $(tail -n 1 "$OUT/tests.log") [rc=$rc]")
