@@ -55,7 +55,8 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 # Arguments FLA has and kda_ext does not: acceptable only at the value that means "not used".
 _CHUNK_UNUSED = {"use_graph": False, "max_num_seqs": None}
 # The in-place state pool (vLLM/SGLang-style) and speculative decoding of the inner decode
-# function are not wired: their semantics must be checked against the decode kernel first.
+# function: kda_ext's decode kernel has the pool (not speculative decoding), but its semantics
+# are not yet compared with FLA's on a GPU, so these calls stay with FLA for now.
 _RECURRENT_UNUSED = {"inplace_final_state": False, "ssm_state_indices": None,
                      "num_accepted_tokens": None, "out": None}
 # kda_ext extras that FLA does not have: a caller of FLA passing one gets FLA's behaviour.
@@ -195,14 +196,16 @@ def _split_known(named: Dict[str, Any], extra: Dict[str, Any], known: frozenset,
     """The arguments to hand to kda_ext; decline any argument it lacks that is in use."""
     call = {}
     for name, value in list(named.items()) + list(extra.items()):
-        if name in known and name not in _KDA_EXT_ONLY:
-            call[name] = value
-            continue
+        # `unused` first: an argument kda_ext also has (the decode kernel's state pool) is still
+        # served only at its neutral value until its semantics are checked against FLA's.
         if name in unused:
             neutral = unused[name]
             if value is neutral or (not isinstance(value, torch.Tensor) and value == neutral):
                 continue
             raise _Declined(f"`{name}`={_short(value)} is not supported by kda_ext")
+        if name in known and name not in _KDA_EXT_ONLY:
+            call[name] = value
+            continue
         parameter = signature.parameters.get(name)
         if parameter is not None and parameter.default is not inspect.Parameter.empty \
                 and value is parameter.default:
