@@ -23,15 +23,16 @@ def _switch(name: str) -> str:
 
 
 def forward_kernels(*, device_type: str, dtype: torch.dtype, K: int, V: int, chunk_size: int,
-                    with_sm90: bool) -> Dict[str, str]:
-    """{"intra_chunk": kernel, "state_output": kernel} of one forward call. The gate regime
-    (safe_gate or not) does not enter: the lean kernel serves every gate."""
+                    safe_gate: bool, with_sm90: bool) -> Dict[str, str]:
+    """{"intra_chunk": kernel, "state_output": kernel} of one forward call."""
     if device_type != "cuda":
         return {"intra_chunk": "cpu", "state_output": "cpu"}
     kimi_shape = chunk_size == 64 and K == 128 and V == 128
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    lean = (kimi_shape and dtype == torch.bfloat16
-            and _switch("KDA_EXT_PREP_KERNEL") in ("auto", "lean"))
+    prep = _switch("KDA_EXT_PREP_KERNEL")
+    # auto: the lean kernel under safe_gate (its element-wise diagonal path, which the unbounded
+    # gate takes nearly everywhere, is slower than chunk_prepare); lean: for every gate.
+    lean = kimi_shape and dtype == torch.bfloat16 and (prep == "lean" or (prep == "auto" and safe_gate))
     state = _switch("KDA_EXT_STATE_KERNEL")
     if sixteen_bit and kimi_shape and with_sm90 and state in ("auto", "sm90"):
         state_kernel = "state_output_sm90 (wgmma, TMA)"
@@ -43,7 +44,7 @@ def forward_kernels(*, device_type: str, dtype: torch.dtype, K: int, V: int, chu
             "state_output": state_kernel}
 
 
-def log_forward(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> None:
+def log_forward(q: torch.Tensor, v: torch.Tensor, chunk_size: int, safe_gate: bool) -> None:
     """The debug log line of one forward call (free when DEBUG is off)."""
     if not logger.isEnabledFor(logging.DEBUG):
         return
@@ -51,7 +52,7 @@ def log_forward(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> None:
 
     config = load_build_config() or {}
     plan = forward_kernels(device_type=q.device.type, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
-                           chunk_size=chunk_size,
+                           chunk_size=chunk_size, safe_gate=safe_gate,
                            with_sm90=bool(config.get("WITH_SM90")))
     logger.debug("chunk_kda forward on %s %s K=%d V=%d chunk=%d: intra-chunk %s, state/output %s",
                  q.device, str(q.dtype).replace("torch.", ""), q.shape[-1], v.shape[-1], chunk_size,

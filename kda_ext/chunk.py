@@ -606,7 +606,7 @@ def chunk_kda(
             g, bool(use_gate_in_kernel), bounds)
 
     if not _is_compiling():
-        _dispatch.log_forward(q, v, int(chunk_size))
+        _dispatch.log_forward(q, v, int(chunk_size), bool(safe_gate))
     if cp_plan is not None:
         flags = dict(use_qk_l2norm=bool(use_qk_l2norm_in_kernel), use_gate_in_kernel=bool(use_gate_in_kernel),
                      use_beta_sigmoid=bool(use_beta_sigmoid_in_kernel), allow_neg_eigval=bool(allow_neg_eigval),

@@ -12,7 +12,7 @@ import kda_ext
 from kda_ext._dispatch import forward_kernels
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-KIMI = dict(device_type="cuda", dtype=BF16, K=128, V=128, chunk_size=64, with_sm90=True)
+KIMI = dict(device_type="cuda", dtype=BF16, K=128, V=128, chunk_size=64, safe_gate=True, with_sm90=True)
 
 
 def plan(**over):
@@ -20,13 +20,13 @@ def plan(**over):
 
 
 def test_kimi_shape_takes_both_new_kernels(monkeypatch):
-    # whatever the gate regime: safe_gate is not an argument of the choice
     monkeypatch.delenv("KDA_EXT_PREP_KERNEL", raising=False)
     monkeypatch.delenv("KDA_EXT_STATE_KERNEL", raising=False)
     assert plan() == {"intra_chunk": "chunk_prepare_lean", "state_output": "state_output_sm90 (wgmma, TMA)"}
 
 
 @pytest.mark.parametrize("over, intra, state", [
+    (dict(safe_gate=False), "chunk_prepare", "state_output_sm90 (wgmma, TMA)"),
     (dict(dtype=FP16), "chunk_prepare", "state_output_sm90 (wgmma, TMA)"),
     (dict(dtype=FP32), "chunk_prepare", "chunk_state_output (wmma)"),
     (dict(chunk_size=32), "chunk_prepare", "chunk_state_output (wmma)"),
@@ -38,6 +38,12 @@ def test_other_configurations_fall_back(over, intra, state, monkeypatch):
     monkeypatch.delenv("KDA_EXT_PREP_KERNEL", raising=False)
     monkeypatch.delenv("KDA_EXT_STATE_KERNEL", raising=False)
     assert plan(**over) == {"intra_chunk": intra, "state_output": state}
+
+
+def test_lean_switch_takes_every_gate(monkeypatch):
+    monkeypatch.setenv("KDA_EXT_PREP_KERNEL", "lean")
+    assert plan(safe_gate=False)["intra_chunk"] == "chunk_prepare_lean"
+    assert plan(safe_gate=False, dtype=FP16)["intra_chunk"] == "chunk_prepare"
 
 
 def test_switches_select_the_older_kernels(monkeypatch):
@@ -86,7 +92,7 @@ def test_cuda_mirror_matches_the_kernels_that_run(cfg, monkeypatch):
               chunk_size=cfg["chunk_size"])
     names = " ".join(kernels_launched(lambda: kda_ext.chunk_kda(q, k, v, g, beta, **kw)))
     want = forward_kernels(device_type="cuda", dtype=cfg["dtype"], K=K, V=K, chunk_size=cfg["chunk_size"],
-                           with_sm90=bool((load_build_config() or {}).get("WITH_SM90")))
+                           safe_gate=cfg["safe_gate"], with_sm90=bool((load_build_config() or {}).get("WITH_SM90")))
     lean_ran = "chunk_prepare_lean_kernel" in names
     assert lean_ran == (want["intra_chunk"] == "chunk_prepare_lean"), (want, names)
     assert ("state_output_sm90_kernel" in names) == want["state_output"].startswith("state_output_sm90"), (want, names)

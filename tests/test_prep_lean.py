@@ -1,8 +1,9 @@
 # tests/test_prep_lean.py: the forward's lean intra-chunk kernel (chunk_prepare_lean.cuh).
 """For bf16 inputs, chunk 64, K = V = 128 the forward's intra-chunk stage runs
-chunk_prepare_lean_kernel, whatever the gate, unless KDA_EXT_PREP_KERNEL=classic selects
-chunk_prepare_kernel. Diagonal blocks whose cumulative gate leaves the median path's range (the
-unbounded gate with -1000 entries) take its element-wise path. Two checks per case:
+chunk_prepare_lean_kernel under safe_gate (KDA_EXT_PREP_KERNEL=auto), for every gate with
+KDA_EXT_PREP_KERNEL=lean (what these tests set), and chunk_prepare_kernel with =classic. Diagonal
+blocks whose cumulative gate leaves the median path's range (the unbounded gate with large
+decays, -1000 entries) take the lean kernel's element-wise path. Two checks per case:
 - the op's every output (o, the final state, Aqk, Akk, and with save_intermediates g_cum, w, u,
   qg, kg, v_new, h) under both kernels, against each other: the two compute the same values with
   the same rounding points and differ only in the order of fp32 sums (and one fp32 rounding of the

@@ -9,10 +9,11 @@
 // is the intra-chunk step that the persistent Hopper forward (issue 17) will run per chunk:
 // - one CTA of 256 threads per (chunk slot, value head), two CTAs per SM (~107 KB of shared memory);
 // - q, k, v arrive by cp.async as whole 64 x 128 tiles, all in flight at once with the g loads;
-// - K is processed in two halves of 64 columns; in each half thread t owns column t % 64 of the
-//   16-row block t / 64, so the gate cumsum is a running sum in registers plus three block totals,
-//   and every element-wise value (qg, kg, the w operand, the product operands) is computed once by
-//   the thread that holds its G in a register;
+// - K is processed in two halves of 64 columns; in each half warp w owns rows 8w .. 8w + 7 and
+//   lane l the column pair 2l, 2l + 1, so the gate cumsum is a running sum in registers plus seven
+//   row-group totals, every element-wise value (qg, kg, the w operand, the product operands) is
+//   computed once by the thread that holds its G in a register, and each shared, global and
+//   conversion instruction of that phase moves two columns;
 // - Aqk and L: ten 16 x 16 block pairs, two products each, on mma.sync m16n8k16 (bf16 operands,
 //   fp32 accumulators carried across the two halves in registers). Off-diagonal blocks (I, J < I)
 //   use the first row of block I as reference (every factor <= 1, any gate); the diagonal blocks
@@ -128,7 +129,7 @@ __host__ __device__ inline Layout layout() {
   l.rq = take(kBT * sizeof(float));
   l.rk = take(kBT * sizeof(float));
   l.beta = take(kBT * sizeof(float));
-  l.tot = take(4 * kHalf * sizeof(float));
+  l.tot = take(8 * kHalf * sizeof(float));  // per warp's 8 rows: column sums of the gate
   l.gref = take(9 * kHalf * sizeof(float));  // first row of each block, median of each, last row
   l.diag_bad = take(4 * sizeof(int));  // per diagonal block: 1 if it takes the element-wise path
   l.total = at;
@@ -143,8 +144,8 @@ __host__ __device__ inline Layout layout() {
 inline bool chunk_prepare_lean_applies(const ChunkKdaFwdParams& p) {
   const bool recompute = p.Akk_saved != nullptr && p.o == nullptr;
   const bool fixed = p.dtype == DType::kBFloat16 && p.BT == 64 && p.K == 128 && p.V == 128 &&
-                     aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.w) &&
-                     aligned16(p.u);
+                     aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.g) &&
+                     aligned16(p.w) && aligned16(p.u);
   if (recompute) return fixed && aligned16(p.Akk_saved);
   return fixed && p.Akk_saved == nullptr && p.rstd_qk == nullptr &&
          aligned16(p.Aqk) && aligned16(p.Akk);
@@ -232,20 +233,21 @@ __global__ void __launch_bounds__(prep_lean::kThreads, 2)
     }
     cp_async_commit();
   }
-  const int cl = tid % kHalf;   // this thread's column within a half
-  const int blk = tid / kHalf;  // and its 16-row block
-  const int r0 = 16 * blk;
-  auto load_g = [&](int h, float (&graw)[16]) {
-    int64_t off[16];
+  // Element-wise work of a half: warp w owns rows 8 w .. 8 w + 7 (half of the 16-row block
+  // w / 2), lane l the column pair 2 l, 2 l + 1 of the half, so the cumsum runs in registers
+  // along the warp's rows and every shared, global and conversion instruction moves two columns.
+  const int cp = 2 * lane;      // first column of this thread's pair within a half
+  const int blk = warp / 2;     // its 16-row block (uniform per warp)
+  const int r0 = 8 * warp;      // its first row
+  auto load_g = [&](int h, float2 (&graw)[8]) {
+    int off[8];  // from hk0: below 64 * HV * K < 2^31 (launch_fwd.cu checks)
 #pragma unroll
-    for (int it = 0; it < 16; ++it) {
+    for (int it = 0; it < 8; ++it) {
       const int i = r0 + it;
-      off[it] = (i < L ? static_cast<int64_t>(i) * hks : 0) + hk0 + h * kHalf + cl;
+      off[it] = (i < L ? i * hks : 0) + h * kHalf + cp;
     }
-    gather_any(graw, p.g, p.g_dtype, off);
+    gather_pairs_any(graw, p.g, p.g_dtype, hk0, off);
   };
-  float graw[16];
-  load_g(0, graw);
 
   // Gate constants of this head.
   const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? __expf(p.A_log[hv]) : 1.f;
@@ -310,110 +312,134 @@ __global__ void __launch_bounds__(prep_lean::kThreads, 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_q[s][e] = acc_l[s][e] = 0.f;
 
-  float bias = 0.f;
+  float2 bias = make_float2(0.f, 0.f);
 #pragma unroll 1
   for (int h = 0; h < 2; ++h) {
-    const int col = h * kHalf + cl;  // column within K
-    bias = (p.use_gate_in_kernel && p.dt_bias != nullptr) ? p.dt_bias[hv * kK + col] : 0.f;
-    // -- gate and cumsum: running sum over the block's 16 rows, then the blocks before it
-    float G[16];
-    float run = 0.f;
+    const int col = h * kHalf + cp;  // first column of the pair within K
+    if (p.use_gate_in_kernel && p.dt_bias != nullptr)
+      bias = make_float2(p.dt_bias[hv * kK + col], p.dt_bias[hv * kK + col + 1]);
+    // -- gate and cumsum: running sums over the warp's 8 rows, then the row groups before it
+    // g of this half: loaded here, not during the previous half (held through that half's row
+    // loop, its 16 registers made the kernel spill at the 128-register cap).
+    float2 graw[8];
+    load_g(h, graw);
+    float2 G[8];
+    float2 run = make_float2(0.f, 0.f);
 #pragma unroll
-    for (int it = 0; it < 16; ++it) {
-      const float gt = (r0 + it < L) ? gate_of(p, graw[it], bias, gate_a) : 0.f;
-      run += gt;
+    for (int it = 0; it < 8; ++it) {
+      const bool ok = r0 + it < L;
+      run.x += ok ? gate_of(p, graw[it].x, bias.x, gate_a) : 0.f;
+      run.y += ok ? gate_of(p, graw[it].y, bias.y, gate_a) : 0.f;
       G[it] = run;
     }
-    if (h == 0) load_g(1, graw);  // the second half's g in flight during this half
-    tot[blk * kHalf + cl] = run;
-    const int lsub = L - r0;
-    const int med = lsub <= 0 ? 0 : (lsub - 1 < 8 ? lsub - 1 : 8);  // median_ref_row - r0
-    if constexpr (!kRecompute) {
-      // The median path's range, on the block-local sums (the offset of earlier blocks cancels in
-      // G_i - G_m). Rows past L carry gate 0, so they add nothing beyond the last row's span.
-      float gm_local = 0.f;
-#pragma unroll
-      for (int it = 0; it < 16; ++it)
-        if (it == med) gm_local = G[it];
-      float span = 0.f;
-#pragma unroll
-      for (int it = 0; it < 16; ++it) span = fmaxf(span, fabsf(G[it] - gm_local));
-      if (!(span <= kDiagSpanMax)) atomicOr(diag_bad + blk, 1);  // NaN spans too
-    }
+    *reinterpret_cast<float2*>(tot + warp * kHalf + cp) = run;
     __syncthreads();
-    float before = 0.f;
-    for (int b2 = 0; b2 < blk; ++b2) before += tot[b2 * kHalf + cl];
+    float2 before = make_float2(0.f, 0.f);
+    for (int w2 = 0; w2 < warp; ++w2) {
+      const float2 t = *reinterpret_cast<const float2*>(tot + w2 * kHalf + cp);
+      before.x += t.x;
+      before.y += t.y;
+    }
+    // Reference rows: the block's first row, its median row (safe_gate's median_ref_row: row
+    // min(8, L_sub - 1) of the block), the chunk's last row; written by the warp that owns them.
+    const int lsub = L - 16 * blk;
+    const int med_row = 16 * blk + (lsub <= 0 ? 0 : (lsub - 1 < 8 ? lsub - 1 : 8));
 #pragma unroll
-    for (int it = 0; it < 16; ++it) {
-      G[it] += before;
-      if (it == 0) gfirst[blk * kHalf + cl] = G[it];
-      if (it == med) gmed[blk * kHalf + cl] = G[it];
-      if (r0 + it == L - 1) glast[cl] = G[it];
+    for (int it = 0; it < 8; ++it) {
+      G[it].x += before.x;
+      G[it].y += before.y;
+      const int i = r0 + it;
+      if (i == 16 * blk) *reinterpret_cast<float2*>(gfirst + blk * kHalf + cp) = G[it];
+      if (i == med_row) *reinterpret_cast<float2*>(gmed + blk * kHalf + cp) = G[it];
+      if (i == L - 1) *reinterpret_cast<float2*>(glast + cp) = G[it];
     }
     __syncthreads();  // reference rows visible; tot free
 
-    // -- element-wise values of this thread's 16 rows
-    const float gl = glast[cl];
-    const float gm = gmed[blk * kHalf + cl];
-    const float g_own_first = gfirst[blk * kHalf + cl];
-    // Off-diagonal column operands of rows in block blk, for the reference blocks I > blk:
-    // e^{G_16I - G_j} = e^{G_16(blk+1) - G_j} * e^{G_16I - G_16(blk+1)} (both factors <= 1).
-    const float g_next = blk < 3 ? gfirst[(blk + 1) * kHalf + cl] : 0.f;
-    float s_ref[4];
+    // -- element-wise values of this thread's 8 rows x 2 columns
+    const float2 gl = *reinterpret_cast<const float2*>(glast + cp);
+    const float2 gm = *reinterpret_cast<const float2*>(gmed + blk * kHalf + cp);
+    const float2 g_own_first = *reinterpret_cast<const float2*>(gfirst + blk * kHalf + cp);
+    if constexpr (!kRecompute) {
+      // The median path's range (rows past L carry gate 0: no span beyond the last row's).
+      float span = 0.f;
 #pragma unroll
-    for (int I = 0; I < 4; ++I)
-      s_ref[I] = (I > blk + 1) ? exp_ftz(gfirst[I * kHalf + cl] - g_next) : 1.f;
+      for (int it = 0; it < 8; ++it)
+        span = fmaxf(span, fmaxf(fabsf(G[it].x - gm.x), fabsf(G[it].y - gm.y)));
+      if (!(span <= kDiagSpanMax)) atomicOr(diag_bad + blk, 1);  // NaN spans too
+    }
     // The row loop once per 16-row block (kBlk == blk, uniform per warp): which operand versions a
     // row writes depends on its block, and as run-time branches those cost a divergence region
-    // per row.
-    // Unsigned 32-bit element offsets from the CTA's base pointers: one wide multiply-add per
-    // store address (signed ones cost a sign extension and a 64-bit shift-add each).
+    // per row. Unsigned 32-bit element offsets from the CTA's base pointers: one wide
+    // multiply-add per store address (signed ones cost a sign extension and a 64-bit shift-add).
     const uint32_t o_first = static_cast<uint32_t>(r0 * hks + col);
     const uint32_t o_stride = static_cast<uint32_t>(hks);
+    auto pack = [](float x, float y) { return pack2<T>(x, y); };
     auto rows = [&](auto blk_constant) {
       constexpr int kBlk = decltype(blk_constant)::value;
+      // Off-diagonal column operands of rows in block kBlk, for the reference blocks I > kBlk:
+      // e^{G_16I - G_j} = e^{G_16(kBlk+1) - G_j} * e^{G_16I - G_16(kBlk+1)} (both factors <= 1).
+      float2 g_next = make_float2(0.f, 0.f);
+      float2 s_ref[4];
 #pragma unroll
-      for (int it = 0; it < 16; ++it) {
-        const int i = 16 * kBlk + it;
-        const float Gi = G[it];
-        float a = to_float<T>(sq[i * kLdFull + col]);
-        float e = to_float<T>(sk[i * kLdFull + col]);
-        if (p.use_qk_l2norm) {
-          a = round_to<T>(a * rq[i]);
-          e = round_to<T>(e * rk[i]);
+      for (int I = 0; I < 4; ++I) s_ref[I] = make_float2(1.f, 1.f);
+      if constexpr (!kRecompute && kBlk < 3) {
+        g_next = *reinterpret_cast<const float2*>(gfirst + (kBlk + 1) * kHalf + cp);
+#pragma unroll
+        for (int I = kBlk + 2; I < 4; ++I) {
+          const float2 gI = *reinterpret_cast<const float2*>(gfirst + I * kHalf + cp);
+          s_ref[I] = make_float2(exp_ftz(gI.x - g_next.x), exp_ftz(gI.y - g_next.y));
         }
-        const float eg = exp_ftz(Gi);
+      }
+#pragma unroll
+      for (int it = 0; it < 8; ++it) {
+        const int i = r0 + it;
+        const float2 Gi = G[it];
+        float2 a = unpack2<T>(*reinterpret_cast<const uint32_t*>(sq + i * kLdFull + col));
+        float2 e = unpack2<T>(*reinterpret_cast<const uint32_t*>(sk + i * kLdFull + col));
+        if (p.use_qk_l2norm) {
+          const float sq_i = rq[i], sk_i = rk[i];
+          a = make_float2(round_to<T>(a.x * sq_i), round_to<T>(a.y * sq_i));
+          e = make_float2(round_to<T>(e.x * sk_i), round_to<T>(e.y * sk_i));
+        }
+        const float2 eg = make_float2(exp_ftz(Gi.x), exp_ftz(Gi.y));
         if (i < L) {
           const uint32_t o = o_first + it * o_stride;
-          qg[o] = from_float<T>(a * eg);
-          kg[o] = from_float<T>(e * exp_ftz(gl - Gi));
-          if (full_g_cum || i == L - 1) g_cum[o] = Gi;
+          *reinterpret_cast<uint32_t*>(qg + o) = pack(a.x * eg.x, a.y * eg.y);
+          *reinterpret_cast<uint32_t*>(kg + o) =
+              pack(e.x * exp_ftz(gl.x - Gi.x), e.y * exp_ftz(gl.y - Gi.y));
+          if (full_g_cum || i == L - 1) *reinterpret_cast<float2*>(g_cum + o) = Gi;
         }
-        sk[i * kLdFull + col] = from_float<T>(beta_s[i] * e * eg);  // w operand (0 past L)
+        const float b = beta_s[i];
+        *reinterpret_cast<uint32_t*>(sk + i * kLdFull + col) =  // w operand (0 past L)
+            pack(b * e.x * eg.x, b * e.y * eg.y);
         if constexpr (!kRecompute) {
+          const int c = i * kLdHalf + cp;
           // diagonal blocks: median reference
-          const float x = exp_ftz(Gi - gm);
-          qd[i * kLdHalf + cl] = from_float<T>(a * x);
-          kd[i * kLdHalf + cl] = from_float<T>(e * x);
-          kcd[i * kLdHalf + cl] = from_float<T>(e * exp_ftz(gm - Gi));
+          const float2 x = make_float2(exp_ftz(Gi.x - gm.x), exp_ftz(Gi.y - gm.y));
+          *reinterpret_cast<uint32_t*>(qd + c) = pack(a.x * x.x, a.y * x.y);
+          *reinterpret_cast<uint32_t*>(kd + c) = pack(e.x * x.x, e.y * x.y);
+          *reinterpret_cast<uint32_t*>(kcd + c) =
+              pack(e.x * exp_ftz(gm.x - Gi.x), e.y * exp_ftz(gm.y - Gi.y));
           // off-diagonal row operands (blocks 1..3): reference = the block's first row
           if constexpr (kBlk > 0) {
-            const float y = exp_ftz(Gi - g_own_first);
-            sq[i * kLdFull + col] = from_float<T>(a * y);
-            ko[i * kLdHalf + cl] = from_float<T>(e * y);
+            const float2 y =
+                make_float2(exp_ftz(Gi.x - g_own_first.x), exp_ftz(Gi.y - g_own_first.y));
+            *reinterpret_cast<uint32_t*>(sq + i * kLdFull + col) = pack(a.x * y.x, a.y * y.y);
+            *reinterpret_cast<uint32_t*>(ko + c) = pack(e.x * y.x, e.y * y.y);
           }
           // off-diagonal column operands (blocks 0..2), one version per later reference block
           if constexpr (kBlk < 3) {
-            const float z = e * exp_ftz(g_next - Gi);
+            const float2 z = make_float2(e.x * exp_ftz(g_next.x - Gi.x),
+                                         e.y * exp_ftz(g_next.y - Gi.y));
 #pragma unroll
             for (int I = kBlk + 1; I < 4; ++I)
-              kc[(kc_base(I) + i) * kLdHalf + cl] = from_float<T>(z * s_ref[I]);
+              *reinterpret_cast<uint32_t*>(kc + (kc_base(I) + i) * kLdHalf + cp) =
+                  pack(z.x * s_ref[I].x, z.y * s_ref[I].y);
           }
-        } else {
-          // The recompute's loop has no shared stores that could alias the q/k reads, and the
-          // compiler then hoisted all 16 rows' loads and spilled (132 bytes): keep rows apart.
-          asm volatile("" ::: "memory");
         }
+        // Rows apart: hoisted above the previous rows' stores, every row's loads stay live at
+        // once and the kernel spills at the register cap.
+        asm volatile("" ::: "memory");
       }
     };
     switch (blk) {

@@ -62,12 +62,20 @@ StateKernelChoice state_kernel_choice() {
 }
 
 // Which intra-chunk kernel runs where chunk_prepare_lean applies (chunk_prepare_lean_applies), from
-// KDA_EXT_PREP_KERNEL: auto (default) or lean: chunk_prepare_lean; classic: chunk_prepare. Read per
-// call like KDA_EXT_STATE_KERNEL, so tests can run both on the same inputs in one process.
-bool prep_lean_wanted() {
+// KDA_EXT_PREP_KERNEL: auto (default): chunk_prepare_lean for the backward's recompute and, in the
+// forward, under safe_gate; lean: chunk_prepare_lean for every gate; classic: chunk_prepare. Read
+// per call like KDA_EXT_STATE_KERNEL, so tests can run both on the same inputs in one process.
+// Why auto keeps the forward of the unbounded gate on chunk_prepare: with real decays (A = exp(A_log)
+// up to 16) nearly every diagonal block leaves the median path's range and takes the lean
+// kernel's element-wise path, which made that forward 26% slower on an H100 (docs/perf-notes.md,
+// session 11).
+bool prep_lean_wanted(const ChunkKdaFwdParams& p) {
   const char* v = std::getenv("KDA_EXT_PREP_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0 || std::strcmp(v, "lean") == 0)
-    return true;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) {
+    const bool recompute = p.Akk_saved != nullptr && p.o == nullptr;
+    return recompute || p.safe_gate;
+  }
+  if (std::strcmp(v, "lean") == 0) return true;
   if (std::strcmp(v, "classic") == 0) return false;
   TORCH_CHECK(false, "kda_ext: KDA_EXT_PREP_KERNEL must be auto, lean or classic, got '", v, "'");
 }
@@ -107,7 +115,7 @@ void launch_typed(const ChunkKdaFwdParams& p, cudaStream_t stream) {
 
   bool prepared = false;
   if constexpr (BT == 64 && std::is_same_v<T, __nv_bfloat16>) {
-    if (p.NT > 0 && p.B > 0 && p.HV > 0 && chunk_prepare_lean_applies(p) && prep_lean_wanted()) {
+    if (p.NT > 0 && p.B > 0 && p.HV > 0 && chunk_prepare_lean_applies(p) && prep_lean_wanted(p)) {
       const bool recompute = p.Akk_saved != nullptr;
       auto kernel = recompute ? chunk_prepare_lean_kernel<T, true> : chunk_prepare_lean_kernel<T, false>;
       const int64_t smem =

@@ -107,6 +107,56 @@ __device__ __forceinline__ void gather_any(float (&dst)[N], const void* src, DTy
   }
 }
 
+// Pairs of neighbouring elements: dst[it] = (src[base + off[it]], src[base + off[it] + 1]) as
+// floats, one load per pair for 16- and 32-bit types (base + off[it] even; src aligned to the
+// pair's size: 4 bytes for 16-bit, 8 for float), two for double. One switch around all N loads,
+// as gather_any; 32-bit offsets from a 64-bit base keep the N addresses cheap to hold.
+template <int N>
+__device__ __forceinline__ void gather_pairs_any(float2 (&dst)[N], const void* src, DType dt,
+                                                 int64_t base, const int (&off)[N]) {
+  switch (dt) {
+    case DType::kFloat16: {
+      const __half2* s = reinterpret_cast<const __half2*>(static_cast<const __half*>(src) + base);
+      __half2 raw[N];
+#pragma unroll
+      for (int it = 0; it < N; ++it) raw[it] = s[off[it] / 2];
+#pragma unroll
+      for (int it = 0; it < N; ++it) dst[it] = __half22float2(raw[it]);
+      break;
+    }
+    case DType::kBFloat16: {
+      const __nv_bfloat162* s = reinterpret_cast<const __nv_bfloat162*>(
+          static_cast<const __nv_bfloat16*>(src) + base);
+      __nv_bfloat162 raw[N];
+#pragma unroll
+      for (int it = 0; it < N; ++it) raw[it] = s[off[it] / 2];
+#pragma unroll
+      for (int it = 0; it < N; ++it) dst[it] = __bfloat1622float2(raw[it]);
+      break;
+    }
+    case DType::kFloat64: {
+      const double* s = static_cast<const double*>(src) + base;
+      double lo[N], hi[N];
+#pragma unroll
+      for (int it = 0; it < N; ++it) {
+        lo[it] = s[off[it]];
+        hi[it] = s[off[it] + 1];
+      }
+#pragma unroll
+      for (int it = 0; it < N; ++it)
+        dst[it] = make_float2(static_cast<float>(lo[it]), static_cast<float>(hi[it]));
+      break;
+    }
+    case DType::kFloat32:
+    default: {
+      const float2* s = reinterpret_cast<const float2*>(static_cast<const float*>(src) + base);
+#pragma unroll
+      for (int it = 0; it < N; ++it) dst[it] = s[off[it] / 2];
+      break;
+    }
+  }
+}
+
 // ---- wmma wrappers -------------------------------------------------------------------------
 
 template <typename T>
