@@ -49,20 +49,23 @@ inline at::ScalarType compute_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& g, const at::Tensor& beta,
-                                    const std::optional<at::Tensor>& initial_state,
-                                    const std::optional<at::Tensor>& A_log,
-                                    const std::optional<at::Tensor>& dt_bias,
-                                    const std::optional<at::Tensor>& cu_seqlens,
-                                    bool use_gate_in_kernel,
-                                    std::optional<double> lower_bound, bool state_v_first,
-                                    int64_t chunk_size) {
+// The sizes both ops read from q and v, and N, the number of sequences (B, or the offsets of
+// cu_seqlens).
+struct InputDims {
+  int64_t B, T, H, HV, K, V, N;
+  bool varlen;
+};
+
+// What chunk_kda and fused_recurrent_kda check alike: the shapes, dtypes and devices of q, k, v,
+// g and beta, and cu_seqlens.
+inline InputDims check_common_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& g, const at::Tensor& beta,
+                                     const std::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK(q.dim() == 4, "kda_ext: q must be [B, T, H, K], got shape ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), "kda_ext: k must have q's shape ", q.sizes(), ", got ",
               k.sizes());
   TORCH_CHECK(v.dim() == 4, "kda_ext: v must be [B, T, HV, V], got shape ", v.sizes());
-  KdaDims d{};
+  InputDims d{};
   d.B = q.size(0);
   d.T = q.size(1);
   d.H = q.size(2);
@@ -81,8 +84,6 @@ inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(beta.dim() == 3 && beta.size(0) == d.B && beta.size(1) == d.T &&
                   beta.size(2) == d.HV,
               "kda_ext: beta must be [", d.B, ", ", d.T, ", ", d.HV, "], got ", beta.sizes());
-  TORCH_CHECK(chunk_size == 32 || chunk_size == 64, "kda_ext: chunk_size must be 32 or 64, got ",
-              chunk_size);
   for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"},
                          {&g, "g"}, {&beta, "beta"}}) {
     TORCH_CHECK(is_float_dtype(t->scalar_type()), "kda_ext: ", name,
@@ -92,7 +93,6 @@ inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "kda_ext: q, k and v must share a dtype, got ", q.scalar_type(), ", ",
               k.scalar_type(), ", ", v.scalar_type());
-  d.BT = chunk_size;
   d.varlen = cu_seqlens.has_value();
   if (d.varlen) {
     const auto& cu = *cu_seqlens;
@@ -107,6 +107,55 @@ inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, co
   } else {
     d.N = d.B;
   }
+  return d;
+}
+
+// The in-kernel gate's parameters (both ops): A_log [HV], dt_bias [HV * K], fp32/fp64, q's device.
+inline void check_gate_params(const at::Tensor& q, const std::optional<at::Tensor>& A_log,
+                              const std::optional<at::Tensor>& dt_bias, bool use_gate_in_kernel,
+                              std::optional<double> lower_bound, int64_t HV, int64_t K) {
+  if (use_gate_in_kernel) {
+    TORCH_CHECK(A_log.has_value() || lower_bound.has_value(),
+                "kda_ext: the in-kernel softplus gate needs A_log");
+    if (A_log.has_value()) {
+      TORCH_CHECK(A_log->numel() == HV, "kda_ext: A_log must have HV=", HV,
+                  " elements, got ", A_log->numel());
+      TORCH_CHECK(A_log->scalar_type() == at::kFloat || A_log->scalar_type() == at::kDouble,
+                  "kda_ext: A_log must be float32 or float64, got ", A_log->scalar_type());
+      check_same_device(q, *A_log, "A_log");
+    }
+    if (dt_bias.has_value()) {
+      TORCH_CHECK(dt_bias->numel() == HV * K, "kda_ext: dt_bias must have HV*K=",
+                  HV * K, " elements, got ", dt_bias->numel());
+      TORCH_CHECK(dt_bias->scalar_type() == at::kFloat || dt_bias->scalar_type() == at::kDouble,
+                  "kda_ext: dt_bias must be float32 or float64, got ", dt_bias->scalar_type());
+      check_same_device(q, *dt_bias, "dt_bias");
+    }
+  }
+}
+
+inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& g, const at::Tensor& beta,
+                                    const std::optional<at::Tensor>& initial_state,
+                                    const std::optional<at::Tensor>& A_log,
+                                    const std::optional<at::Tensor>& dt_bias,
+                                    const std::optional<at::Tensor>& cu_seqlens,
+                                    bool use_gate_in_kernel,
+                                    std::optional<double> lower_bound, bool state_v_first,
+                                    int64_t chunk_size) {
+  const InputDims in = check_common_inputs(q, k, v, g, beta, cu_seqlens);
+  TORCH_CHECK(chunk_size == 32 || chunk_size == 64, "kda_ext: chunk_size must be 32 or 64, got ",
+              chunk_size);
+  KdaDims d{};
+  d.B = in.B;
+  d.T = in.T;
+  d.H = in.H;
+  d.HV = in.HV;
+  d.K = in.K;
+  d.V = in.V;
+  d.N = in.N;
+  d.varlen = in.varlen;
+  d.BT = chunk_size;
   d.NT = chunk_slots(d.T, d.N, d.BT, d.varlen);
   const auto sdt = compute_dtype(q);
   if (initial_state.has_value()) {
@@ -120,24 +169,7 @@ inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, co
                 h0.scalar_type());
     check_same_device(q, h0, "initial_state");
   }
-  if (use_gate_in_kernel) {
-    TORCH_CHECK(A_log.has_value() || lower_bound.has_value(),
-                "kda_ext: the in-kernel softplus gate needs A_log");
-    if (A_log.has_value()) {
-      TORCH_CHECK(A_log->numel() == d.HV, "kda_ext: A_log must have HV=", d.HV,
-                  " elements, got ", A_log->numel());
-      TORCH_CHECK(A_log->scalar_type() == at::kFloat || A_log->scalar_type() == at::kDouble,
-                  "kda_ext: A_log must be float32 or float64, got ", A_log->scalar_type());
-      check_same_device(q, *A_log, "A_log");
-    }
-    if (dt_bias.has_value()) {
-      TORCH_CHECK(dt_bias->numel() == d.HV * d.K, "kda_ext: dt_bias must have HV*K=",
-                  d.HV * d.K, " elements, got ", dt_bias->numel());
-      TORCH_CHECK(dt_bias->scalar_type() == at::kFloat || dt_bias->scalar_type() == at::kDouble,
-                  "kda_ext: dt_bias must be float32 or float64, got ", dt_bias->scalar_type());
-      check_same_device(q, *dt_bias, "dt_bias");
-    }
-  }
+  check_gate_params(q, A_log, dt_bias, use_gate_in_kernel, lower_bound, d.HV, d.K);
   return d;
 }
 
@@ -159,52 +191,16 @@ inline RecurrentDims check_fused_recurrent_args(
     const std::optional<at::Tensor>& cu_seqlens,
     const std::optional<at::Tensor>& ssm_state_indices, bool use_gate_in_kernel,
     std::optional<double> lower_bound, bool state_v_first, bool inplace) {
-  TORCH_CHECK(q.dim() == 4, "kda_ext: q must be [B, T, H, K], got shape ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "kda_ext: k must have q's shape ", q.sizes(), ", got ",
-              k.sizes());
-  TORCH_CHECK(v.dim() == 4, "kda_ext: v must be [B, T, HV, V], got shape ", v.sizes());
+  const InputDims in = check_common_inputs(q, k, v, g, beta, cu_seqlens);
   RecurrentDims d{};
-  d.B = q.size(0);
-  d.T = q.size(1);
-  d.H = q.size(2);
-  d.K = q.size(3);
-  d.HV = v.size(2);
-  d.V = v.size(3);
-  TORCH_CHECK(v.size(0) == d.B && v.size(1) == d.T, "kda_ext: v must be [", d.B, ", ", d.T,
-              ", HV, V] (B and T of q), got ", v.sizes());
-  TORCH_CHECK(d.H > 0 && d.HV > 0 && d.HV % d.H == 0, "kda_ext: the value heads HV=", d.HV,
-              " must be a positive multiple of the q/k heads H=", d.H);
-  TORCH_CHECK(d.K > 0 && d.K <= 256, "kda_ext: key head dim K must be in [1, 256], got ", d.K);
-  TORCH_CHECK(d.V > 0 && d.V <= 256, "kda_ext: value head dim V must be in [1, 256], got ", d.V);
-  TORCH_CHECK(g.dim() == 4 && g.size(0) == d.B && g.size(1) == d.T && g.size(2) == d.HV &&
-                  g.size(3) == d.K,
-              "kda_ext: g must be [", d.B, ", ", d.T, ", ", d.HV, ", ", d.K, "], got ", g.sizes());
-  TORCH_CHECK(beta.dim() == 3 && beta.size(0) == d.B && beta.size(1) == d.T &&
-                  beta.size(2) == d.HV,
-              "kda_ext: beta must be [", d.B, ", ", d.T, ", ", d.HV, "], got ", beta.sizes());
-  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"},
-                         {&g, "g"}, {&beta, "beta"}}) {
-    TORCH_CHECK(is_float_dtype(t->scalar_type()), "kda_ext: ", name,
-                " must be float16, bfloat16, float32 or float64, got ", t->scalar_type());
-    check_same_device(q, *t, name);
-  }
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "kda_ext: q, k and v must share a dtype, got ", q.scalar_type(), ", ",
-              k.scalar_type(), ", ", v.scalar_type());
-  d.varlen = cu_seqlens.has_value();
-  if (d.varlen) {
-    const auto& cu = *cu_seqlens;
-    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2,
-                "kda_ext: cu_seqlens must be a 1-D tensor of N+1 >= 2 offsets, got shape ",
-                cu.sizes());
-    TORCH_CHECK(cu.scalar_type() == at::kLong || cu.scalar_type() == at::kInt,
-                "kda_ext: cu_seqlens must be int32 or int64, got ", cu.scalar_type());
-    check_same_device(q, cu, "cu_seqlens");
-    TORCH_CHECK(d.B == 1, "kda_ext: batch size must be 1 with cu_seqlens, got ", d.B);
-    d.N = cu.numel() - 1;
-  } else {
-    d.N = d.B;
-  }
+  d.B = in.B;
+  d.T = in.T;
+  d.H = in.H;
+  d.HV = in.HV;
+  d.K = in.K;
+  d.V = in.V;
+  d.N = in.N;
+  d.varlen = in.varlen;
   d.indexed = ssm_state_indices.has_value();
   if (d.indexed) {
     const auto& idx = *ssm_state_indices;
@@ -240,24 +236,7 @@ inline RecurrentDims check_fused_recurrent_args(
                   "must be >= ", d.HV * r * c, ", got ", s.stride(0));
     }
   }
-  if (use_gate_in_kernel) {
-    TORCH_CHECK(A_log.has_value() || lower_bound.has_value(),
-                "kda_ext: the in-kernel softplus gate needs A_log");
-    if (A_log.has_value()) {
-      TORCH_CHECK(A_log->numel() == d.HV, "kda_ext: A_log must have HV=", d.HV,
-                  " elements, got ", A_log->numel());
-      TORCH_CHECK(A_log->scalar_type() == at::kFloat || A_log->scalar_type() == at::kDouble,
-                  "kda_ext: A_log must be float32 or float64, got ", A_log->scalar_type());
-      check_same_device(q, *A_log, "A_log");
-    }
-    if (dt_bias.has_value()) {
-      TORCH_CHECK(dt_bias->numel() == d.HV * d.K, "kda_ext: dt_bias must have HV*K=",
-                  d.HV * d.K, " elements, got ", dt_bias->numel());
-      TORCH_CHECK(dt_bias->scalar_type() == at::kFloat || dt_bias->scalar_type() == at::kDouble,
-                  "kda_ext: dt_bias must be float32 or float64, got ", dt_bias->scalar_type());
-      check_same_device(q, *dt_bias, "dt_bias");
-    }
-  }
+  check_gate_params(q, A_log, dt_bias, use_gate_in_kernel, lower_bound, d.HV, d.K);
   return d;
 }
 

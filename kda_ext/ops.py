@@ -163,8 +163,9 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _check_args(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, use_gate_in_kernel,
-                lower_bound, state_v_first, chunk_size) -> _Dims:
+def _check_common_inputs(q, k, v, g, beta, cu_seqlens) -> Tuple[int, int, int, int, int, int, int]:
+    """The checks chunk_kda_fwd and fused_recurrent_kda_fwd share (shapes, dtypes and devices of
+    q, k, v, g, beta; cu_seqlens): (B, T, H, K, HV, V, N), N the number of sequences."""
     torch._check(q.dim() == 4, lambda: f"kda_ext: q must be [B, T, H, K], got shape {tuple(q.shape)}")
     torch._check(k.shape == q.shape,
                  lambda: f"kda_ext: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
@@ -181,8 +182,6 @@ def _check_args(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, use
                  lambda: f"kda_ext: g must be [{B}, {T}, {HV}, {K}], got {tuple(g.shape)}")
     torch._check(beta.dim() == 3 and tuple(beta.shape) == (B, T, HV),
                  lambda: f"kda_ext: beta must be [{B}, {T}, {HV}], got {tuple(beta.shape)}")
-    torch._check(chunk_size in (32, 64),
-                 lambda: f"kda_ext: chunk_size must be 32 or 64, got {chunk_size}")
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (g, "g"), (beta, "beta")):
         torch._check(t.dtype in _FLOAT_DTYPES,
                      lambda: f"kda_ext: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
@@ -190,8 +189,7 @@ def _check_args(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, use
                      lambda: f"kda_ext: {name} must be on {q.device} (the device of q), got {t.device}")
     torch._check(k.dtype == q.dtype and v.dtype == q.dtype,
                  lambda: f"kda_ext: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    varlen = cu_seqlens is not None
-    if varlen:
+    if cu_seqlens is not None:
         torch._check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2,
                      lambda: "kda_ext: cu_seqlens must be a 1-D tensor of N+1 >= 2 offsets, "
                              f"got shape {tuple(cu_seqlens.shape)}")
@@ -200,11 +198,17 @@ def _check_args(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, use
         torch._check(cu_seqlens.device == q.device,
                      lambda: f"kda_ext: cu_seqlens must be on {q.device} (the device of q), got {cu_seqlens.device}")
         torch._check(B == 1, lambda: f"kda_ext: batch size must be 1 with cu_seqlens, got {B}")
-        N = cu_seqlens.shape[0] - 1
-        NT = (T + N * (chunk_size - 1)) // chunk_size
-    else:
-        N = B
-        NT = (T + chunk_size - 1) // chunk_size
+        return B, T, H, K, HV, V, cu_seqlens.shape[0] - 1
+    return B, T, H, K, HV, V, B
+
+
+def _check_args(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, use_gate_in_kernel,
+                lower_bound, state_v_first, chunk_size) -> _Dims:
+    B, T, H, K, HV, V, N = _check_common_inputs(q, k, v, g, beta, cu_seqlens)
+    torch._check(chunk_size in (32, 64),
+                 lambda: f"kda_ext: chunk_size must be 32 or 64, got {chunk_size}")
+    varlen = cu_seqlens is not None
+    NT = (T + N * (chunk_size - 1)) // chunk_size if varlen else (T + chunk_size - 1) // chunk_size
     sdt = _compute_dtype(q)
     if initial_state is not None:
         r, c = (V, K) if state_v_first else (K, V)
@@ -478,41 +482,7 @@ def fused_recurrent_kda_inplace(
 def _check_recurrent_args(q, k, v, g, beta, state, A_log, dt_bias, cu_seqlens, ssm_state_indices,
                           use_gate_in_kernel, lower_bound, state_v_first, inplace):
     """Mirror of csrc/checks.h check_fused_recurrent_args; returns (B, T, HV, K, V, N)."""
-    torch._check(q.dim() == 4, lambda: f"kda_ext: q must be [B, T, H, K], got shape {tuple(q.shape)}")
-    torch._check(k.shape == q.shape,
-                 lambda: f"kda_ext: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    torch._check(v.dim() == 4, lambda: f"kda_ext: v must be [B, T, HV, V], got shape {tuple(v.shape)}")
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    torch._check(v.shape[0] == B and v.shape[1] == T,
-                 lambda: f"kda_ext: v must be [{B}, {T}, HV, V] (B and T of q), got {tuple(v.shape)}")
-    torch._check(H > 0 and HV > 0 and HV % H == 0,
-                 lambda: f"kda_ext: the value heads HV={HV} must be a positive multiple of the q/k heads H={H}")
-    torch._check(0 < K <= 256, lambda: f"kda_ext: key head dim K must be in [1, 256], got {K}")
-    torch._check(0 < V <= 256, lambda: f"kda_ext: value head dim V must be in [1, 256], got {V}")
-    torch._check(g.dim() == 4 and tuple(g.shape) == (B, T, HV, K),
-                 lambda: f"kda_ext: g must be [{B}, {T}, {HV}, {K}], got {tuple(g.shape)}")
-    torch._check(beta.dim() == 3 and tuple(beta.shape) == (B, T, HV),
-                 lambda: f"kda_ext: beta must be [{B}, {T}, {HV}], got {tuple(beta.shape)}")
-    for t, name in ((q, "q"), (k, "k"), (v, "v"), (g, "g"), (beta, "beta")):
-        torch._check(t.dtype in _FLOAT_DTYPES,
-                     lambda: f"kda_ext: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        torch._check(t.device == q.device,
-                     lambda: f"kda_ext: {name} must be on {q.device} (the device of q), got {t.device}")
-    torch._check(k.dtype == q.dtype and v.dtype == q.dtype,
-                 lambda: f"kda_ext: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens is not None:
-        torch._check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2,
-                     lambda: "kda_ext: cu_seqlens must be a 1-D tensor of N+1 >= 2 offsets, "
-                             f"got shape {tuple(cu_seqlens.shape)}")
-        torch._check(cu_seqlens.dtype in (torch.int32, torch.int64),
-                     lambda: f"kda_ext: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        torch._check(cu_seqlens.device == q.device,
-                     lambda: f"kda_ext: cu_seqlens must be on {q.device} (the device of q), got {cu_seqlens.device}")
-        torch._check(B == 1, lambda: f"kda_ext: batch size must be 1 with cu_seqlens, got {B}")
-        N = cu_seqlens.shape[0] - 1
-    else:
-        N = B
+    B, T, H, K, HV, V, N = _check_common_inputs(q, k, v, g, beta, cu_seqlens)
     indexed = ssm_state_indices is not None
     if indexed:
         torch._check(ssm_state_indices.dim() == 1 and ssm_state_indices.shape[0] == N,
