@@ -49,21 +49,6 @@ struct RecurrentParams {
   bool state_v_first;
 };
 
-template <class T>
-GateFn<T> gate_for_head(const RecurrentParams& p, int64_t hv) {
-  GateFn<T> f;
-  f.in_kernel = p.use_gate_in_kernel;
-  if (!f.in_kernel) return f;
-  f.lower_bound_gate = p.has_lower_bound;
-  f.lb = static_cast<T>(p.lower_bound);
-  f.a = p.A_log ? std::exp(read_scalar<T>(p.A_log, p.A_log_dt, hv)) : T(1);
-  if (p.dt_bias) {
-    f.bias = elem_ptr(p.dt_bias, p.dt_bias_dt, hv * p.K);
-    f.bias_dt = p.dt_bias_dt;
-  }
-  return f;
-}
-
 // FLA's recurrent kernel normalises in fp32 without rounding back to the input dtype.
 template <class T>
 void l2normalize(T* x, int64_t K) {
@@ -101,7 +86,7 @@ void run_item(const RecurrentParams& p, int64_t n, int64_t hv, Scratch<T>& s) {
                p.state_v_first, K, V, S);
   else
     std::fill(S, S + K * V, T(0));
-  const GateFn<T> gate = gate_for_head<T>(p, hv);
+  const GateFn<T> gate = make_gate_fn<T>(p, hv);
   T *q = s.q.data(), *k = s.k.data(), *decay = s.decay.data(), *v = s.v.data(),
     *pred = s.pred.data();
   for (int64_t r = bos; r < eos; ++r) {

@@ -5,22 +5,6 @@ namespace kda_ext {
 namespace cpu {
 
 template <class T>
-GateFn<T> make_gate_fn(const Params& p, int64_t hv) {
-  GateFn<T> f;
-  f.in_kernel = p.use_gate_in_kernel;
-  if (!f.in_kernel) return f;
-  f.lower_bound_gate = p.has_lower_bound;
-  f.lb = static_cast<T>(p.lower_bound);
-  f.a = p.A_log ? std::exp(read_scalar<T>(p.A_log, p.A_log_dt, hv)) : T(1);
-  if (p.dt_bias) {
-    const size_t esize = p.dt_bias_dt == Dt::Double ? 8 : 4;
-    f.bias = static_cast<const char*>(p.dt_bias) + hv * p.K * esize;
-    f.bias_dt = p.dt_bias_dt;
-  }
-  return f;
-}
-
-template <class T>
 T l2norm_row(const T* x, int64_t K, T* y, Dt dt) {
   T ss = T(0);
   for (int64_t c = 0; c < K; ++c) ss += x[c] * x[c];
@@ -77,7 +61,6 @@ void gate_cumsum_chunk(const Params& p, const WorkItem& wi, int64_t r0, int64_t 
 }
 
 #define KDA_INSTANTIATE(T)                                                                    \
-  template GateFn<T> make_gate_fn<T>(const Params&, int64_t);                                \
   template T l2norm_row<T>(const T*, int64_t, T*, Dt);                                       \
   template T beta_value<T>(const Params&, T);                                                \
   template void load_chunk_inputs<T>(const Params&, const WorkItem&, int64_t, int64_t, T*, T*, \

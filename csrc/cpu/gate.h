@@ -24,8 +24,22 @@ struct GateFn {
   }
 };
 
-template <class T>
-GateFn<T> make_gate_fn(const Params& p, int64_t hv);
+// The gate of value head hv from any params struct with the gate's fields (Params, and the
+// decode op's RecurrentParams).
+template <class T, class P>
+GateFn<T> make_gate_fn(const P& p, int64_t hv) {
+  GateFn<T> f;
+  f.in_kernel = p.use_gate_in_kernel;
+  if (!f.in_kernel) return f;
+  f.lower_bound_gate = p.has_lower_bound;
+  f.lb = static_cast<T>(p.lower_bound);
+  f.a = p.A_log ? std::exp(read_scalar<T>(p.A_log, p.A_log_dt, hv)) : T(1);
+  if (p.dt_bias) {
+    f.bias = elem_ptr(p.dt_bias, p.dt_bias_dt, hv * p.K);
+    f.bias_dt = p.dt_bias_dt;
+  }
+  return f;
+}
 
 // y = round(x * rstd, dt) with rstd = 1/sqrt(sum x^2 + 1e-6); returns rstd.
 template <class T>
