@@ -77,7 +77,9 @@ wait_flashkda() {  # the FlashKDA build's result into the summary, once; its pac
   fi
 }
 
-src_hash=$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+# LC_ALL=C: the same file order (and so the same hash) on every machine; a .so built elsewhere and
+# carried, with its hash written the same way, is then reused.
+src_hash=$(cat setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16)
 if has build; then
   so=$(ls kda_ext/_C*.so 2>/dev/null | head -n1)
   if [ -n "$so" ] && [ "$(cat kda_ext/_C.srchash 2>/dev/null)" == "$src_hash" ]; then
