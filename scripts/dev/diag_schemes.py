@@ -10,6 +10,7 @@ ground truth, the ways a kernel could form the diagonal blocks:
   B   hierarchical references, bf16 operands at every level (a tensor-core kernel)
   C4  B with the 4x4, 2x2, 1x1 levels and the diagonal in fp32 (fp32 SIMT tail under level 8)
   C2  B with the 2x2, 1x1 levels and the diagonal in fp32
+  C1  B with the 1x1 level (pairs 2a+1, 2a) and the diagonal in fp32
   D   element-wise fp32 (today's fallback)
   Ba, C4a  B and C4 with every factor formed as a running product of the per-step decays
       alpha_t = e^{g_t} (one exponential per element for all levels) instead of e^{G_a - G_b}
@@ -293,7 +294,7 @@ def maxabs(ref, out):
 
 # ---- one case --------------------------------------------------------------------------------
 
-VARIANTS = ("A", "B", "C4", "C2", "Ba", "C4a", "D", "off")
+VARIANTS = ("A", "B", "C4", "C2", "C1", "Ba", "C4a", "D", "off")
 
 
 def run_case(mode, seed, T, H, check_reference=None):
@@ -324,6 +325,7 @@ def run_case(mode, seed, T, H, check_reference=None):
         "B": blocks_hier(qb, kb, Gb),
         "C4": blocks_hier(qb, kb, Gb, fp32_levels=(4, 2, 1)),
         "C2": blocks_hier(qb, kb, Gb, fp32_levels=(2, 1)),
+        "C1": blocks_hier(qb, kb, Gb, fp32_levels=(1,)),
         "Ba": blocks_hier(qb, kb, Gb, alpha=exp_kernel(gb)),
         "C4a": blocks_hier(qb, kb, Gb, fp32_levels=(4, 2, 1), alpha=exp_kernel(gb)),
         "D": (ew_q, ew_k),
@@ -397,6 +399,49 @@ def run_case(mode, seed, T, H, check_reference=None):
     return res, stats
 
 
+# ---- work per diagonal block, for a tensor-core kernel (the lean kernel's layout) --------------
+
+def cost_rows():
+    """Counts per 16 x 16 diagonal block (K = 128: 8 k-steps of m16n8k16).
+
+    Hierarchical levels on tensor cores are packed one m16n8k16 per k-step each: the 16 A rows are
+    the q- and k-versions of the level's 8 lower-half rows (Aqk and L from one product), the 8 B
+    columns the k-versions of its 8 upper-half rows; only the entries of the level are kept.
+    The fp32 levels and the diagonal run as a SIMT tail in the warp that owns the 8-row group
+    (lane = 2 columns of a 64-column half): per-lane partial dots, then a reduce-scatter across
+    the 32 lanes (~1 shuffle + 1 add per value).
+    """
+    useful = {8: 128, 4: 64, 2: 32, 1: 16}      # kept entries (Aqk + L) of the 16 x 8 product
+    versions = {8: 24, 4: 24, 2: 24, 1: 8}      # bf16 row-vectors written (level 1 rows: raw q, k)
+    exps = {lvl: 16 - 8 // lvl for lvl in LEVELS}  # non-trivial factors per column
+    muls = {lvl: 2 * (lvl - 1) * (8 // lvl) for lvl in LEVELS}  # alpha running products
+    tail_vals = {4: 32, 2: 16, 1: 8}            # fp32 values per 8-row warp (Aqk + L entries)
+    rows = [("median (A, today)", 32, 8 * 256, 48, 32, None, 0),
+            ("element-wise (D)", 0, 0, 0, 136, None, 0)]
+    for name, mma in (("hier B (8,4,2,1 MMA)", (8, 4, 2, 1)), ("hier C1 (8,4,2 MMA)", (8, 4, 2)),
+                      ("hier C2 (8,4 MMA)", (8, 4)), ("hier C4 (8 MMA)", (8,))):
+        tail = 8 + sum(tail_vals[lvl] for lvl in LEVELS if lvl not in mma)  # + the diagonal
+        rows.append((name, 8 * len(mma), 8 * sum(useful[lvl] for lvl in mma),
+                     sum(versions[lvl] for lvl in mma), sum(exps.values()),
+                     sum(muls.values()), tail))
+    return rows
+
+
+def print_costs():
+    print("\nwork per 16x16 diagonal block (K = 128): m16n8k16 MMAs (useful share of their "
+          "outputs), bf16 operand row-vectors written, exponentials per column (direct "
+          "e^{G_a-G_b}; or 16 via alpha_t = e^{g_t} plus FMULs), fp32 SIMT tail values per "
+          "8-row warp (each ~2 FFMA per lane per half + ~1 SHFL + 1 FADD)")
+    print(f"   {'scheme':22s} {'MMAs':>5s} {'useful':>7s} {'versions':>9s} {'exp/col':>8s} "
+          f"{'alpha FMUL/col':>15s} {'tail values':>12s}")
+    for name, mma, use, ver, ex, mul, tail in cost_rows():
+        share = f"{100 * use / (128 * mma):.0f}%" if mma else "-"
+        mul_s = "-" if mul is None else f"16 exp + {mul}"
+        print(f"   {name:22s} {mma:5d} {share:>7s} {ver:9d} {ex:8d} {mul_s:>15s} {tail:12d}")
+    print("   element-wise: one exponential per (entry, column): 136 entries x 128 = 17408 per "
+          "block, 256 lanes x 128 iterations issued")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -443,6 +488,7 @@ def main():
         # D is the exact element-wise sum in fp32: if it strays from fp64, the prototype is wrong
         for key in ("aqk_rms", "l_rms", "o_rms", "s_rms"):
             assert d[key] < 1e-5, f"variant D {key} = {d[key]:.3e} in mode {mode}: not exact"
+    print_costs()
     print(f"\n(maxima over seeds; D within {worst_d:.1e} of fp64 everywhere; {time.time() - t0:.0f} s)")
 
 
