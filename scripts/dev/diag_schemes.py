@@ -1,7 +1,8 @@
 """Diagonal 16x16 blocks of KDA's intra-chunk matrices under an unbounded gate: a CPU prototype.
 
 The lean CUDA kernel (csrc/cuda/chunk_prepare_lean.cuh) forms each diagonal block of
-  Aqk[i,j] = scale sum_c q_ic k_jc e^{G_ic - G_jc}  (j <= i),  L[i,j] = beta_i sum_c k_ic k_jc e^{..}  (j < i)
+  Aqk[i,j] = scale sum_c q_ic k_jc e^{G_ic - G_jc}  (j <= i),
+  L[i,j]   = beta_i sum_c k_ic k_jc e^{G_ic - G_jc}  (j < i)
 on tensor cores around the block's median row m (operands q e^{G-G_m}, k e^{G-G_m}, k e^{G_m-G}
 in bf16). Those factors overflow once |G_i - G_m| passes ~88 in a column, so a block whose span
 exceeds 60 falls back to an element-wise fp32 sum (slow). This script compares, against an fp64
@@ -276,7 +277,8 @@ def chunk_forward(q, k, v, G, beta, h0, Aqk, L, scale):
         v_new = u - w @ S
         outs.append(scale * (qc * eG) @ S + Aqk[:, c] @ v_new)
         G_last = Gc[:, -1]
-        S = torch.exp(G_last)[..., None] * S + (kc * torch.exp(G_last[:, None] - Gc)).transpose(1, 2) @ v_new
+        kg = kc * torch.exp(G_last[:, None] - Gc)
+        S = torch.exp(G_last)[..., None] * S + kg.transpose(1, 2) @ v_new
     return torch.stack(outs, 1), S
 
 
@@ -321,7 +323,8 @@ def run_case(mode, seed, T, H, check_reference=None):
     real = lsub > 0
     forced_nonfinite = (~torch.isfinite(med_q[real]).all(-1).all(-1)).float().mean().item()
     diag = {
-        "A": (torch.where(bad[:, None, None], ew_q, med_q), torch.where(bad[:, None, None], ew_k, med_k)),
+        "A": (torch.where(bad[:, None, None], ew_q, med_q),
+              torch.where(bad[:, None, None], ew_k, med_k)),
         "B": blocks_hier(qb, kb, Gb),
         "C4": blocks_hier(qb, kb, Gb, fp32_levels=(4, 2, 1)),
         "C2": blocks_hier(qb, kb, Gb, fp32_levels=(2, 1)),
@@ -364,7 +367,7 @@ def run_case(mode, seed, T, H, check_reference=None):
             g_same[None], x["beta"][None].double(), scale, x["h0"][None].double(), True)
         o_mine = o_ref.movedim(0, 2).reshape(NT * BT, H, K)[:T]
         r_o, r_s = ratio(o_rec[0], o_mine), ratio(S_rec[0], S_ref)
-        assert r_o < 1e-9 and r_s < 1e-9, f"fp64 chunk forward vs kda_ext reference: {mode} {r_o} {r_s}"
+        assert r_o < 1e-9 and r_s < 1e-9, f"fp64 chunk forward vs reference: {mode} {r_o} {r_s}"
 
     res = {}
     for name in VARIANTS:
@@ -473,7 +476,8 @@ def main():
                     agg[n][key] = val if math.isnan(val) or math.isnan(prev) else max(prev, val)
         print(f"\n== {mode}: {MODES[mode]}")
         print(f"   median path failures (span > {SPAN_MAX:g}): {fails}/{blocks} diagonal blocks "
-              f"({100.0 * fails / blocks:.1f}%); span median {sum(p for p, _ in spans) / len(spans):.1f}, "
+              f"({100.0 * fails / blocks:.1f}%); "
+              f"span median {sum(p for p, _ in spans) / len(spans):.1f}, "
               f"max {max(m for _, m in spans):.1f}; median path forced on every block: "
               f"{100.0 * max(nonfinite):.1f}% of blocks non-finite")
         print(f"   {'variant':8s} {'Aqk max':>9s} {'Aqk rel':>9s} {'L max':>9s} {'L rel':>9s} "
@@ -489,7 +493,8 @@ def main():
         for key in ("aqk_rms", "l_rms", "o_rms", "s_rms"):
             assert d[key] < 1e-5, f"variant D {key} = {d[key]:.3e} in mode {mode}: not exact"
     print_costs()
-    print(f"\n(maxima over seeds; D within {worst_d:.1e} of fp64 everywhere; {time.time() - t0:.0f} s)")
+    print(f"\n(maxima over seeds; D within {worst_d:.1e} of fp64 everywhere; "
+          f"{time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
