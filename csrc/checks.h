@@ -15,9 +15,14 @@ namespace kda_ext {
 
 // Sizes shared by every stage. NT is the number of chunk slots of `h`: ceil(T/BT) for fixed
 // length, the shape-only upper bound (T + N*(BT-1)) / BT with cu_seqlens (see docs/design.md).
-struct KdaDims {
-  int64_t B, T, H, HV, K, V, N, BT, NT;
+// What chunk_kda and fused_recurrent_kda read off their inputs alike (check_common_inputs).
+struct InputDims {
+  int64_t B, T, H, HV, K, V, N;
   bool varlen;
+};
+
+struct KdaDims : InputDims {
+  int64_t BT, NT;
 };
 
 inline int64_t chunk_slots(int64_t T, int64_t N, int64_t BT, bool varlen) {
@@ -51,11 +56,6 @@ inline at::ScalarType compute_dtype(const at::Tensor& q) {
 
 // The sizes both ops read from q and v, and N, the number of sequences (B, or the offsets of
 // cu_seqlens).
-struct InputDims {
-  int64_t B, T, H, HV, K, V, N;
-  bool varlen;
-};
-
 // What chunk_kda and fused_recurrent_kda check alike: the shapes, dtypes and devices of q, k, v,
 // g and beta, and cu_seqlens.
 inline InputDims check_common_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -147,14 +147,7 @@ inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(chunk_size == 32 || chunk_size == 64, "kda_ext: chunk_size must be 32 or 64, got ",
               chunk_size);
   KdaDims d{};
-  d.B = in.B;
-  d.T = in.T;
-  d.H = in.H;
-  d.HV = in.HV;
-  d.K = in.K;
-  d.V = in.V;
-  d.N = in.N;
-  d.varlen = in.varlen;
+  static_cast<InputDims&>(d) = in;
   d.BT = chunk_size;
   d.NT = chunk_slots(d.T, d.N, d.BT, d.varlen);
   const auto sdt = compute_dtype(q);
@@ -175,10 +168,15 @@ inline KdaDims check_chunk_kda_args(const at::Tensor& q, const at::Tensor& k, co
 
 // Sizes of one fused_recurrent_kda call. P is the number of state slots (rows of the state
 // tensor): N without ssm_state_indices, the pool size with them.
-struct RecurrentDims {
-  int64_t B, T, H, HV, K, V, N, P;
-  bool varlen, indexed;
+struct RecurrentDims : InputDims {
+  int64_t P;
+  bool indexed;
 };
+
+// A state tensor [*, HV, r, c] dense in its last three dims (its slots may be strided).
+inline bool state_inner_dense(const at::Tensor& s) {
+  return s.stride(3) == 1 && s.stride(2) == s.size(3) && s.stride(1) == s.size(2) * s.size(3);
+}
 
 // fused_recurrent_kda_fwd / _inplace: the shapes, dtypes and devices every backend relies on.
 // `state` is the initial state (or the state updated in place); `inplace` adds what writing
@@ -193,14 +191,7 @@ inline RecurrentDims check_fused_recurrent_args(
     std::optional<double> lower_bound, bool state_v_first, bool inplace) {
   const InputDims in = check_common_inputs(q, k, v, g, beta, cu_seqlens);
   RecurrentDims d{};
-  d.B = in.B;
-  d.T = in.T;
-  d.H = in.H;
-  d.HV = in.HV;
-  d.K = in.K;
-  d.V = in.V;
-  d.N = in.N;
-  d.varlen = in.varlen;
+  static_cast<InputDims&>(d) = in;
   d.indexed = ssm_state_indices.has_value();
   if (d.indexed) {
     const auto& idx = *ssm_state_indices;
@@ -228,7 +219,7 @@ inline RecurrentDims check_fused_recurrent_args(
                 compute_dtype(q), ", got ", s.scalar_type());
     check_same_device(q, s, "initial_state");
     if (inplace) {
-      TORCH_CHECK(s.stride(3) == 1 && s.stride(2) == c && s.stride(1) == r * c,
+      TORCH_CHECK(state_inner_dense(s),
                   "kda_ext: a state updated in place must be dense in its last three dims "
                   "(strides [*, ", r * c, ", ", c, ", 1]), got strides ", s.strides());
       TORCH_CHECK(d.P <= 1 || s.stride(0) >= d.HV * r * c,

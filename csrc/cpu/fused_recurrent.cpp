@@ -147,13 +147,10 @@ void run(const RecurrentParams& p) {
 // at its own slot stride; its inner three dims must be dense (the in-place op checked it; the
 // functional one passes a dense copy otherwise).
 struct Bound {
-  at::Tensor q, k, v, g, beta, A_log, dt_bias, state, cu, slots;
+  at::Tensor q, k, v, g, beta, A_log, dt_bias, state, slots;
+  std::vector<int64_t> cu;
   RecurrentParams p{};
 };
-
-bool inner_dense(const at::Tensor& s) {
-  return s.stride(3) == 1 && s.stride(2) == s.size(3) && s.stride(1) == s.size(2) * s.size(3);
-}
 
 Bound bind_recurrent(const RecurrentDims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
            const at::Tensor& g, const at::Tensor& beta, double scale,
@@ -198,20 +195,14 @@ Bound bind_recurrent(const RecurrentDims& d, const at::Tensor& q, const at::Tens
   p.state_in = nullptr;
   p.state_in_stride = 0;
   if (state.has_value()) {
-    b.state = inner_dense(*state) ? *state : state->contiguous();
+    b.state = state_inner_dense(*state) ? *state : state->contiguous();
     p.state_in = b.state.data_ptr();
     p.state_in_stride = b.state.stride(0);
   }
   p.cu = nullptr;
   if (cu_seqlens.has_value()) {
-    b.cu = cu_seqlens->to(at::kLong).contiguous();
-    p.cu = b.cu.data_ptr<int64_t>();
-    const int64_t* cu = p.cu;
-    TORCH_CHECK(cu[0] == 0, "kda_ext: cu_seqlens must start at 0, got ", cu[0]);
-    TORCH_CHECK(cu[d.N] == d.T, "kda_ext: cu_seqlens must end at T=", d.T, ", got ", cu[d.N]);
-    for (int64_t i = 0; i < d.N; ++i)
-      TORCH_CHECK(cu[i + 1] >= cu[i], "kda_ext: cu_seqlens must be non-decreasing, got ", cu[i],
-                  " then ", cu[i + 1], " at index ", i + 1);
+    b.cu = read_cu_seqlens(*cu_seqlens, d.T);
+    p.cu = b.cu.data();
   }
   p.slots = nullptr;
   if (ssm_state_indices.has_value()) {

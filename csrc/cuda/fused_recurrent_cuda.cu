@@ -20,10 +20,6 @@ namespace {
 
 using cuda::dtype_tag;
 
-bool inner_dense(const at::Tensor& s) {
-  return s.stride(3) == 1 && s.stride(2) == s.size(3) && s.stride(1) == s.size(2) * s.size(3);
-}
-
 // Runs the recurrence. `state_in`: the initial state (or pool), dense in its last three dims;
 // `state_out`: where the final state goes (undefined: nowhere), by slot when `out_by_slot`.
 at::Tensor run_recurrent(const RecurrentDims& d, const at::Tensor& q_in, const at::Tensor& k_in,
@@ -110,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> fused_recurrent_kda_fwd_cuda(
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor state_in;
   if (initial_state.has_value())
-    state_in = inner_dense(*initial_state) ? *initial_state : initial_state->contiguous();
+    state_in = state_inner_dense(*initial_state) ? *initial_state : initial_state->contiguous();
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t r = state_v_first ? d.V : d.K, c = state_v_first ? d.K : d.V;
   at::Tensor final_state =
