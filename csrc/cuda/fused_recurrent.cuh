@@ -35,6 +35,7 @@
 #include <cstdint>
 
 #include "cuda/fused_recurrent_params.h"
+#include "cuda/mma.cuh"  // to_float, from_float
 
 namespace kda_ext {
 namespace cuda {
@@ -45,29 +46,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kBV = 32;  // value columns per CTA
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename T>
-__device__ __forceinline__ float as_float(T x);
-template <>
-__device__ __forceinline__ float as_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float as_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float as_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// g and beta come in their own float dtypes (a run-time tag, not more instantiations).
+// g and beta come in their own float dtypes (a run-time tag, not more instantiations). The same
+// loads as mma.cuh's load_any, kept apart only because load_any's case order compiles this kernel
+// to a different branch layout than the one measured on a GPU; fold it in with the next change
+// that is measured there.
 __device__ __forceinline__ float load_tagged(const void* p, DType dt, int64_t i) {
   switch (dt) {
     case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
@@ -279,11 +261,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
     for (int e = 0; e < kPerThread; ++e) {
       const int64_t kk = tid + e * kThreads;
       const bool in = kk < K;
-      in_q[e] = in ? as_float(q[(r * H + h) * K + kk]) : 0.f;
-      in_k[e] = in ? as_float(kp[(r * H + h) * K + kk]) : 0.f;
+      in_q[e] = in ? to_float(q[(r * H + h) * K + kk]) : 0.f;
+      in_k[e] = in ? to_float(kp[(r * H + h) * K + kk]) : 0.f;
       in_g[e] = in ? load_tagged(p.g, p.g_dtype, (r * HV + hv) * K + kk) : 0.f;
     }
-    if (tid < kBV) in_v = v0 + tid < V ? as_float(vp[(r * HV + hv) * V + v0 + tid]) : 0.f;
+    if (tid < kBV) in_v = v0 + tid < V ? to_float(vp[(r * HV + hv) * V + v0 + tid]) : 0.f;
     if (tid == 0) in_beta = load_tagged(p.beta, p.beta_dtype, r * HV + hv);
   };
   if (bos < eos) load_token(bos);
