@@ -99,13 +99,13 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Which state elements a thread owns. Element (i, c) of a thread is at `row(i) * ld + col(c)` of
 // the (sequence, head) tile, where ld is the contiguous dim (V for [K, V], K for [V, K]); c runs
 // over kCols = kColIters * kVec columns (kVec consecutive ones per chunk).
-template <bool kVFirst, int kVec, int kKMax>
+template <bool kVFirst, int kVec, int kKMax, int kCtaCols>
 struct Tile;
 
-// [K, V]: rows are k (kKMax of them), columns the CTA's kBV value columns.
-template <int kVec, int kKMax>
-struct Tile<false, kVec, kKMax> {
-  static constexpr int kColGroups = kBV / kVec;
+// [K, V]: rows are k (kKMax of them), columns the CTA's kCtaCols value columns.
+template <int kVec, int kKMax, int kCtaCols>
+struct Tile<false, kVec, kKMax, kCtaCols> {
+  static constexpr int kColGroups = kCtaCols / kVec;
   static constexpr int kRowGroups = kThreads / kColGroups;
   static constexpr int kRows = kKMax / kRowGroups;
   static constexpr int kColIters = 1;
@@ -116,8 +116,9 @@ struct Tile<false, kVec, kKMax> {
 };
 
 // [V, K]: rows are the CTA's kBV value rows (warp w: rows 8w .. 8w+7), columns k.
-template <int kVec, int kKMax>
-struct Tile<true, kVec, kKMax> {
+template <int kVec, int kKMax, int kCtaCols>
+struct Tile<true, kVec, kKMax, kCtaCols> {
+  static_assert(kCtaCols == kBV, "the [V, K] tile has 32 value rows");
   static constexpr int kRows = kBV / kWarps;
   static constexpr int kColIters = (kKMax + 32 * kVec - 1) / (32 * kVec);
   static constexpr int kCols = kColIters * kVec;
@@ -146,37 +147,43 @@ __device__ __forceinline__ float gate_value(float graw, float bias, const GatePa
 // takes 76 by itself (6 per SM) and spills when held to 80; the other instantiations (odd K/V
 // and K > 128) spill under any floor that raises their occupancy, so they keep ptxas's choice,
 // except the [V, K] 4-byte K <= 64 one, which spilled 4 bytes at ptxas's choice of 72 and holds
-// in 80 (ptxas -v, sm_90a, nvcc 13.0).
+// in 80, and the [K, V] 16-byte K <= 64 one, which spilled 4 bytes at ptxas's choice of 56 and
+// holds in 72 (ptxas -v, sm_90a, nvcc 13.0).
 template <bool kVFirst, int kVec, int kKMax>
 constexpr int min_blocks_per_sm() {
   if (kVFirst && kVec == 4 && kKMax <= 128) return 6;
   if (kVFirst && kVec == 1 && kKMax <= 64) return 5;
+  if (!kVFirst && kVec == 4 && kKMax <= 64) return 7;
   return 0;  // no floor: ptxas's own choice
 }
 
-template <typename Tin, bool kVFirst, int kVec, int kKMax>
+template <typename Tin, bool kVFirst, int kVec, int kKMax, int kCtaCols = kBV>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKMax>())
     fused_recurrent_kda_kernel(const FusedRecurrentParams p) {
-  using Geo = Tile<kVFirst, kVec, kKMax>;
+  static_assert(kCtaCols <= kThreads, "one thread stages each value column");
+  using Geo = Tile<kVFirst, kVec, kKMax, kCtaCols>;
   constexpr int kRows = Geo::kRows, kCols = Geo::kCols;
   // Shared rows of q/k/decay cover every column a thread may touch (masked ones read zeros).
   constexpr int kSmemK = kKMax > kThreads ? kKMax : kThreads;
   constexpr int kPerThread = kSmemK / kThreads;  // input elements a thread stages per token
 
   __shared__ float s_q[2][kSmemK], s_k[2][kSmemK], s_decay[2][kSmemK];
-  __shared__ float s_v[2][kBV];
+  __shared__ float s_v[2][kCtaCols];
   __shared__ float s_beta[2];
   __shared__ float s_sumsq[2][kWarps][2];
-  __shared__ float s_pred[kWarps][kBV], s_out[kWarps][kBV];  // [K, V] layout only
+  __shared__ float s_pred[kWarps][kCtaCols], s_out[kWarps][kCtaCols];  // [K, V] layout only
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t K = p.K, V = p.V, H = p.H, HV = p.HV;
-  const int64_t num_slices = (V + kBV - 1) / kBV;
-  const int64_t item = blockIdx.x;
-  const int v0 = static_cast<int>(item % num_slices) * kBV;
-  const int64_t nh = item / num_slices;
-  const int64_t hv = nh % HV, n = nh / HV;
-  const int64_t h = hv / (HV / H);
+  // The CTA's (sequence, head, slice) in 32-bit arithmetic (the launcher bounds the grid by
+  // 2^31): 64-bit divisions are subroutine calls of ~70 instructions each, and the state loads'
+  // addresses wait on them.
+  const unsigned num_slices = static_cast<unsigned>((V + kCtaCols - 1) / kCtaCols);
+  const unsigned nh = blockIdx.x / num_slices;
+  const int v0 = static_cast<int>(blockIdx.x - nh * num_slices) * kCtaCols;
+  const unsigned hv32 = nh % static_cast<unsigned>(HV);
+  const int64_t hv = hv32, n = nh / static_cast<unsigned>(HV);
+  const int64_t h = hv32 / (static_cast<unsigned>(HV) / static_cast<unsigned>(H));
 
   int64_t bos, eos;
   if (p.cu_seqlens != nullptr) {
@@ -189,53 +196,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
     bos = n * p.T;
     eos = bos + p.T;
   }
+  // Issued now, waited on at the state loads: the token's inputs below do not depend on it.
   const int64_t slot = p.slots != nullptr ? load_index(p.slots, p.slots_int64, n) : n;
-  const int64_t head_off = hv * K * V;
-  Tin* const o = static_cast<Tin*>(p.o);
-
-  if (slot < 0 || slot >= p.num_slots) {
-    // Padding (negative) gives zeros; an out-of-range slot, which the host could not check
-    // without a sync, gives NaN so that the mistake shows. The pool is not touched.
-    const float fill = slot < 0 ? 0.f : __int_as_float(0x7fc00000);
-    for (int64_t r = bos; r < eos; ++r)
-      if (tid < kBV && v0 + tid < V) o[(r * HV + hv) * V + v0 + tid] = from_float<Tin>(fill);
-    if (p.state_out != nullptr && !p.out_by_slot) {
-      float* dst = p.state_out + n * p.state_out_stride + head_off;
-      for (int64_t e = tid; e < K * kBV; e += kThreads) {
-        const int64_t kk = e / kBV, vv = v0 + e % kBV;
-        if (vv < V) dst[kVFirst ? vv * K + kk : kk * V + vv] = fill;
-      }
-    }
-    return;
-  }
-
-  // ---- the state tile: every load issued before anything waits on one ----------------------
-  const int64_t ld = kVFirst ? K : V;  // the contiguous dim
-  const int64_t row_limit = kVFirst ? V : K, col_limit = kVFirst ? K : V;
-  const int row0 = kVFirst ? v0 : 0, col0 = kVFirst ? 0 : v0;
-  float s[kRows][kCols];
-  const float* src = p.state_in != nullptr ? p.state_in + slot * p.state_in_stride + head_off
-                                           : nullptr;
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int64_t r = row0 + Geo::row(tid, i);
-#pragma unroll
-    for (int c = 0; c < kCols; c += kVec) {
-      const int64_t cc = col0 + Geo::col(tid, c);
-      // With kVec = 4 the contiguous dim is a multiple of 4: a vector is all in or all out.
-      const bool in = src != nullptr && r < row_limit && cc < col_limit;
-      if constexpr (kVec == 4) {
-        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (in) x = __ldcs(reinterpret_cast<const float4*>(src + r * ld + cc));
-        s[i][c] = x.x;
-        s[i][c + 1] = x.y;
-        s[i][c + 2] = x.z;
-        s[i][c + 3] = x.w;
-      } else {
-        s[i][c] = in ? __ldcs(src + r * ld + cc) : 0.f;
-      }
-    }
-  }
 
   // ---- per-head constants of the gate ---------------------------------------------------------
   GateParams gp;
@@ -251,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
                                                                          : 0.f;
   }
 
-  // ---- the token inputs, loaded one token ahead ----------------------------------------------
+  // ---- the token inputs, loaded one token ahead (the first one before the state) --------------
   const Tin* const q = static_cast<const Tin*>(p.q);
   const Tin* const kp = static_cast<const Tin*>(p.k);
   const Tin* const vp = static_cast<const Tin*>(p.v);
@@ -265,10 +227,85 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
       in_k[e] = in ? to_float(kp[(r * H + h) * K + kk]) : 0.f;
       in_g[e] = in ? load_tagged(p.g, p.g_dtype, (r * HV + hv) * K + kk) : 0.f;
     }
-    if (tid < kBV) in_v = v0 + tid < V ? to_float(vp[(r * HV + hv) * V + v0 + tid]) : 0.f;
+    if (tid < kCtaCols) in_v = v0 + tid < V ? to_float(vp[(r * HV + hv) * V + v0 + tid]) : 0.f;
     if (tid == 0) in_beta = load_tagged(p.beta, p.beta_dtype, r * HV + hv);
   };
   if (bos < eos) load_token(bos);
+
+  const int64_t head_off = hv * K * V;
+  Tin* const o = static_cast<Tin*>(p.o);
+
+  if (slot < 0 || slot >= p.num_slots) {
+    // Padding (negative) gives zeros; an out-of-range slot, which the host could not check
+    // without a sync, gives NaN so that the mistake shows. The pool is not touched.
+    const float fill = slot < 0 ? 0.f : __int_as_float(0x7fc00000);
+    for (int64_t r = bos; r < eos; ++r)
+      if (tid < kCtaCols && v0 + tid < V) o[(r * HV + hv) * V + v0 + tid] = from_float<Tin>(fill);
+    if (p.state_out != nullptr && !p.out_by_slot) {
+      float* dst = p.state_out + n * p.state_out_stride + head_off;
+      for (int64_t e = tid; e < K * kCtaCols; e += kThreads) {
+        const int64_t kk = e / kCtaCols, vv = v0 + e % kCtaCols;
+        if (vv < V) dst[kVFirst ? vv * K + kk : kk * V + vv] = fill;
+      }
+    }
+    return;
+  }
+
+  // ---- the state tile: every load issued before anything waits on one ----------------------
+  const int64_t ld = kVFirst ? K : V;  // the contiguous dim
+  const int64_t row_limit = kVFirst ? V : K, col_limit = kVFirst ? K : V;
+  const int row0 = kVFirst ? v0 : 0, col0 = kVFirst ? 0 : v0;
+  // A whole tile in range (a full slice of value rows or columns, and K exactly the k extent
+  // the thread geometry covers: kKMax rows for [K, V], 32 lanes x kCols columns for [V, K], which
+  // exceeds kKMax = 64 with 16-byte vectors) needs no per-element bounds: one base offset and a
+  // fixed row stride.
+  const bool whole_tile =
+      V - v0 >= kCtaCols && K == (kVFirst ? 32 * kCols : kKMax);
+  const int64_t tile_base = (row0 + Geo::row(tid, 0)) * ld + col0 + Geo::col(tid, 0);
+  const int64_t row_step = (Geo::row(tid, 1 % kRows) - Geo::row(tid, 0)) * ld;  // uniform
+  auto elem_offset = [&](int i, int c) {  // of element (i, c) of the thread, whole tiles only
+    return tile_base + i * row_step + (Geo::col(tid, c) - Geo::col(tid, 0));
+  };
+  float s[kRows][kCols];
+  const float* src = p.state_in != nullptr ? p.state_in + slot * p.state_in_stride + head_off
+                                           : nullptr;
+  if (src != nullptr && whole_tile) {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int c = 0; c < kCols; c += kVec) {
+        if constexpr (kVec == 4) {
+          const float4 x = __ldcs(reinterpret_cast<const float4*>(src + elem_offset(i, c)));
+          s[i][c] = x.x;
+          s[i][c + 1] = x.y;
+          s[i][c + 2] = x.z;
+          s[i][c + 3] = x.w;
+        } else {
+          s[i][c] = __ldcs(src + elem_offset(i, c));
+        }
+      }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int64_t r = row0 + Geo::row(tid, i);
+#pragma unroll
+      for (int c = 0; c < kCols; c += kVec) {
+        const int64_t cc = col0 + Geo::col(tid, c);
+        // With kVec = 4 the contiguous dim is a multiple of 4: a vector is all in or all out.
+        const bool in = src != nullptr && r < row_limit && cc < col_limit;
+        if constexpr (kVec == 4) {
+          float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (in) x = __ldcs(reinterpret_cast<const float4*>(src + r * ld + cc));
+          s[i][c] = x.x;
+          s[i][c + 1] = x.y;
+          s[i][c + 2] = x.z;
+          s[i][c + 3] = x.w;
+        } else {
+          s[i][c] = in ? __ldcs(src + r * ld + cc) : 0.f;
+        }
+      }
+    }
+  }
 
   int buf = 0;
   for (int64_t r = bos; r < eos; ++r, buf ^= 1) {
@@ -291,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
         s_sumsq[buf][warp][1] = kk2;
       }
     }
-    if (tid < kBV) s_v[buf][tid] = in_v;
+    if (tid < kCtaCols) s_v[buf][tid] = in_v;
     if (tid == 0) {
       float b = in_beta;
       if (p.use_beta_sigmoid) b = (p.allow_neg_eigval ? 2.f : 1.f) * sigmoid_f(b);
@@ -366,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
 #pragma unroll
         for (int c = 0; c < kCols; ++c) s_out[warp][Geo::col(tid, c)] = acc[c];
       __syncthreads();
-      if (tid < kBV && v0 + tid < V) {
+      if (tid < kCtaCols && v0 + tid < V) {
         float out = 0.f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) out += s_out[w][tid];
@@ -414,6 +451,20 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
   // ---- the final state: written once --------------------------------------------------------
   if (p.state_out == nullptr || (p.out_by_slot && bos == eos)) return;  // in place, no token: unchanged
   float* dst = p.state_out + (p.out_by_slot ? slot : n) * p.state_out_stride + head_off;
+  if (whole_tile) {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int c = 0; c < kCols; c += kVec) {
+        if constexpr (kVec == 4) {
+          __stcs(reinterpret_cast<float4*>(dst + elem_offset(i, c)),
+                 make_float4(s[i][c], s[i][c + 1], s[i][c + 2], s[i][c + 3]));
+        } else {
+          __stcs(dst + elem_offset(i, c), s[i][c]);
+        }
+      }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t r = row0 + Geo::row(tid, i);
