@@ -130,6 +130,14 @@ CASES = [
     ("K128-V128-bf16", dict(B=2, T=2, H=2, HV=2, K=128, V=128, dtype=torch.bfloat16)),
     ("K128-V128-vfirst", dict(B=2, T=2, H=2, HV=2, K=128, V=128, state_v_first=True, gate="lb",
                               l2norm=True, beta_sigmoid=True)),
+    # [K, V] at K = V = 128 runs the CUDA column-per-thread kernel: every gate, GVA, varlen with
+    # length-1 and empty sequences, no initial state, each input dtype
+    ("K128-kv-kimi-gva-varlen", dict(H=1, HV=2, K=128, V=128, cu=[0, 1, 4, 5, 5, 9], gate="lb",
+                                     l2norm=True, beta_sigmoid=True, dtype=torch.bfloat16)),
+    ("K128-kv-softplus-negeig-noh0-fp16", dict(B=2, T=3, HV=2, K=128, V=128, gate="softplus",
+                                               neg_eig=True, beta_sigmoid=True, h0=False,
+                                               dtype=torch.float16)),
+    ("K128-kv-lbnoA-fp32", dict(B=1, T=5, H=1, HV=3, K=128, V=128, gate="lb-noA")),
     # sizes that take the 4-byte state path (K or V not a multiple of 4), partial 32-column
     # slices, and each padded key size of the CUDA kernel (64, 128, 256)
     ("K30-V18", dict(K=30, V=18, T=3)),
@@ -176,11 +184,12 @@ def test_scale_is_used(device):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dim", [32, 128])
 @pytest.mark.parametrize("state_v_first", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_steps_of_one_token_chained_equal_one_call(device, state_v_first, dtype):
+def test_steps_of_one_token_chained_equal_one_call(device, state_v_first, dtype, dim):
     x, kw = make(device, T=6, dtype=dtype, gate="lb", l2norm=True, beta_sigmoid=True,
-                 state_v_first=state_v_first)
+                 state_v_first=state_v_first, K=dim, V=dim)
     o_all, ht_all = FR(**x, **kw)
     state = kw["initial_state"]
     outs = []
@@ -245,9 +254,11 @@ def test_inputs_are_not_modified(device):
             assert torch.equal(t, before[n]), f"{n} was modified"
 
 
+@pytest.mark.parametrize("dim", [32, 128])
 @pytest.mark.parametrize("state_v_first", [False, True])
-def test_in_place_update_equals_the_functional_call(device, state_v_first):
-    x, kw = make(device, T=2, gate="lb", l2norm=True, beta_sigmoid=True, state_v_first=state_v_first)
+def test_in_place_update_equals_the_functional_call(device, state_v_first, dim):
+    x, kw = make(device, T=2, gate="lb", l2norm=True, beta_sigmoid=True, state_v_first=state_v_first,
+                 K=dim, V=dim)
     o_ref, ht_ref = FR(**x, **kw)
     state = kw["initial_state"].clone()
     o, ht = FR(**x, **dict(kw, initial_state=state, inplace_final_state=True))
@@ -256,16 +267,18 @@ def test_in_place_update_equals_the_functional_call(device, state_v_first):
     torch.testing.assert_close(state, ht_ref, rtol=0, atol=0)
 
 
-def pool_case(device, dtype=torch.float32, state_v_first=False, P=7, strided=False, misaligned=False):
-    """Three sequences of one token each reading slots 5, 0, 3 of a pool of P slots."""
+def pool_case(device, dtype=torch.float32, state_v_first=False, P=7, strided=False, misaligned=False,
+              dim=32):
+    """Three sequences of one token each reading slots 5, 0, 3 of a pool of P slots; K = V = dim
+    (128 in the [K, V] layout: the CUDA column-per-thread kernel)."""
     x, kw = make(device, B=3, T=1, dtype=dtype, gate="lb", l2norm=True, beta_sigmoid=True,
-                 state_v_first=state_v_first, h0=False)
-    shape = (32, 32)
+                 state_v_first=state_v_first, h0=False, K=dim, V=dim)
+    shape = (dim, dim)
     HV = x["v"].shape[2]
     if strided:  # a view into a larger cache: slots 2 * HV * K * V apart
         pool = torch.randn(P, 2, HV, *shape, device=device)[:, 0]
     elif misaligned:  # 4 bytes off a 16-byte boundary: the CUDA kernel's 4-byte path
-        flat = torch.randn(P * HV * 32 * 32 + 1, device=device)
+        flat = torch.randn(P * HV * dim * dim + 1, device=device)
         pool = flat[1:].view(P, HV, *shape)
     else:
         pool = torch.randn(P, HV, *shape, device=device)
@@ -273,11 +286,12 @@ def pool_case(device, dtype=torch.float32, state_v_first=False, P=7, strided=Fal
     return x, kw, pool, idx
 
 
+@pytest.mark.parametrize("dim", [32, 128])
 @pytest.mark.parametrize("layout", ["dense", "strided", "misaligned"])
 @pytest.mark.parametrize("state_v_first", [False, True])
-def test_state_slots_in_place_out_of_order_leave_other_slots_untouched(device, layout, state_v_first):
+def test_state_slots_in_place_out_of_order_leave_other_slots_untouched(device, layout, state_v_first, dim):
     x, kw, pool, idx = pool_case(device, state_v_first=state_v_first, strided=layout == "strided",
-                                 misaligned=layout == "misaligned")
+                                 misaligned=layout == "misaligned", dim=dim)
     before = pool.clone()
     ref_o, ref_ht = reference(x, dict(kw, initial_state=before[idx]))
     o, ht = FR(**x, **dict(kw, initial_state=pool, ssm_state_indices=idx, inplace_final_state=True))
@@ -298,8 +312,9 @@ def test_state_slots_read_only_without_in_place(device):
     check((o, ht), reference(x, dict(kw, initial_state=before[idx])), torch.bfloat16)
 
 
-def test_negative_slot_is_padding(device):
-    x, kw, pool, _ = pool_case(device)
+@pytest.mark.parametrize("dim", [32, 128])
+def test_negative_slot_is_padding(device, dim):
+    x, kw, pool, _ = pool_case(device, dim=dim)
     idx = torch.tensor([5, -1, 3], device=device)
     before = pool.clone()
     o, _ = FR(**x, **dict(kw, initial_state=pool, ssm_state_indices=idx, inplace_final_state=True))
@@ -313,9 +328,10 @@ def test_negative_slot_is_padding(device):
     torch.testing.assert_close(o2, o, rtol=0, atol=0)
 
 
-def test_varlen_with_slots_in_place(device):
-    x, kw = make(device, cu=[0, 1, 3, 4], gate="softplus", h0=False)
-    pool = torch.randn(5, 4, 32, 32, device=device)
+@pytest.mark.parametrize("dim", [32, 128])
+def test_varlen_with_slots_in_place(device, dim):
+    x, kw = make(device, cu=[0, 1, 3, 4], gate="softplus", h0=False, K=dim, V=dim)
+    pool = torch.randn(5, 4, dim, dim, device=device)
     idx = torch.tensor([4, 1, 2], device=device)
     before = pool.clone()
     ref_o, ref_ht = reference(x, dict(kw, initial_state=before[idx]))
@@ -326,8 +342,9 @@ def test_varlen_with_slots_in_place(device):
 
 
 @requires_cuda
-def test_cuda_out_of_range_slot_gives_nan_and_leaves_the_pool_alone():
-    x, kw, pool, _ = pool_case("cuda")
+@pytest.mark.parametrize("dim", [32, 128])
+def test_cuda_out_of_range_slot_gives_nan_and_leaves_the_pool_alone(dim):
+    x, kw, pool, _ = pool_case("cuda", dim=dim)
     idx = torch.tensor([5, 7, 3], device="cuda")  # 7 == P: out of range, not checkable without a sync
     before = pool.clone()
     o, _ = FR(**x, **dict(kw, initial_state=pool, ssm_state_indices=idx, inplace_final_state=True))

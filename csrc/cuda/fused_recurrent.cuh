@@ -483,6 +483,156 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
   }
 }
 
+// The [K, V] layout at K = V = kD (128: the Kimi models' heads), whole tiles: one CTA of kD threads
+// per (sequence, value head), thread c owns value column c of all kD k rows (kD fp32 registers).
+// Why not the sliced tile above: a 32-column slice of a [K, V] tile is kD pieces of 128 bytes, 4 *
+// kD bytes apart, and that layout ran at 1.40x its HBM floor where the [V, K] one (one contiguous
+// block a CTA) ran at 1.24x; here each warp load is one 128-byte row segment and the CTA streams
+// its contiguous tile by whole rows. Every k-reduction stays in the thread (no shuffles, no
+// shared-memory reduction), one barrier a token for the staged q, k and decay. Same semantics as
+// the sliced kernel (slots, padding, in place, varlen, every gate and flag).
+// CTAs an SM for __launch_bounds__: 3 holds ptxas to 168 registers (12 bytes of spills); without a
+// floor it takes 228 (2 CTAs an SM). On an H100 the floor of 3 measured 0.379 / 0.380 ms functional /
+// in place against 0.383 / 0.391 (docs/perf-notes.md, session 13).
+constexpr int kKvColumnMinBlocks = 3;
+
+template <typename Tin, int kD, int kMinBlocks>
+__global__ void __launch_bounds__(kD, kMinBlocks)
+    fused_recurrent_kv_column_kernel(const FusedRecurrentParams p) {
+  constexpr int kNumWarps = kD / 32;
+  // s_k2: a second copy of k for the update loop: reading the same addresses twice, ptxas keeps the
+  // first loop's kD k values in registers for the second (255 registers and spills at kD = 128).
+  __shared__ __align__(16) float s_q[2][kD], s_k[2][kD], s_k2[2][kD], s_decay[2][kD];
+  __shared__ float s_sumsq[2][kNumWarps][2];
+  __shared__ float s_beta[2];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned HV = static_cast<unsigned>(p.HV), H = static_cast<unsigned>(p.H);
+  const unsigned n = blockIdx.x / HV, hv = blockIdx.x - n * HV;
+  const unsigned h = hv / (HV / H);
+  int64_t bos, eos;
+  if (p.cu_seqlens != nullptr) {
+    bos = load_index(p.cu_seqlens, p.cu_seqlens_int64, n);
+    eos = load_index(p.cu_seqlens, p.cu_seqlens_int64, n + 1);
+    bos = bos < 0 ? 0 : (bos > p.T ? p.T : bos);
+    eos = eos < bos ? bos : (eos > p.T ? p.T : eos);
+  } else {
+    bos = static_cast<int64_t>(n) * p.T;
+    eos = bos + p.T;
+  }
+  const int64_t slot = p.slots != nullptr ? load_index(p.slots, p.slots_int64, n) : n;
+  GateParams gp;
+  gp.in_kernel = p.use_gate_in_kernel;
+  gp.lower_bound_gate = p.use_lower_bound_gate;
+  gp.lb = p.lower_bound;
+  gp.a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
+  const float bias =
+      (p.use_gate_in_kernel && p.dt_bias != nullptr) ? p.dt_bias[hv * kD + tid] : 0.f;
+  const Tin* q = static_cast<const Tin*>(p.q);
+  const Tin* kp = static_cast<const Tin*>(p.k);
+  const Tin* vp = static_cast<const Tin*>(p.v);
+  Tin* o = static_cast<Tin*>(p.o);
+  float in_q = 0.f, in_k = 0.f, in_g = 0.f, in_v = 0.f, in_beta = 0.f;
+  auto load_token = [&](int64_t r) {
+    in_q = to_float(q[(r * H + h) * kD + tid]);
+    in_k = to_float(kp[(r * H + h) * kD + tid]);
+    in_g = load_tagged(p.g, p.g_dtype, (r * HV + hv) * kD + tid);
+    in_v = to_float(vp[(r * HV + hv) * kD + tid]);
+    if (tid == 0) in_beta = load_tagged(p.beta, p.beta_dtype, r * HV + hv);
+  };
+  if (bos < eos) load_token(bos);
+  const int64_t head_off = static_cast<int64_t>(hv) * kD * kD;
+  if (slot < 0 || slot >= p.num_slots) {
+    const float fill = slot < 0 ? 0.f : __int_as_float(0x7fc00000);
+    for (int64_t r = bos; r < eos; ++r) o[(r * HV + hv) * kD + tid] = from_float<Tin>(fill);
+    if (p.state_out != nullptr && !p.out_by_slot) {
+      float* dst = p.state_out + static_cast<int64_t>(n) * p.state_out_stride + head_off;
+      for (int kk = 0; kk < kD; ++kk) dst[kk * kD + tid] = fill;
+    }
+    return;
+  }
+  float s[kD];
+  const float* src =
+      p.state_in != nullptr ? p.state_in + slot * p.state_in_stride + head_off : nullptr;
+  if (src != nullptr) {
+#pragma unroll
+    for (int kk = 0; kk < kD; ++kk) s[kk] = src[kk * kD + tid];
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < kD; ++kk) s[kk] = 0.f;
+  }
+  int buf = 0;
+  for (int64_t r = bos; r < eos; ++r, buf ^= 1) {
+    s_q[buf][tid] = in_q;
+    s_k[buf][tid] = in_k;
+    s_k2[buf][tid] = in_k;
+    s_decay[buf][tid] = expf(gate_value(in_g, bias, gp));
+    if (p.use_qk_l2norm) {
+      const float qq = warp_sum(in_q * in_q), kk2 = warp_sum(in_k * in_k);
+      if (lane == 0) {
+        s_sumsq[buf][warp][0] = qq;
+        s_sumsq[buf][warp][1] = kk2;
+      }
+    }
+    if (tid == 0) {
+      float b = in_beta;
+      if (p.use_beta_sigmoid) b = (p.allow_neg_eigval ? 2.f : 1.f) * sigmoid_f(b);
+      s_beta[buf] = b;
+    }
+    const float v_here = in_v;
+    if (r + 1 < eos) load_token(r + 1);
+    __syncthreads();
+    float rq = 1.f, rk = 1.f;
+    if (p.use_qk_l2norm) {
+      float sq = 0.f, sk = 0.f;
+#pragma unroll
+      for (int w = 0; w < kNumWarps; ++w) {
+        sq += s_sumsq[buf][w][0];
+        sk += s_sumsq[buf][w][1];
+      }
+      rq = 1.f / sqrtf(sq + 1e-6f);
+      rk = 1.f / sqrtf(sk + 1e-6f);
+    }
+    const float beta = s_beta[buf];
+    // pred = sum_k k_k (decay_k S[k][c]); four partial sums for a shorter dependency chain
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD; kk += 4) {
+      const float4 d = *reinterpret_cast<const float4*>(&s_decay[buf][kk]);
+      const float4 kv = *reinterpret_cast<const float4*>(&s_k[buf][kk]);
+      s[kk] *= d.x;
+      s[kk + 1] *= d.y;
+      s[kk + 2] *= d.z;
+      s[kk + 3] *= d.w;
+      a0 = fmaf(kv.x, s[kk], a0);
+      a1 = fmaf(kv.y, s[kk + 1], a1);
+      a2 = fmaf(kv.z, s[kk + 2], a2);
+      a3 = fmaf(kv.w, s[kk + 3], a3);
+    }
+    const float pred = (a0 + a1) + (a2 + a3);
+    const float dl = rk * beta * (v_here - rk * pred);
+    a0 = a1 = a2 = a3 = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD; kk += 4) {
+      const float4 kv = *reinterpret_cast<const float4*>(&s_k2[buf][kk]);
+      const float4 qv = *reinterpret_cast<const float4*>(&s_q[buf][kk]);
+      s[kk] = fmaf(kv.x, dl, s[kk]);
+      s[kk + 1] = fmaf(kv.y, dl, s[kk + 1]);
+      s[kk + 2] = fmaf(kv.z, dl, s[kk + 2]);
+      s[kk + 3] = fmaf(kv.w, dl, s[kk + 3]);
+      a0 = fmaf(qv.x, s[kk], a0);
+      a1 = fmaf(qv.y, s[kk + 1], a1);
+      a2 = fmaf(qv.z, s[kk + 2], a2);
+      a3 = fmaf(qv.w, s[kk + 3], a3);
+    }
+    o[(r * HV + hv) * kD + tid] = from_float<Tin>(p.scale * rq * ((a0 + a1) + (a2 + a3)));
+  }
+  if (p.state_out == nullptr || (p.out_by_slot && bos == eos)) return;
+  float* dst = p.state_out +
+               (p.out_by_slot ? slot : static_cast<int64_t>(n)) * p.state_out_stride + head_off;
+#pragma unroll
+  for (int kk = 0; kk < kD; ++kk) dst[kk * kD + tid] = s[kk];
+}
+
 }  // namespace recurrent
 }  // namespace cuda
 }  // namespace kda_ext

@@ -1,6 +1,7 @@
 // kda_ext CUDA: launch layer of fused_recurrent_kda (params + stream in, one kernel out).
 //
-// The instantiation is picked per call: q/k/v dtype; state layout; 16-byte state accesses
+// The instantiation is picked per call: q/k/v dtype; state layout ([K, V] states at K = V = 128 take
+// the column-per-thread kernel); 16-byte state accesses
 // (kVec = 4) when the contiguous dim is a multiple of 4 and every state pointer and slot stride
 // is 16-byte aligned, else 4-byte ones; and the padded key dim kKMax (64, 128 or 256) that sizes
 // the register tile. The grid depends on shapes only: CUDA-graph safe, no synchronisation.
@@ -53,8 +54,21 @@ void launch_kmax(const FusedRecurrentParams& p, cudaStream_t stream) {
     launch<T, kVFirst, kVec, 256>(p, stream);
 }
 
+// [K, V] states at K = V = 128: the column-per-thread kernel (whole rows of the tile per CTA).
+template <typename T>
+void launch_kv_column(const FusedRecurrentParams& p, cudaStream_t stream) {
+  constexpr int kD = 128;
+  const int64_t blocks = p.N * p.HV;
+  TORCH_CHECK(blocks <= 0x7fffffff, "kda_ext: fused_recurrent_kda needs ", blocks,
+              " CTAs (N * HV), more than a 1-D grid holds");
+  recurrent::fused_recurrent_kv_column_kernel<T, kD, recurrent::kKvColumnMinBlocks>
+      <<<static_cast<unsigned>(blocks), kD, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 void launch_layout(const FusedRecurrentParams& p, cudaStream_t stream) {
+  if (!p.state_v_first && p.K == 128 && p.V == 128) return launch_kv_column<T>(p, stream);
   const bool vec4 = can_use_vec4(p);
   if (p.state_v_first) {
     if (vec4)
