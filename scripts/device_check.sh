@@ -98,7 +98,10 @@ if has build; then
 fi
 
 if has test; then
-  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -ra -p no:cacheprovider ${PYTEST_FILES:-tests} ${PYTEST_ARGS:--k cuda} > "$OUT/tests.log" 2>&1
+  # -p fla_untuned: the tests that run FLA's kernels (tests/test_fla_device.py) skip FLA's
+  # autotune (scripts/fla_untuned.py; FLA_UNTUNED=0 keeps it).
+  PYTHONPATH="$PWD/scripts:${PYTHONPATH:-}" timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -ra -p no:cacheprovider \
+    -p fla_untuned ${PYTEST_FILES:-tests} ${PYTEST_ARGS:--k cuda} > "$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
   summary+=("tests (${PYTEST_ARGS:--k cuda}): $(tail -n 1 "$OUT/tests.log") [rc=$rc]")

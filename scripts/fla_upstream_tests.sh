@@ -27,4 +27,6 @@ export PYTHONPATH="$ROOT/scripts:$ROOT:${PYTHONPATH:-}"
 ARGS=("$@")
 [ ${#ARGS[@]} -eq 0 ] && ARGS=(-k chunk)
 cd .fla_upstream/tests
-"$PY" -m pytest -q -p pytest_kda_ext_fla ops/test_kda.py "${ARGS[@]}"
+# fla_untuned (first, before anything imports FLA): FLA's kernels run untuned default configs
+# instead of autotuning every shape for minutes; FLA_UNTUNED=0 keeps FLA's autotune.
+"$PY" -m pytest -q -p fla_untuned -p pytest_kda_ext_fla ops/test_kda.py "${ARGS[@]}"

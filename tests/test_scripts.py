@@ -227,3 +227,37 @@ def test_device_check_flashkda_step_reports_a_failed_import(tmp_path):
     proc, summary, _ = _device_check_flashkda(tmp_path, broken=True)
     assert "flashkda: rc=1" in summary and "import FAILED" in summary, proc.stdout[-3000:]
     assert "(FlashKDA left out of the bench)" in summary
+
+
+def test_fla_untuned_writes_a_config_every_kernel_of_a_name_lists(tmp_path, monkeypatch):
+    # scripts/fla_untuned.py: one default config per FLA kernel name; for a name several kernels
+    # share, the first config that all of them list; none in common: no file (they autotune).
+    import json
+    import types
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    monkeypatch.setenv("FLA_UNTUNED", "0")
+    try:
+        import fla_untuned
+    finally:
+        sys.path.pop(0)
+
+    def config(**kw):
+        return types.SimpleNamespace(kwargs=kw, num_warps=4, num_stages=2, num_ctas=1, maxnreg=None)
+
+    def tuner(*configs):
+        return types.SimpleNamespace(configs=list(configs))
+
+    found = [("alone", tuner(config(BK=32), config(BK=64))),
+             ("shared", tuner(config(BV=16), config(BV=32))),
+             ("shared", tuner(config(BV=32), config(BV=64))),
+             ("disjoint", tuner(config(BT=16))),
+             ("disjoint", tuner(config(BT=32)))]
+    monkeypatch.setattr(fla_untuned, "autotuners", lambda: found)
+    written, skipped = fla_untuned.write_configs(str(tmp_path))
+    assert (written, skipped) == (2, ["disjoint"])
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    assert alone == {"kernel_name": "alone",
+                     "default_config": {"kwargs": {"BK": 32}, "num_warps": 4, "num_stages": 2, "num_ctas": 1}}
+    assert json.loads((tmp_path / "shared.json").read_text())["default_config"]["kwargs"] == {"BV": 32}
+    assert not (tmp_path / "disjoint.json").exists()
