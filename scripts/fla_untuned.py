@@ -117,5 +117,10 @@ if __name__ == "__main__":
 elif os.environ.get("FLA_UNTUNED", "1") != "0" and "fla" not in sys.modules and \
         importlib.util.find_spec("fla") is not None:
     # Imported as a pytest plugin (-p fla_untuned) or by a script's first lines; without FLA
-    # installed there is nothing to do (the FLA tests skip).
-    install()
+    # installed there is nothing to do (the FLA tests skip). A failure here must not stop the
+    # test run it was meant to shorten: FLA then autotunes as usual.
+    try:
+        install()
+    except Exception as error:  # noqa: BLE001
+        print(f"fla_untuned: not installed ({type(error).__name__}: {error}); FLA will autotune",
+              file=sys.stderr)
