@@ -41,7 +41,8 @@ from chart import write_chart  # benchmarks/chart.py: this script's folder is on
 # (the variable is read at every call; first_call's subprocesses inherit it).
 os.environ["FLA_FLASH_KDA"] = "0"
 
-# Run from a checkout: the in-place build of kda_ext lives in the repository root.
+# Run from a checkout: the in-place build of kda_ext lives in the repository root, which therefore
+# comes first on sys.path, before PYTHONPATH: to time another build, run that build's checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = {

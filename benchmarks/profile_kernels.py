@@ -163,6 +163,11 @@ def main():
     what = "forward+backward" if backward else "forward"
     print(f"{torch.cuda.get_device_name()}, {args.impl}, {args.shape} {args.mode}: one {what}, "
           f"{total_us / 1e3:.2f} ms of kernel time")
+    if args.impl == "ours":
+        # Which build ran: bench_chunk_kda puts this checkout first on sys.path, whatever
+        # PYTHONPATH says (session 13 timed one build twice that way).
+        import kda_ext
+        print(f"kda_ext from {os.path.dirname(kda_ext.__file__)}")
     print(f"measured: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 matmul "
           f"{mm_rate / 1e12:.0f} TFLOP/s\n")
     print("| kernel | calls | ms | share | modelled MB / call | GB/s | of copy bw | GFLOP / call | TFLOP/s | of bf16 matmul |")
