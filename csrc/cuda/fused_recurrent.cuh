@@ -134,11 +134,45 @@ struct GateParams {
   float a, lb;
 };
 
+// The per-head constants of the gate.
+__device__ __forceinline__ GateParams gate_params(const FusedRecurrentParams& p, int64_t hv) {
+  GateParams gp;
+  gp.in_kernel = p.use_gate_in_kernel;
+  gp.lower_bound_gate = p.use_lower_bound_gate;
+  gp.lb = p.lower_bound;
+  gp.a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
+  return gp;
+}
+
 // The per-step log decay from g's stored value (identity unless the gate is in the kernel).
 __device__ __forceinline__ float gate_value(float graw, float bias, const GateParams& gp) {
   if (!gp.in_kernel) return graw;
   const float x = graw + bias;
   return gp.lower_bound_gate ? gp.lb * sigmoid_f(gp.a * x) : -gp.a * softplus_f(x);
+}
+
+// beta from its stored value (sigmoid, doubled for negative eigenvalues, when in the kernel).
+__device__ __forceinline__ float beta_value(const FusedRecurrentParams& p, float raw) {
+  float b = raw;
+  if (p.use_beta_sigmoid) b = (p.allow_neg_eigval ? 2.f : 1.f) * sigmoid_f(b);
+  return b;
+}
+
+// The l2norm scalars 1/|q|, 1/|k| of a token from the per-warp sums of squares (1, 1 without it).
+template <int kNumWarps>
+__device__ __forceinline__ void l2norm_scalars(const FusedRecurrentParams& p,
+                                               const float (&sumsq)[kNumWarps][2], float& rq,
+                                               float& rk) {
+  rq = rk = 1.f;
+  if (!p.use_qk_l2norm) return;
+  float sq = 0.f, sk = 0.f;
+#pragma unroll
+  for (int w = 0; w < kNumWarps; ++w) {
+    sq += sumsq[w][0];
+    sk += sumsq[w][1];
+  }
+  rq = 1.f / sqrtf(sq + 1e-6f);
+  rk = 1.f / sqrtf(sk + 1e-6f);
 }
 
 // CTAs an SM must hold at once (__launch_bounds__' floor): at T = 1 the bytes in flight per SM
@@ -200,11 +234,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
   const int64_t slot = p.slots != nullptr ? load_index(p.slots, p.slots_int64, n) : n;
 
   // ---- per-head constants of the gate ---------------------------------------------------------
-  GateParams gp;
-  gp.in_kernel = p.use_gate_in_kernel;
-  gp.lower_bound_gate = p.use_lower_bound_gate;
-  gp.lb = p.lower_bound;
-  gp.a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
+  const GateParams gp = gate_params(p, hv);
   float bias[kPerThread];
 #pragma unroll
   for (int e = 0; e < kPerThread; ++e) {
@@ -329,25 +359,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVFirst, kVec, kKM
       }
     }
     if (tid < kCtaCols) s_v[buf][tid] = in_v;
-    if (tid == 0) {
-      float b = in_beta;
-      if (p.use_beta_sigmoid) b = (p.allow_neg_eigval ? 2.f : 1.f) * sigmoid_f(b);
-      s_beta[buf] = b;
-    }
+    if (tid == 0) s_beta[buf] = beta_value(p, in_beta);
     if (r + 1 < eos) load_token(r + 1);
     __syncthreads();
 
-    float rq = 1.f, rk = 1.f;
-    if (p.use_qk_l2norm) {
-      float sq = 0.f, sk = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        sq += s_sumsq[buf][w][0];
-        sk += s_sumsq[buf][w][1];
-      }
-      rq = 1.f / sqrtf(sq + 1e-6f);
-      rk = 1.f / sqrtf(sk + 1e-6f);
-    }
+    float rq, rk;
+    l2norm_scalars(p, s_sumsq[buf], rq, rk);
     const float beta = s_beta[buf];
     const float q_scale = p.scale * rq;
 
@@ -509,6 +526,8 @@ __global__ void __launch_bounds__(kD, kMinBlocks)
   const unsigned HV = static_cast<unsigned>(p.HV), H = static_cast<unsigned>(p.H);
   const unsigned n = blockIdx.x / HV, hv = blockIdx.x - n * HV;
   const unsigned h = hv / (HV / H);
+  // The sliced kernel's sequence rows, written out again: moved into a shared helper they
+  // changed the sliced kernels' index code (SASS), which has not been re-measured since.
   int64_t bos, eos;
   if (p.cu_seqlens != nullptr) {
     bos = load_index(p.cu_seqlens, p.cu_seqlens_int64, n);
@@ -520,11 +539,7 @@ __global__ void __launch_bounds__(kD, kMinBlocks)
     eos = bos + p.T;
   }
   const int64_t slot = p.slots != nullptr ? load_index(p.slots, p.slots_int64, n) : n;
-  GateParams gp;
-  gp.in_kernel = p.use_gate_in_kernel;
-  gp.lower_bound_gate = p.use_lower_bound_gate;
-  gp.lb = p.lower_bound;
-  gp.a = (p.use_gate_in_kernel && p.A_log != nullptr) ? expf(p.A_log[hv]) : 1.f;
+  const GateParams gp = gate_params(p, hv);
   const float bias =
       (p.use_gate_in_kernel && p.dt_bias != nullptr) ? p.dt_bias[hv * kD + tid] : 0.f;
   const Tin* q = static_cast<const Tin*>(p.q);
@@ -573,25 +588,12 @@ __global__ void __launch_bounds__(kD, kMinBlocks)
         s_sumsq[buf][warp][1] = kk2;
       }
     }
-    if (tid == 0) {
-      float b = in_beta;
-      if (p.use_beta_sigmoid) b = (p.allow_neg_eigval ? 2.f : 1.f) * sigmoid_f(b);
-      s_beta[buf] = b;
-    }
+    if (tid == 0) s_beta[buf] = beta_value(p, in_beta);
     const float v_here = in_v;
     if (r + 1 < eos) load_token(r + 1);
     __syncthreads();
-    float rq = 1.f, rk = 1.f;
-    if (p.use_qk_l2norm) {
-      float sq = 0.f, sk = 0.f;
-#pragma unroll
-      for (int w = 0; w < kNumWarps; ++w) {
-        sq += s_sumsq[buf][w][0];
-        sk += s_sumsq[buf][w][1];
-      }
-      rq = 1.f / sqrtf(sq + 1e-6f);
-      rk = 1.f / sqrtf(sk + 1e-6f);
-    }
+    float rq, rk;
+    l2norm_scalars(p, s_sumsq[buf], rq, rk);
     const float beta = s_beta[buf];
     // pred = sum_k k_k (decay_k S[k][c]); four partial sums for a shorter dependency chain
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
