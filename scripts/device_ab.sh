@@ -11,7 +11,8 @@
 # device_check.sh; default: the main shape, kimi and softplus, forward/backward/forward+backward,
 # kda_ext only); B_STEPS (device_check.sh steps for each patch, default build,test,bench; add
 # margins,sanitize for a patch about to be merged, or build,bench to screen several patches);
-# A_STEPS (the same for the checkout, default build,bench); AB_DIR (where the copies go, default /tmp/kda_ab).
+# A_STEPS (the same for the checkout, default build,bench); AB_DIR (where the copies go, default /tmp/kda_ab);
+# A_PREBUILT (see install_prebuilt).
 # Per-variant settings: a file PATCH with .env in place of .patch (A: $A_ENV, if set) is sourced
 # before that variant's steps, e.g. BENCH_ARGS with the shapes only that patch is about.
 set -uo pipefail
@@ -25,7 +26,18 @@ export BENCH_ARGS="${BENCH_ARGS:---shapes 2x8192x32x128 --modes kimi,softplus --
 B_STEPS="${B_STEPS:-build,test,bench}"
 A_STEPS="${A_STEPS:-build,bench}"
 
+# A build made elsewhere for a variant (PATCH with .prebuilt in place of .patch, or $A_PREBUILT for A):
+# a folder with _C*.so (or _C*.so.gz), _C.srchash and _build_config.py, copied into that variant's
+# kda_ext/ so that device_check.sh's build step reuses it when the hash matches the variant's sources.
+install_prebuilt() {
+  local from="$1" to="$2/kda_ext" f
+  [ -d "$from" ] || return 0
+  for f in "$from"/_C*.so.gz; do [ -e "$f" ] && gunzip -c "$f" > "$to/$(basename "$f" .gz)"; done
+  for f in "$from"/_C*.so "$from"/_C.srchash "$from"/_build_config.py; do [ -e "$f" ] && cp "$f" "$to/"; done
+  echo "== prebuilt $(basename "$from") -> $to (hash $(cat "$from/_C.srchash" 2>/dev/null))"
+}
 names=(A); dirs=("$ROOT"); steps=("$A_STEPS"); envs=("${A_ENV:-}")
+[ -n "${A_PREBUILT:-}" ] && install_prebuilt "$A_PREBUILT" "$ROOT"
 rm -rf "$AB_DIR"
 rc=0
 for arg in "$@"; do
@@ -40,6 +52,7 @@ for arg in "$@"; do
   patch_file="$(cd "$(dirname "$patch")" && pwd)/$(basename "$patch")"
   if (cd "$dir" && if command -v patch >/dev/null; then patch -p1 -s < "$patch_file"; else git apply "$patch_file"; fi); then
     names+=("$name"); dirs+=("$dir"); steps+=("$this_steps")
+    install_prebuilt "${patch_file%.patch}.prebuilt" "$dir"
     env_file="${patch_file%.patch}.env"; [ -f "$env_file" ] || env_file=""
     envs+=("$env_file")
   else
