@@ -27,6 +27,16 @@ TORCH_LIBRARY(kda_ext, m) {
       "bool output_final_state, bool save_intermediates, bool return_states) -> "
       "(Tensor o, Tensor final_state, Tensor Aqk, Tensor Akk, Tensor g_cum, Tensor w, Tensor u, "
       "Tensor qg, Tensor kg, Tensor v_new, Tensor h)");
+  // The fused Hopper forward (sm_90a builds, CUDA only): o and final_state (empty unless
+  // output_final_state) with nothing saved for a backward. It serves bf16 with K = V = 128 and the
+  // in-kernel lower-bound gate (safe_gate, lower_bound in [-5, 0)); kda_ext.chunk_kda calls it only
+  // when no gradient is needed (kda_ext/_dispatch.py: fused_forward_applies).
+  m.def(
+      "chunk_kda_fwd_fused(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
+      "Tensor? initial_state, Tensor? A_log, Tensor? dt_bias, Tensor? cu_seqlens, "
+      "bool use_qk_l2norm, bool use_gate_in_kernel, bool use_beta_sigmoid, bool allow_neg_eigval, "
+      "float? lower_bound, bool state_v_first, bool output_final_state) -> "
+      "(Tensor o, Tensor final_state)");
   // Backward of the whole pipeline. The optional intermediates (g_cum .. h) are either all
   // given (disable_recompute=True) or all None (they are recomputed from the inputs).
   m.def(

@@ -44,6 +44,32 @@ def forward_kernels(*, device_type: str, dtype: torch.dtype, K: int, V: int, chu
             "state_output": state_kernel}
 
 
+# KDA_EXT_FUSED_FWD=auto follows this until the fused forward has been measured against the
+# two-kernel path on an H100 (docs/perf-notes.md, "Fused forward, chunk 16"); on / off force it.
+_FUSED_FWD_BY_DEFAULT = False
+
+
+def fused_forward_applies(*, device: torch.device, dtype: torch.dtype, K: int, V: int,
+                          use_gate_in_kernel: bool, lower_bound, safe_gate: bool,
+                          needs_grad: bool, with_sm90: bool) -> bool:
+    """Whether a chunk_kda forward runs the fused Hopper kernel (kda_ext::chunk_kda_fwd_fused):
+    an sm_90 GPU with the sm_90a build, bf16, K = V = 128, the in-kernel lower-bound gate under
+    safe_gate with lower_bound in [-5, 0), and no gradient wanted (it saves nothing for a
+    backward). KDA_EXT_FUSED_FWD: auto (default), on, off."""
+    switch = _switch("KDA_EXT_FUSED_FWD")
+    if switch not in ("auto", "on", "off"):
+        raise ValueError(f"kda_ext: KDA_EXT_FUSED_FWD must be auto, on or off, got {switch!r}")
+    if switch == "off" or (switch == "auto" and not _FUSED_FWD_BY_DEFAULT):
+        return False
+    if needs_grad or not with_sm90 or device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    if K != 128 or V != 128 or not (use_gate_in_kernel and safe_gate and lower_bound is not None):
+        return False
+    if not -5.0 <= float(lower_bound) < 0.0:
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def log_forward(q: torch.Tensor, v: torch.Tensor, chunk_size: int, safe_gate: bool) -> None:
     """The debug log line of one forward call (free when DEBUG is off)."""
     if not logger.isEnabledFor(logging.DEBUG):

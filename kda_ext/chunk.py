@@ -31,6 +31,29 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _with_sm90() -> bool:
+    global _WITH_SM90
+    if _WITH_SM90 is None:
+        from ._build_info import load_build_config
+        _WITH_SM90 = bool((load_build_config() or {}).get("WITH_SM90"))
+    return _WITH_SM90
+
+
+_WITH_SM90: Optional[bool] = None
+
+
+def _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, use_gate_in_kernel, lower_bound,
+                   safe_gate) -> bool:
+    """Whether this call runs the fused Hopper forward (_dispatch.fused_forward_applies): only
+    when no gradient is wanted, since it saves nothing for a backward."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, A_log, dt_bias))
+    return _dispatch.fused_forward_applies(
+        device=q.device, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
+        use_gate_in_kernel=bool(use_gate_in_kernel), lower_bound=lower_bound, safe_gate=bool(safe_gate),
+        needs_grad=needs_grad, with_sm90=_with_sm90())
+
+
 def _require_tensor(x: Any, name: str, fn: str = "chunk_kda") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
@@ -615,6 +638,13 @@ def chunk_kda(
                             flags=flags, state_v_first=bool(state_v_first), chunk_size=int(chunk_size),
                             disable_recompute=bool(disable_recompute))
         return o, None
+    if not return_intermediate_states and _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias,
+                                                         use_gate_in_kernel, lower_bound, safe_gate):
+        o, final_state = ops.chunk_kda_fwd_fused(
+            q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
+            bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),
+            bool(allow_neg_eigval), lower_bound, bool(state_v_first), bool(output_final_state))
+        return o, (final_state if output_final_state else None)
     out = ops.chunk_kda_fwd(
         q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
         bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),

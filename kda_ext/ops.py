@@ -13,8 +13,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["chunk_kda_fwd", "chunk_kda_bwd", "FwdOutputs", "BwdOutputs", "fused_recurrent_kda_fwd",
-           "fused_recurrent_kda_inplace"]
+__all__ = ["chunk_kda_fwd", "chunk_kda_fwd_fused", "chunk_kda_bwd", "FwdOutputs", "BwdOutputs",
+           "fused_recurrent_kda_fwd", "fused_recurrent_kda_inplace"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -561,4 +561,61 @@ def _recurrent_backward(ctx, *grads):
 # Registered so that a backward through the op raises instead of silently returning nothing
 # (the public function already refuses inputs that require grad).
 torch.library.register_autograd("kda_ext::fused_recurrent_kda_fwd", _recurrent_backward,
+                                setup_context=_recurrent_setup_context)
+
+
+def chunk_kda_fwd_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: Optional[torch.Tensor],
+    A_log: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    use_qk_l2norm: bool,
+    use_gate_in_kernel: bool,
+    use_beta_sigmoid: bool,
+    allow_neg_eigval: bool,
+    lower_bound: Optional[float],
+    state_v_first: bool,
+    output_final_state: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fused Hopper forward (``torch.ops.kda_ext.chunk_kda_fwd_fused``, sm_90a builds on an
+    sm_90 GPU): ``(o, final_state)`` (final_state empty unless ``output_final_state``), nothing
+    saved for a backward. Serves bf16, K = V = 128, the in-kernel lower-bound gate with
+    ``lower_bound`` in [-5, 0) (safe_gate's bounded gate); the arguments are those of
+    :func:`chunk_kda_fwd`. Not differentiable: :func:`kda_ext.chunk_kda` calls it only when no
+    gradient is needed."""
+    return torch.ops.kda_ext.chunk_kda_fwd_fused.default(
+        q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens, use_qk_l2norm,
+        use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval, lower_bound, state_v_first,
+        output_final_state)
+
+
+@torch.library.register_fake("kda_ext::chunk_kda_fwd_fused")
+def _chunk_kda_fwd_fused_fake(q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
+                              use_qk_l2norm, use_gate_in_kernel, use_beta_sigmoid, allow_neg_eigval,
+                              lower_bound, state_v_first, output_final_state):
+    d = _check_args(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens,
+                    use_gate_in_kernel, lower_bound, state_v_first, 64)
+    cdt = _compute_dtype(q)
+    o = q.new_empty((d.B, d.T, d.HV, d.V), dtype=q.dtype)
+    if output_final_state:
+        state = (d.V, d.K) if state_v_first else (d.K, d.V)
+        final_state = q.new_empty((d.N, d.HV, *state), dtype=cdt)
+    else:
+        final_state = q.new_empty((0,), dtype=cdt)
+    return o, final_state
+
+
+def _fused_fwd_backward(ctx, *grads):
+    raise NotImplementedError(
+        "kda_ext: kda_ext::chunk_kda_fwd_fused saves nothing for a backward; kda_ext.chunk_kda "
+        "runs kda_ext::chunk_kda_fwd whenever a gradient is needed")
+
+
+torch.library.register_autograd("kda_ext::chunk_kda_fwd_fused", _fused_fwd_backward,
                                 setup_context=_recurrent_setup_context)

@@ -40,6 +40,7 @@
 //   writes are visible; the pointer is deliberately not const/__restrict__ so no .nc load is used).
 #pragma once
 
+#include "cuda/elementwise.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/mma_sync.cuh"
 #include "cuda/params.h"
@@ -156,32 +157,6 @@ __device__ __forceinline__ ChunkLoc locate_chunk(const ChunkKdaFwdParams& p, int
   const int64_t rem = r.eos - start;
   if (start < 0 || rem <= 0) return {0, 0};
   return {start, static_cast<int>(rem < BT ? rem : BT)};
-}
-
-// The in-kernel gate of one element: lower_bound * sigmoid(a (g + bias)) (the a factor only with
-// A_log) or -a softplus(g + bias). bias = dt_bias[hv, col] (0 without one) and a = exp(A_log[hv])
-// (1 without) are computed by the caller once per slice / block.
-// __expf and __fdividef (a few ulp) instead of expf and IEEE division: those cost ~20 more
-// instructions per element in a loop that is issue-bound, and a relative error of a few ulp in a
-// gate is far below what the bf16/fp16 rounding of qg/kg/w introduces downstream. sigmoid still
-// tends to 0 as x -> -inf (__fdividef by an infinite denominator gives 0). softplus keeps log1pf:
-// __logf near 1 has an absolute error (~4e-7) that is large relative to softplus of x << 0.
-__device__ __forceinline__ float gate_of(const ChunkKdaFwdParams& p, float graw,
-                                                 float bias, float a) {
-  if (!p.use_gate_in_kernel) return graw;
-  float x = graw + bias;
-  if (p.use_lower_bound_gate) {
-    if (p.A_log != nullptr) x *= a;
-    return __fdividef(p.lower_bound, 1.f + __expf(-x));
-  }
-  const float sp = x > 20.f ? x : log1pf(__expf(x));
-  return -a * sp;
-}
-
-__device__ __forceinline__ float beta_of(const ChunkKdaFwdParams& p, float raw) {
-  if (!p.use_beta_sigmoid) return raw;
-  const float s = p.allow_neg_eigval ? 2.f : 1.f;
-  return s / (1.f + expf(-raw));
 }
 
 // ---- kernel 1 ------------------------------------------------------------------------------

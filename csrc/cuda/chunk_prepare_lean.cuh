@@ -69,14 +69,8 @@ __host__ __device__ constexpr int pair_col(int p) {
   // local memory.
   return p < 4 ? p : (p == 6 || p == 8 ? 1 : (p == 9 ? 2 : 0));
 }
-// e^x as ex2.approx.ftz(x log2e): __expf without its subnormal fix-ups (three instructions of
-// five): results below 2^-126 flush to 0, and every product such a factor enters is negligible
-// next to the row's other terms (the factors are ratios e^{G_a - G_b} of one chunk).
-__device__ __forceinline__ float exp_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
-  return y;
-}
+// exp_ftz: cuda/elementwise.cuh (shared with the fused forward).
+using cuda::exp_ftz;
 
 // Rows of the off-diagonal column-operand tile: block I's reference version holds rows [0, 16 I)
 // at row offset 8 I (I - 1): I = 1 at 0, 2 at 16, 3 at 48 (96 rows).

@@ -1,0 +1,508 @@
+// kda_ext CUDA, Hopper path: the fused forward (issue 17). One persistent CTA per (sequence, value
+// head) runs the whole chunked pipeline for that sequence with nothing but q, k, v, g, beta read and
+// o (and the final state) written: no intermediate reaches HBM.
+//
+// Why a chunk of 16 inside the kernel: the intra-chunk work (gate, cumsum, l2norm, the decayed
+// operands, Aqk, L, (I + L)^-1, w, u) of a 64-row chunk is 10 block pairs of 16 x 16 products, a
+// 64 x 64 inverse and several operand versions per element (chunk_prepare_lean.cuh, ~18 us of an
+// SM per chunk at the main shape). With 16 rows it is one block: one median-row reference under
+// safe_gate's bounded gate (every factor within e^{+-40} for lower_bound >= -5), a 16 x 16 forward
+// substitution, two operand versions fewer per element. The state then advances every 16 rows
+// instead of 64 (four times the steps of the same total tensor work). The numerics of the scheme
+// against the fp64 reference are those of the landed chunk-64 kernels to a few percent
+// (scripts/dev/fused16_numerics.py: o 3.7e-3 vs 3.6e-3 at the suite's 5e-3 bar).
+//
+// Three warpgroups, warp-specialized, joined by a kStages-deep shared-memory ring
+// (cutlass::PipelineAsync, one full/empty mbarrier pair a stage):
+// - warpgroup 0, the intra-chunk producer: thread t owns key column t of every row. It streams the
+//   raw q, k, v, g rows of the next chunk with cp.async into a two-deep private buffer while it
+//   works on this one; computes the gate and its cumsum down its column in registers, the l2norm
+//   row sums by a warp reduce-scatter, beta; the decayed operands; Aqk and L on mma.sync (one
+//   16 x 8 tile per warp), (I + L)^-1 by forward substitution (16 threads, one column each), and
+//   w = Akk (beta k e^G), u = Akk (beta v) on mma.sync; and writes w, qg, kg, Aqk, u and the
+//   chunk's decay e^{G_last} into the ring stage in the layouts the consumers' wgmma reads.
+// - warpgroups 1 and 2, the consumers: value columns 0..63 and 64..127. Each holds its slice of the
+//   transposed state S^T [64 v][128 k] in fp32 wgmma accumulators for the whole sequence and runs,
+//   per chunk, the four products of state_output_sm90.cuh with N = 16 chunk rows:
+//     v_new^T = u^T - Sh^T w^T,  o^T = scale Sh^T qg^T + v_new^T Aqk^T,
+//     S^T = e^{G_last} S^T + v_new^T kg.
+// Rows past the sequence's end (the last chunk) are zero-filled by the loads and masked out of
+// v_new, so they reach neither S nor a stored o row.
+// Applies to (fused_fwd_sm90_applies): bf16, K = V = 128, the in-kernel lower-bound gate with
+// safe_gate (its bound is what keeps the median-row factors in range; fp16's range is too narrow
+// for them), no intermediates wanted. Everything else keeps the two-kernel path.
+#pragma once
+
+#include "cuda/elementwise.cuh"  // gate_of, beta_of, exp_ftz
+#include "cuda/mma.cuh"
+#include "cuda/mma_sync.cuh"
+#include "cuda/sm90/state_output_sm90.cuh"
+
+namespace kda_ext {
+namespace cuda {
+namespace sm90 {
+
+template <int kStages_ = 3>
+struct FusedFwdConfig {
+  using T = __nv_bfloat16;
+  using Elt = cutlass::bfloat16_t;
+  static constexpr int kStages = kStages_;
+  static constexpr int kC = 16;    // chunk rows
+  static constexpr int kK = 128;   // K == V
+  static constexpr int kBV = 64;   // value columns per consumer warpgroup
+  static constexpr int kThreads = 384;
+  static constexpr int kLdOp = kK + 8;   // 16-bit [16][128] operand tiles of the producer: 272 B rows
+  static constexpr int kLdAkk = kC + 8;  // [16][16] Akk tile: 48 B rows (16-byte aligned, conflict-free)
+  static constexpr int kLdL = kC + 4;    // fp32 [16][16] L tile: rows of 4 float4
+  static constexpr int kLdO = kBV + 8;   // o staging [16 rows][64 v]
+  static constexpr int kGBytes = 4;      // raw g is staged at up to 4 bytes an element
+
+  // v_new^T = Sh^T w^T and o^T = Sh^T qg^T: M = v (64), N = chunk rows (16), K = k (128).
+  using MmaVn = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Elt, Elt, float, Shape<_64, _16, _128>, GMMA::Major::K, GMMA::Major::K>()));
+  // o^T += v_new^T Aqk^T: K = chunk rows (16).
+  using MmaO = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Elt, Elt, float, Shape<_64, _16, _16>, GMMA::Major::K, GMMA::Major::K>()));
+  // S^T += v_new^T kg: N = k (128), K = chunk rows (16); kg is [row][k]: MN-major B.
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Elt, Elt, float, Shape<_64, _128, _16>, GMMA::Major::K, GMMA::Major::MN>()));
+
+  // Ring stages (the last mode). B operands as (N, K).
+  using LayoutWs = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elt>{}, Shape<_16, _128, Int<kStages>>{}));
+  using LayoutAqks = decltype(tile_to_shape(GMMA::Layout_K_SW32_Atom<Elt>{}, Shape<_16, _16, Int<kStages>>{}));
+  using LayoutKgs = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Elt>{}, Shape<_128, _16, Int<kStages>>{}));
+  using LayoutUs = Layout<Shape<_16, _128, Int<kStages>>, Stride<_128, _1, _2048>>;  // [row][v]
+
+  using Pipeline = cutlass::PipelineAsync<kStages>;
+
+  struct SharedStorage {
+    // the ring
+    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutWs>> w;
+    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutWs>> qg;
+    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutKgs>> kg;
+    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutAqks>> aqk;
+    alignas(128) cute::array_aligned<Elt, cosize_v<LayoutUs>> u;
+    alignas(128) float decay[kStages][kK];  // e^{G_last} per key column
+    // the producer's own: raw rows of two chunks, then this chunk's operands and small matrices
+    alignas(128) T raw_q[2][kC * kK];
+    alignas(128) T raw_k[2][kC * kK];
+    alignas(128) T raw_v[2][kC * kK];
+    alignas(128) unsigned char raw_g[2][kC * kK * kGBytes];
+    alignas(128) T qm[kC * kLdOp];   // q-hat e^{G - G_m}     (Aqk's A operand)
+    alignas(128) T km[kC * kLdOp];   // k-hat e^{G_m - G}     (Aqk's and L's B operand)
+    alignas(128) T bkm[kC * kLdOp];  // beta k-hat e^{G - G_m} (L's A operand)
+    alignas(128) T kb[kC * kLdOp];   // beta k-hat e^{G}       (w's B operand)
+    alignas(128) T vb[kC * kLdOp];   // beta v                 (u's B operand)
+    alignas(128) T akk[kC * kLdAkk];
+    alignas(16) float lkk[kC * kLdL];
+    float red[4][32];     // l2norm partial sums, per warp
+    float rstd[2 * kC];   // q rows, then k rows
+    float beta[kC];
+    // consumers: o of one chunk as [row][v], per warpgroup
+    alignas(128) T o_stage[2][kC * kLdO];
+    typename Pipeline::SharedStorage pipeline;
+  };
+};
+
+// Raw rows of one chunk into the producer's buffer (cp.async, 16 bytes a copy, zero past L).
+template <class Cfg>
+__device__ __forceinline__ void issue_raw_chunk(const ChunkKdaFwdParams& p, typename Cfg::SharedStorage& st,
+                                                int buf, int64_t row0, int L, int hq, int hv, int tid) {
+  using T = typename Cfg::T;
+  constexpr int kC = Cfg::kC, kK = Cfg::kK;
+  const int64_t H = p.H, HV = p.HV;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  // 16 rows x 16 vectors of 8 elements: two a thread for each of q, k, v
+#pragma unroll
+  for (int it = 0; it < 2; ++it) {
+    const int idx = tid + 128 * it;
+    const int r = idx / 16, c = (idx % 16) * 8;
+    const bool ok = r < L;
+    const int64_t row = row0 + (ok ? r : 0);
+    cp_async16(st.raw_q[buf] + r * kK + c, q + (row * H + hq) * kK + c, ok);
+    cp_async16(st.raw_k[buf] + r * kK + c, k + (row * H + hq) * kK + c, ok);
+    cp_async16(st.raw_v[buf] + r * kK + c, v + (row * HV + hv) * kK + c, ok);
+  }
+  // g: rows of 128 elements of 2 or 4 bytes
+  const int gsz = p.g_dtype == DType::kFloat32 ? 4 : 2;
+  const int vec_per_row = kK * gsz / 16;  // 16 or 32
+  const unsigned char* g = static_cast<const unsigned char*>(p.g);
+  for (int idx = tid; idx < kC * vec_per_row; idx += 128) {
+    const int r = idx / vec_per_row, c = idx % vec_per_row;
+    const bool ok = r < L;
+    const int64_t row = row0 + (ok ? r : 0);
+    cp_async16(st.raw_g[buf] + (r * vec_per_row + c) * 16, g + ((row * HV + hv) * kK) * gsz + c * 16, ok);
+  }
+}
+
+// part[i] summed over the warp's lanes for i = lane, left in part[0]: at each step a lane keeps the
+// half of its values whose index has its lane bit and sends the other half to its partner
+// (31 shuffles instead of 32 x 5 for a butterfly of every value). Recursive so that every index is
+// a compile-time constant (a loop bound depending on the step left the array in local memory).
+template <int O>
+__device__ __forceinline__ void warp_reduce_scatter(float (&part)[32], int lane) {
+  const bool upper = (lane & O) != 0;
+#pragma unroll
+  for (int i = 0; i < O; ++i) {
+    const float send = upper ? part[i] : part[i + O];
+    const float keep = upper ? part[i + O] : part[i];
+    part[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+  }
+  if constexpr (O > 1) warp_reduce_scatter<O / 2>(part, lane);
+}
+
+__device__ __forceinline__ float raw_g_at(const unsigned char* buf, DType dt, int idx) {
+  if (dt == DType::kFloat32) return reinterpret_cast<const float*>(buf)[idx];
+  if (dt == DType::kBFloat16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(buf)[idx]);
+  return __half2float(reinterpret_cast<const __half*>(buf)[idx]);
+}
+
+// o^T [64 v][16 rows] (8 values a thread) as [row][v] in shared memory, then rows < L to global as
+// 16-byte vectors (16 rows x 8 vectors: one a thread).
+template <class Cfg, class Acc>
+__device__ __forceinline__ void store_o_rows(const Acc& acc, typename Cfg::T* stage, const AccCoord& ac,
+                                             int tid, int bar, typename Cfg::T* dst, int64_t row_stride, int L) {
+  using T = typename Cfg::T;
+  constexpr int kLd = Cfg::kLdO;
+  cutlass::arch::NamedBarrier::sync(128, bar);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int m = ac.m0 + 8 * ((i / 2) % 2), j = ac.n0 + 8 * (i / 4) + i % 2;
+    stage[j * kLd + m] = from_float<T>(acc(i));
+  }
+  cutlass::arch::NamedBarrier::sync(128, bar);
+  const int j = tid / 8, c = (tid % 8) * 8;
+  if (j < L)
+    *reinterpret_cast<uint4*>(dst + j * row_stride + c) = *reinterpret_cast<const uint4*>(stage + j * kLd + c);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const __grid_constant__ ChunkKdaFwdParams p) {
+  using T = typename Cfg::T;
+  using Elt = typename Cfg::Elt;
+  using Pipeline = typename Cfg::Pipeline;
+  using Storage = typename Cfg::SharedStorage;
+  constexpr int kC = Cfg::kC, kK = Cfg::kK, kBV = Cfg::kBV, kLdOp = Cfg::kLdOp;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  Storage& st = *reinterpret_cast<Storage*>(smem_raw);
+  // No setmaxnreg: 168 registers a thread (the launch bound's share of 64K over 384 threads) is
+  // what both roles need here (the consumers' 16-row accumulators are small).
+
+  const int warp_group = threadIdx.x / 128;
+  const int64_t HV = p.HV;
+  const int64_t n = blockIdx.x;
+  const int hv = blockIdx.y;
+  const int hq = static_cast<int>(hv / (HV / p.H));
+  const int64_t b = p.varlen ? 0 : n;
+  const SeqRange r = seq_range(p, n);
+  const int64_t seq_row0 = b * p.T + r.bos, seq_len = r.eos - r.bos;
+  const int nchunks = static_cast<int>((seq_len + kC - 1) / kC);
+  auto rows_in = [&](int c) {
+    const int64_t left = seq_len - int64_t(c) * kC;
+    return static_cast<int>(left < kC ? left : kC);
+  };
+
+  typename Pipeline::Params pp;
+  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.producer_arv_count = 128;
+  pp.consumer_arv_count = 256;
+  Pipeline pipeline(st.pipeline, pp);
+  __syncthreads();  // barriers initialised before any arrive or wait
+
+  Tensor sW = make_tensor(make_smem_ptr(st.w.data()), typename Cfg::LayoutWs{});
+  Tensor sQ = make_tensor(make_smem_ptr(st.qg.data()), typename Cfg::LayoutWs{});
+  Tensor sKg = make_tensor(make_smem_ptr(st.kg.data()), typename Cfg::LayoutKgs{});
+  Tensor sA = make_tensor(make_smem_ptr(st.aqk.data()), typename Cfg::LayoutAqks{});
+  Tensor sU = make_tensor(make_smem_ptr(st.u.data()), typename Cfg::LayoutUs{});
+
+  if (warp_group == 0) {
+    // ==== producer: the intra-chunk work =======================================================
+    const int tid = threadIdx.x;  // = key column
+    const int warp = tid / 32, lane = tid % 32;
+    constexpr int kBar = 3;  // this warpgroup's named barrier
+    auto sync_wg = [] { cutlass::arch::NamedBarrier::sync(128, kBar); };
+    const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? __expf(p.A_log[hv]) : 1.f;
+    const float bias = (p.use_gate_in_kernel && p.dt_bias != nullptr) ? p.dt_bias[hv * kK + tid] : 0.f;
+    const float scale = p.scale;
+    auto state = cutlass::make_producer_start_state<Pipeline>();
+    float beta_raw = 0.f;  // this chunk's raw beta of row tid (tid < 16)
+    if (nchunks > 0) {
+      issue_raw_chunk<Cfg>(p, st, 0, seq_row0, rows_in(0), hq, hv, tid);
+      cp_async_commit();
+      if (tid < kC && tid < rows_in(0)) beta_raw = load_any(p.beta, p.beta_dtype, (seq_row0 + tid) * HV + hv);
+    }
+    for (int c = 0; c < nchunks; ++c) {
+      const int buf = c & 1;
+      const int L = rows_in(c);
+      const int64_t row0 = seq_row0 + int64_t(c) * kC;
+      // the next chunk's rows in flight while this one is worked on
+      float beta_next = 0.f;
+      if (c + 1 < nchunks) {
+        const int Ln = rows_in(c + 1);
+        issue_raw_chunk<Cfg>(p, st, buf ^ 1, row0 + kC, Ln, hq, hv, tid);
+        if (tid < kC && tid < Ln) beta_next = load_any(p.beta, p.beta_dtype, (row0 + kC + tid) * HV + hv);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();
+      if (tid < kC) st.beta[tid] = tid < L ? beta_of(p, beta_raw) : 0.f;
+      sync_wg();  // this chunk's raw rows and betas visible to the warpgroup
+
+      // -- column tid: gate and cumsum, q, k, v of every row
+      const T* rq = st.raw_q[buf];
+      const T* rk = st.raw_k[buf];
+      const T* rv = st.raw_v[buf];
+      float G[kC], qv[kC], kv[kC];
+      {
+        float run = 0.f;
+#pragma unroll
+        for (int i = 0; i < kC; ++i) {
+          const float graw = raw_g_at(st.raw_g[buf], p.g_dtype, i * kK + tid);
+          run += i < L ? gate_of(p, graw, bias, gate_a) : 0.f;
+          G[i] = run;
+          qv[i] = to_float<T>(rq[i * kK + tid]);
+          kv[i] = to_float<T>(rk[i * kK + tid]);
+        }
+      }
+      if (p.use_qk_l2norm) {
+        // Row sums of q^2 (values 0..15) and k^2 (16..31) over the warp's 32 columns by a
+        // reduce-scatter: lane l ends with value l's sum; then over the four warps.
+        float part[32];
+#pragma unroll
+        for (int i = 0; i < kC; ++i) {
+          part[i] = qv[i] * qv[i];
+          part[kC + i] = kv[i] * kv[i];
+        }
+        warp_reduce_scatter<16>(part, lane);
+        st.red[warp][lane] = part[0];
+        sync_wg();
+        if (warp == 0) {
+          const float s = st.red[0][lane] + st.red[1][lane] + st.red[2][lane] + st.red[3][lane];
+          st.rstd[lane] = 1.f / sqrtf(s + 1e-6f);
+        }
+        sync_wg();
+#pragma unroll
+        for (int i = 0; i < kC; ++i) {
+          qv[i] = round_to<T>(qv[i] * st.rstd[i]);
+          kv[i] = round_to<T>(kv[i] * st.rstd[kC + i]);
+        }
+      }
+
+      // The ring stage this chunk's results go to (the consumers released it).
+      pipeline.producer_acquire(state);
+      const int s = state.index();
+
+      // -- the decayed operands of column tid. G is relative to the chunk's first row, so
+      // e^{G} <= 1; under the bounded gate |G| <= 16 |lower_bound| <= 80 keeps e^{-G} finite and
+      // e^{G} normal in fp32, and the median row m = min(8, L - 1) halves the diagonal factors.
+      const int m = L - 1 < 8 ? L - 1 : 8;
+      float Gm = 0.f, Gl = 0.f;
+#pragma unroll
+      for (int i = 0; i < kC; ++i) {
+        Gm = i == m ? G[i] : Gm;
+        Gl = i == L - 1 ? G[i] : Gl;
+      }
+      const float e_neg_m = exp_ftz(-Gm), e_pos_m = exp_ftz(Gm);
+      const float e_last = exp_ftz(Gl);
+      st.decay[s][tid] = e_last;
+#pragma unroll
+      for (int i = 0; i < kC; ++i) {
+        const float E = exp_ftz(G[i]), R = exp_ftz(-G[i]);
+        const float bt = st.beta[i];
+        const float vv = to_float<T>(rv[i * kK + tid]);
+        st.qm[i * kLdOp + tid] = from_float<T>(qv[i] * E * e_neg_m);
+        st.km[i * kLdOp + tid] = from_float<T>(kv[i] * R * e_pos_m);
+        st.bkm[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E * e_neg_m);
+        st.kb[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E);
+        st.vb[i * kLdOp + tid] = from_float<T>(bt * vv);
+        reinterpret_cast<T&>(sQ(i, tid, s)) = from_float<T>(qv[i] * E);
+        reinterpret_cast<T&>(sKg(tid, i, s)) = from_float<T>(kv[i] * R * e_last);
+      }
+      sync_wg();
+
+      // -- Aqk = scale qm km^T (i >= j) and L = bkm km^T (i > j): warp w one 16 x 8 tile
+      {
+        const int g4 = lane / 4, t4 = lane % 4;
+        const bool is_l = warp >= 2;
+        const int nt = warp & 1;  // columns 8 nt .. 8 nt + 7
+        const T* a_tile = is_l ? st.bkm : st.qm;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int ks = 0; ks < kK / 16; ++ks) {
+          uint32_t a[4], bb[2];
+          ldmatrix_x4(a, a_tile + (lane % 16) * kLdOp + 16 * ks + 8 * (lane / 16));
+          ldmatrix_x2(bb, st.km + (8 * nt + lane % 8) * kLdOp + 16 * ks + 8 * ((lane / 8) % 2));
+          mma_16x8x16<T>(acc, a, bb[0], bb[1]);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = g4 + 8 * (e / 2), j = 8 * nt + 2 * t4 + e % 2;
+          if (is_l) st.lkk[i * Cfg::kLdL + j] = i > j ? acc[e] : 0.f;
+          else reinterpret_cast<T&>(sA(i, j, s)) = from_float<T>(i >= j ? scale * acc[e] : 0.f);
+        }
+      }
+      sync_wg();
+
+      // -- Akk = (I + L)^-1 by forward substitution: thread j < 16 computes column j
+      if (tid < kC) {
+        const int j = tid;
+        float x[kC];
+#pragma unroll
+        for (int i = 0; i < kC; ++i) {
+          float acc0 = i == j ? 1.f : 0.f, acc1 = 0.f;
+#pragma unroll
+          for (int k4 = 0; k4 < i; k4 += 4) {
+            const float4 l4 = *reinterpret_cast<const float4*>(st.lkk + i * Cfg::kLdL + k4);
+            acc0 -= l4.x * x[k4];
+            if (k4 + 1 < i) acc1 -= l4.y * x[k4 + 1];
+            if (k4 + 2 < i) acc0 -= l4.z * x[k4 + 2];
+            if (k4 + 3 < i) acc1 -= l4.w * x[k4 + 3];
+          }
+          x[i] = acc0 + acc1;
+        }
+#pragma unroll
+        for (int i = 0; i < kC; ++i) st.akk[i * Cfg::kLdAkk + j] = from_float<T>(x[i]);
+      }
+      sync_wg();
+
+      // -- w = Akk kb, u = Akk vb: warp w the columns 32 w .. 32 w + 31 (four 16 x 8 tiles each)
+      {
+        const int g4 = lane / 4, t4 = lane % 4;
+        uint32_t a[4];
+        ldmatrix_x4(a, st.akk + (lane % 16) * Cfg::kLdAkk + 8 * (lane / 16));
+#pragma unroll
+        for (int pair = 0; pair < 2; ++pair) {
+          const int n0 = 32 * warp + 16 * pair;
+          uint32_t bw[4], bu[4];
+          const int off = (8 * ((lane / 8) % 2) + lane % 8) * kLdOp + n0 + 8 * (lane / 16);
+          ldmatrix_x4_trans(bw, st.kb + off);
+          ldmatrix_x4_trans(bu, st.vb + off);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            float cw[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
+            mma_16x8x16<T>(cw, a, bw[2 * half], bw[2 * half + 1]);
+            mma_16x8x16<T>(cu, a, bu[2 * half], bu[2 * half + 1]);
+            const int col = n0 + 8 * half + 2 * t4;
+#pragma unroll
+            for (int rh = 0; rh < 2; ++rh) {
+              const int i = g4 + 8 * rh;
+              *reinterpret_cast<uint32_t*>(&sW(i, col, s)) = pack2<T>(cw[2 * rh], cw[2 * rh + 1]);
+              *reinterpret_cast<uint32_t*>(&sU(i, col, s)) = pack2<T>(cu[2 * rh], cu[2 * rh + 1]);
+            }
+          }
+        }
+      }
+      // The consumers read the stage with wgmma (the async proxy): make this thread's writes
+      // visible to it, then arrive.
+      cutlass::arch::fence_view_async_shared();
+      pipeline.producer_commit(state);
+      ++state;
+      beta_raw = beta_next;
+      // (The next chunk's first barrier also orders this chunk's reads of the raw buffer and of
+      // the operand tiles before their next writes.)
+    }
+    return;
+  }
+
+  // ==== consumers: the state and the output =====================================================
+  const int tid = threadIdx.x % 128;
+  const int consumer = warp_group - 1;
+  const int v0 = consumer * kBV;
+  const int bar = 1 + consumer;  // named barrier of this warpgroup's o staging
+  typename Cfg::MmaVn mma_vn;
+  typename Cfg::MmaO mma_o;
+  typename Cfg::MmaS mma_s;
+  auto thr_vn = mma_vn.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  auto thr_s = mma_s.get_thread_slice(tid);
+
+  Tensor tBw = thr_vn.partition_fragment_B(sW);
+  Tensor tBq = thr_vn.partition_fragment_B(sQ);
+  Tensor tBa = thr_o.partition_fragment_B(sA);
+  Tensor tBk = thr_s.partition_fragment_B(sKg);
+
+  Tensor accS = partition_fragment_C(mma_s, Shape<_64, _128>{});  // S^T [v][k]
+  Tensor accV = partition_fragment_C(mma_vn, Shape<_64, _16>{});  // v_new^T [v][row]
+  Tensor accO = partition_fragment_C(mma_vn, Shape<_64, _16>{});  // o^T [v][row]
+  const AccCoord ac = acc_coord(tid);
+  static_assert(decltype(size(accS))::value == 64 && decltype(size(accV))::value == 8,
+                "one 64 x N wgmma tile per accumulator");
+  Tensor aS = thr_vn.partition_fragment_A(make_tensor(static_cast<Elt*>(nullptr), Shape<_64, _128>{}));
+  Tensor aV = thr_o.partition_fragment_A(make_tensor(static_cast<Elt*>(nullptr), Shape<_64, _16>{}));
+
+  const bool vf = p.state_v_first;
+  constexpr int64_t KV = int64_t(kK) * kK;
+  {
+    const float* h0 = p.h0 != nullptr ? p.h0 + (n * HV + hv) * KV : nullptr;
+    if (h0 != nullptr)
+      for_state_elements(ac, v0, vf, [&](int i, int off) { accS(i) = h0[off]; });
+    else
+      clear(accS);
+  }
+  T* o = static_cast<T*>(p.o);
+  const float scale = p.scale;
+  const int64_t vs = HV * kK;  // row stride of o
+  T* o_stage = st.o_stage[consumer];
+
+  auto state = cutlass::PipelineState<Cfg::kStages>();
+  for (int c = 0; c < nchunks; ++c) {
+    const int64_t row0 = seq_row0 + int64_t(c) * kC;
+    const int L = rows_in(c);
+    acc_to_a_operand<Elt>(accS, aS);  // Sh, the state rounded to T
+    pipeline.consumer_wait(state);
+    const int s = state.index();
+
+    clear(accV);
+    warpgroup_fence_operand(aS);
+    warpgroup_fence_operand(accV);
+    warpgroup_arrive();
+    gemm(mma_vn, aS, tBw(_, _, _, s), accV);
+    warpgroup_commit_batch();
+    clear(accO);
+    warpgroup_fence_operand(accO);
+    warpgroup_arrive();
+    gemm(mma_vn, aS, tBq(_, _, _, s), accO);
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(accV);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int vl = ac.m0 + 8 * ((i / 2) % 2), j = ac.n0 + 8 * (i / 4) + i % 2;
+      const float uv = to_float<T>(reinterpret_cast<const T&>(sU(j, v0 + vl, s)));
+      accV(i) = j < L ? round_to<T>(uv - accV(i)) : 0.f;
+    }
+    acc_to_a_operand<Elt>(accV, aV);
+    warpgroup_fence_operand(aV);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(aS);
+    warpgroup_fence_operand(accO);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) accO(i) *= scale;
+    warpgroup_fence_operand(accO);
+    warpgroup_arrive();
+    gemm(mma_o, aV, tBa(_, _, _, s), accO);
+    warpgroup_commit_batch();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) accS(i) *= st.decay[s][ac.n0 + 8 * (i / 4) + i % 2];
+    warpgroup_fence_operand(accS);
+    warpgroup_arrive();
+    gemm(mma_s, aV, tBk(_, _, _, s), accS);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(aV);
+    warpgroup_fence_operand(accO);
+    warpgroup_fence_operand(accS);
+    pipeline.consumer_release(state);
+    ++state;
+    store_o_rows<Cfg>(accO, o_stage, ac, tid, bar, o + row0 * vs + hv * kK + v0, vs, L);
+  }
+  if (p.final_state != nullptr) {
+    float* fs = p.final_state + (n * HV + hv) * KV;
+    for_state_elements(ac, v0, vf, [&](int i, int off) { fs[off] = accS(i); });
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace kda_ext

@@ -1,0 +1,139 @@
+# tests/test_fused_fwd_sm90.py: the fused Hopper forward (csrc/cuda/sm90/fused_fwd_sm90.cuh).
+"""The fused forward runs the whole pipeline in one kernel per (sequence, value head) with a
+16-row chunk inside, for bf16, K = V = 128 and the in-kernel lower-bound gate under safe_gate, when
+no gradient is wanted (KDA_EXT_FUSED_FWD: auto, on, off). On an sm_90 GPU each case checks, with
+the fused kernel forced on and its launch seen by the profiler: o and the final state against the
+float64 reference at FLA's tolerances; against the two-kernel path (chunk 64) within a bar that a
+layout, mask or pipeline error would exceed by far (the two round at other points, so they are
+not bitwise equal); bitwise equality run to run. Without a GPU the dispatch rule is tested.
+"""
+import pytest
+import torch
+
+from conftest import Case, FLA_TOL, assert_rel_close, compare, kernels_launched, make_inputs, run_kernel, run_reference
+
+import kda_ext
+from kda_ext import _dispatch
+from kda_ext._build_info import load_build_config
+
+BF16 = torch.bfloat16
+KIMI = dict(gate_in_kernel=True, safe_gate=True, lower_bound=-5.0, l2norm_in_kernel=True, beta_sigmoid=True)
+BASE = dict(K=128, V=128, dtype=BF16)
+
+_SM90 = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+         and bool((load_build_config() or {}).get("WITH_SM90")))
+requires_sm90 = pytest.mark.skipif(not _SM90, reason="needs an sm_90 GPU and the sm_90a build")
+
+CASES = [
+    Case(B=2, T=300, H=2, HV=4, **BASE, **KIMI),                       # GVA
+    Case(B=1, T=1, H=1, HV=2, **BASE, **KIMI),
+    Case(B=2, T=15, H=1, HV=1, **BASE, **KIMI),
+    Case(B=1, T=16, H=1, HV=1, **BASE, **KIMI, h0=False),
+    Case(B=2, T=17, H=1, HV=1, **BASE, **KIMI, state_v_first=True),
+    Case(B=2, T=63, H=1, HV=1, **BASE, **KIMI, state_v_first=True),
+    Case(B=1, T=64, H=1, HV=1, **BASE, **KIMI, h0=False),
+    Case(B=1, T=65, H=2, HV=2, **BASE, **KIMI),
+    Case(B=1, T=1000, H=1, HV=2, **BASE, **KIMI),
+    Case(B=1, T=1000, H=1, HV=2, **BASE, **dict(KIMI, lower_bound=-1.0)),
+    Case(B=1, T=200, H=1, HV=2, **BASE, **dict(KIMI, l2norm_in_kernel=False, beta_sigmoid=False)),
+    Case(B=1, T=200, H=2, HV=2, **BASE, **KIMI, neg_eig=True, dt_bias=False, A_log_4d=True),
+    # varlen: length-1 sequences, sequences ending inside a 16-row chunk, the next sequence's rows
+    Case(cu_seqlens=[0, 1, 64, 65, 129, 500], H=2, HV=2, **BASE, recipe="varlen", **KIMI),
+    Case(cu_seqlens=[0, 15, 16, 17, 300], H=1, HV=2, **BASE, recipe="varlen", state_v_first=True, **KIMI),
+]
+
+
+def _fused_outputs(case, x, monkeypatch, switch="on"):
+    monkeypatch.setenv("KDA_EXT_FUSED_FWD", switch)
+    with torch.no_grad():
+        return run_kernel(case, x, grads=False)
+
+
+@requires_sm90
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
+def test_cuda_fused_fwd_against_reference_and_two_kernel_path(case, monkeypatch):
+    x = make_inputs(case, "cuda")
+    ref = run_reference(case, x, grads=False)
+    names = kernels_launched(lambda: _fused_outputs(case, x, monkeypatch))
+    assert any("fused_fwd_sm90" in n for n in names), f"the fused kernel did not run: {names}"
+    fused = _fused_outputs(case, x, monkeypatch)
+    again = _fused_outputs(case, x, monkeypatch)
+    two_kernel = _fused_outputs(case, x, monkeypatch, switch="off")
+    compare(ref, fused, FLA_TOL, ["o", "ht"])
+    compare(ref, two_kernel, FLA_TOL, ["o", "ht"])
+    for n in ("o", "ht"):
+        assert torch.equal(fused[n], again[n]), f"{n} changed between identical runs"
+        # chunk 16 vs chunk 64: both near the reference; a wrong row, column or stage is O(1)
+        assert_rel_close(f"{n} (fused vs two-kernel)", two_kernel[n], fused[n], 6e-3)
+
+
+@requires_sm90
+def test_cuda_fused_fwd_fp32_gate_logits(monkeypatch):
+    case = Case(B=1, T=200, H=1, HV=2, **BASE, **KIMI)
+    x = make_inputs(case, "cuda")
+    x["g"] = x["g"].detach().float()
+    ref = run_reference(case, x, grads=False)
+    compare(ref, _fused_outputs(case, x, monkeypatch), FLA_TOL, ["o", "ht"])
+
+
+@requires_sm90
+def test_cuda_fused_fwd_not_taken_when_a_gradient_is_wanted(monkeypatch):
+    case = Case(B=1, T=100, H=1, HV=2, **BASE, **KIMI)
+    x = make_inputs(case, "cuda")
+    monkeypatch.setenv("KDA_EXT_FUSED_FWD", "on")
+    names = kernels_launched(lambda: run_kernel(case, x))
+    assert not any("fused_fwd_sm90" in n for n in names), names
+    compare(run_reference(case, x), run_kernel(case, x), FLA_TOL)
+
+
+@requires_sm90
+def test_cuda_fused_fwd_compiled_fullgraph(monkeypatch):
+    case = Case(B=1, T=130, H=1, HV=2, **BASE, **KIMI)
+    x = make_inputs(case, "cuda")
+    eager = _fused_outputs(case, x, monkeypatch)
+
+    def step(q, k, v, g, beta, h0, A_log, dt_bias):
+        return kda_ext.chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, A_log=A_log,
+                                 dt_bias=dt_bias, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                 use_beta_sigmoid_in_kernel=True, safe_gate=True, lower_bound=-5.0)
+    args = [x[n].detach() for n in ("q", "k", "v", "g", "beta", "h0", "A_log", "dt_bias")]
+    with torch.no_grad():
+        o, ht = torch.compile(step, fullgraph=True)(*args)
+    assert torch.equal(o, eager["o"]) and torch.equal(ht, eager["ht"])
+
+
+@requires_sm90
+def test_cuda_fused_fwd_op_refuses_what_it_does_not_serve():
+    q = torch.randn(1, 16, 1, 128, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="bf16"):
+        torch.ops.kda_ext.chunk_kda_fwd_fused(q, q, q, q, q[..., 0], 0.1, None, None, None, None,
+                                              True, True, True, False, -5.0, False, False)
+    qb = q.to(BF16)
+    with pytest.raises(RuntimeError, match="lower-bound gate"):
+        torch.ops.kda_ext.chunk_kda_fwd_fused(qb, qb, qb, qb, qb[..., 0], 0.1, None, None, None, None,
+                                              True, True, True, False, -6.0, False, False)
+
+
+def _applies(**overrides):
+    kwargs = dict(device=torch.device("cuda", 0), dtype=BF16, K=128, V=128, use_gate_in_kernel=True,
+                  lower_bound=-5.0, safe_gate=True, needs_grad=False, with_sm90=True)
+    kwargs.update(overrides)
+    return _dispatch.fused_forward_applies(**kwargs)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(needs_grad=True), dict(dtype=torch.float16), dict(K=64), dict(V=64), dict(use_gate_in_kernel=False),
+    dict(lower_bound=None), dict(lower_bound=-5.5), dict(safe_gate=False), dict(with_sm90=False),
+    dict(device=torch.device("cpu")),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_fused_forward_rule_declines(overrides, monkeypatch):
+    monkeypatch.setenv("KDA_EXT_FUSED_FWD", "on")
+    assert not _applies(**overrides)
+
+
+def test_fused_forward_switch(monkeypatch):
+    monkeypatch.setenv("KDA_EXT_FUSED_FWD", "off")
+    assert not _applies()
+    monkeypatch.setenv("KDA_EXT_FUSED_FWD", "sometimes")
+    with pytest.raises(ValueError, match="KDA_EXT_FUSED_FWD"):
+        _applies()
