@@ -43,21 +43,23 @@ CASES = [
 ]
 
 
-def _fused_outputs(case, x, monkeypatch, switch="on"):
+def _fused_outputs(case, x, monkeypatch, switch="on", producers=1):
     monkeypatch.setenv("KDA_EXT_FUSED_FWD", switch)
+    monkeypatch.setenv("KDA_EXT_FUSED_PRODUCERS", str(producers))
     with torch.no_grad():
         return run_kernel(case, x, grads=False)
 
 
 @requires_sm90
+@pytest.mark.parametrize("producers", [1, 2], ids=["1producer", "2producers"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
-def test_cuda_fused_fwd_against_reference_and_two_kernel_path(case, monkeypatch):
+def test_cuda_fused_fwd_against_reference_and_two_kernel_path(case, producers, monkeypatch):
     x = make_inputs(case, "cuda")
     ref = run_reference(case, x, grads=False)
-    names = kernels_launched(lambda: _fused_outputs(case, x, monkeypatch))
-    assert any("fused_fwd_sm90" in n for n in names), f"the fused kernel did not run: {names}"
-    fused = _fused_outputs(case, x, monkeypatch)
-    again = _fused_outputs(case, x, monkeypatch)
+    names = kernels_launched(lambda: _fused_outputs(case, x, monkeypatch, producers=producers))
+    assert any(f"FusedFwdConfig<{producers}>" in n for n in names), f"the fused kernel did not run: {names}"
+    fused = _fused_outputs(case, x, monkeypatch, producers=producers)
+    again = _fused_outputs(case, x, monkeypatch, producers=producers)
     two_kernel = _fused_outputs(case, x, monkeypatch, switch="off")
     compare(ref, fused, FLA_TOL, ["o", "ht"])
     compare(ref, two_kernel, FLA_TOL, ["o", "ht"])

@@ -12,16 +12,18 @@
 // against the fp64 reference are those of the landed chunk-64 kernels to a few percent
 // (scripts/dev/fused16_numerics.py: o 3.7e-3 vs 3.6e-3 at the suite's 5e-3 bar).
 //
-// Three warpgroups, warp-specialized, joined by a kStages-deep shared-memory ring
+// Three or four warpgroups, warp-specialized, joined by a shared-memory ring
 // (cutlass::PipelineAsync, one full/empty mbarrier pair a stage):
-// - warpgroup 0, the intra-chunk producer: thread t owns key column t of every row. It streams the
-//   raw q, k, v, g rows of the next chunk with cp.async into a two-deep private buffer while it
-//   works on this one; computes the gate and its cumsum down its column in registers, the l2norm
-//   row sums by a warp reduce-scatter, beta; the decayed operands; Aqk and L on mma.sync (one
-//   16 x 8 tile per warp), (I + L)^-1 by forward substitution (16 threads, one column each), and
-//   w = Akk (beta k e^G), u = Akk (beta v) on mma.sync; and writes w, qg, kg, Aqk, u and the
-//   chunk's decay e^{G_last} into the ring stage in the layouts the consumers' wgmma reads.
-// - warpgroups 1 and 2, the consumers: value columns 0..63 and 64..127. Each holds its slice of the
+// - kProducers (1 or 2) intra-chunk producer warpgroups; with two, warpgroup j takes chunks
+//   j, j + 2, ... with its own buffers and pipeline. Thread t owns key column t of every row. A
+//   producer streams the raw q, k, v, g rows of its next chunk with cp.async into a two-deep
+//   private buffer while it works on this one; computes the gate and its cumsum down its column in
+//   registers, the l2norm row sums by a warp reduce-scatter, beta; the decayed operands; Aqk and L
+//   on mma.sync (one 16 x 8 tile per warp), (I + L)^-1 by forward substitution (16 threads, one
+//   column each), and w = Akk (beta k e^G), u = Akk (beta v) on mma.sync; and writes w, qg, kg,
+//   Aqk, u and the chunk's decay e^{G_last} into its ring stage in the layouts the consumers'
+//   wgmma reads.
+// - the last two warpgroups, the consumers: value columns 0..63 and 64..127. Each holds its slice of the
 //   transposed state S^T [64 v][128 k] in fp32 wgmma accumulators for the whole sequence and runs,
 //   per chunk, the four products of state_output_sm90.cuh with N = 16 chunk rows:
 //     v_new^T = u^T - Sh^T w^T,  o^T = scale Sh^T qg^T + v_new^T Aqk^T,
@@ -42,15 +44,20 @@ namespace kda_ext {
 namespace cuda {
 namespace sm90 {
 
-template <int kStages_ = 3>
+// kProducers intra-chunk warpgroups (1 or 2: chunks by parity, each with its own buffers and
+// its own kStagesPer-deep pipeline, which the consumers take in turn).
+template <int kProducers_ = 1>
 struct FusedFwdConfig {
   using T = __nv_bfloat16;
   using Elt = cutlass::bfloat16_t;
-  static constexpr int kStages = kStages_;
+  static constexpr int kProducers = kProducers_;
+  static_assert(kProducers == 1 || kProducers == 2, "one or two producer warpgroups");
+  static constexpr int kStagesPer = kProducers == 1 ? 3 : 2;  // ring stages of one producer
+  static constexpr int kStages = kProducers * kStagesPer;     // the whole ring
   static constexpr int kC = 16;    // chunk rows
   static constexpr int kK = 128;   // K == V
   static constexpr int kBV = 64;   // value columns per consumer warpgroup
-  static constexpr int kThreads = 384;
+  static constexpr int kThreads = 128 * (kProducers + 2);
   static constexpr int kLdOp = kK + 8;   // 16-bit [16][128] operand tiles of the producer: 272 B rows
   static constexpr int kLdAkk = kC + 8;  // [16][16] Akk tile: 48 B rows (16-byte aligned, conflict-free)
   static constexpr int kLdL = kC + 4;    // fp32 [16][16] L tile: rows of 4 float4
@@ -73,17 +80,11 @@ struct FusedFwdConfig {
   using LayoutKgs = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Elt>{}, Shape<_128, _16, Int<kStages>>{}));
   using LayoutUs = Layout<Shape<_16, _128, Int<kStages>>, Stride<_128, _1, _2048>>;  // [row][v]
 
-  using Pipeline = cutlass::PipelineAsync<kStages>;
+  using Pipeline = cutlass::PipelineAsync<kStagesPer>;
 
-  struct SharedStorage {
-    // the ring
-    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutWs>> w;
-    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutWs>> qg;
-    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutKgs>> kg;
-    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutAqks>> aqk;
-    alignas(128) cute::array_aligned<Elt, cosize_v<LayoutUs>> u;
-    alignas(128) float decay[kStages][kK];  // e^{G_last} per key column
-    // the producer's own: raw rows of two chunks, then this chunk's operands and small matrices
+  // One producer warpgroup's own: raw rows of two chunks, then a chunk's operands and small
+  // matrices.
+  struct ProducerStorage {
     alignas(128) T raw_q[2][kC * kK];
     alignas(128) T raw_k[2][kC * kK];
     alignas(128) T raw_v[2][kC * kK];
@@ -98,15 +99,26 @@ struct FusedFwdConfig {
     float red[4][32];     // l2norm partial sums, per warp
     float rstd[2 * kC];   // q rows, then k rows
     float beta[kC];
+  };
+
+  struct SharedStorage {
+    // the ring
+    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutWs>> w;
+    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutWs>> qg;
+    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutKgs>> kg;
+    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutAqks>> aqk;
+    alignas(128) cute::array_aligned<Elt, cosize_v<LayoutUs>> u;
+    alignas(128) float decay[kStages][kK];  // e^{G_last} per key column
+    ProducerStorage prod[kProducers];
     // consumers: o of one chunk as [row][v], per warpgroup
     alignas(128) T o_stage[2][kC * kLdO];
-    typename Pipeline::SharedStorage pipeline;
+    typename Pipeline::SharedStorage pipeline[kProducers];  // producer j fills ring stages j * kStagesPer ..
   };
 };
 
 // Raw rows of one chunk into the producer's buffer (cp.async, 16 bytes a copy, zero past L).
 template <class Cfg>
-__device__ __forceinline__ void issue_raw_chunk(const ChunkKdaFwdParams& p, typename Cfg::SharedStorage& st,
+__device__ __forceinline__ void issue_raw_chunk(const ChunkKdaFwdParams& p, typename Cfg::ProducerStorage& ps,
                                                 int buf, int64_t row0, int L, int hq, int hv, int tid) {
   using T = typename Cfg::T;
   constexpr int kC = Cfg::kC, kK = Cfg::kK;
@@ -121,9 +133,9 @@ __device__ __forceinline__ void issue_raw_chunk(const ChunkKdaFwdParams& p, type
     const int r = idx / 16, c = (idx % 16) * 8;
     const bool ok = r < L;
     const int64_t row = row0 + (ok ? r : 0);
-    cp_async16(st.raw_q[buf] + r * kK + c, q + (row * H + hq) * kK + c, ok);
-    cp_async16(st.raw_k[buf] + r * kK + c, k + (row * H + hq) * kK + c, ok);
-    cp_async16(st.raw_v[buf] + r * kK + c, v + (row * HV + hv) * kK + c, ok);
+    cp_async16(ps.raw_q[buf] + r * kK + c, q + (row * H + hq) * kK + c, ok);
+    cp_async16(ps.raw_k[buf] + r * kK + c, k + (row * H + hq) * kK + c, ok);
+    cp_async16(ps.raw_v[buf] + r * kK + c, v + (row * HV + hv) * kK + c, ok);
   }
   // g: rows of 128 elements of 2 or 4 bytes
   const int gsz = p.g_dtype == DType::kFloat32 ? 4 : 2;
@@ -133,7 +145,7 @@ __device__ __forceinline__ void issue_raw_chunk(const ChunkKdaFwdParams& p, type
     const int r = idx / vec_per_row, c = idx % vec_per_row;
     const bool ok = r < L;
     const int64_t row = row0 + (ok ? r : 0);
-    cp_async16(st.raw_g[buf] + (r * vec_per_row + c) * 16, g + ((row * HV + hv) * kK) * gsz + c * 16, ok);
+    cp_async16(ps.raw_g[buf] + (r * vec_per_row + c) * 16, g + ((row * HV + hv) * kK) * gsz + c * 16, ok);
   }
 }
 
@@ -187,8 +199,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   constexpr int kC = Cfg::kC, kK = Cfg::kK, kBV = Cfg::kBV, kLdOp = Cfg::kLdOp;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   Storage& st = *reinterpret_cast<Storage*>(smem_raw);
-  // No setmaxnreg: 168 registers a thread (the launch bound's share of 64K over 384 threads) is
-  // what both roles need here (the consumers' 16-row accumulators are small).
+  constexpr int kProducers = Cfg::kProducers, kStagesPer = Cfg::kStagesPer;
+  // One producer: no setmaxnreg, 168 registers a thread (the launch bound's share of 64K over 384
+  // threads) is what both roles need. Two: 128 a thread by the launch bound, redistributed as 104
+  // for the producers and 152 for the consumers (ptxas allocates each role within its budget:
+  // without spills there, while 120/136 spilled 56 bytes and 128/128 112).
 
   const int warp_group = threadIdx.x / 128;
   const int64_t HV = p.HV;
@@ -204,11 +219,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     return static_cast<int>(left < kC ? left : kC);
   };
 
+  const bool is_producer = warp_group < kProducers;
   typename Pipeline::Params pp;
-  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.role = is_producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pp.producer_arv_count = 128;
   pp.consumer_arv_count = 256;
-  Pipeline pipeline(st.pipeline, pp);
+  // Producer j's pipeline drives ring stages j * kStagesPer .. (j + 1) * kStagesPer - 1.
+  auto pipeline_of = [&](int j) { return Pipeline(st.pipeline[j], pp, cute::false_type{}); };
+  if (threadIdx.x < 32) {
+#pragma unroll
+    for (int j = 0; j < kProducers; ++j) Pipeline::init_barriers(st.pipeline[j], pp);
+  }
   __syncthreads();  // barriers initialised before any arrive or wait
 
   Tensor sW = make_tensor(make_smem_ptr(st.w.data()), typename Cfg::LayoutWs{});
@@ -217,48 +238,54 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   Tensor sA = make_tensor(make_smem_ptr(st.aqk.data()), typename Cfg::LayoutAqks{});
   Tensor sU = make_tensor(make_smem_ptr(st.u.data()), typename Cfg::LayoutUs{});
 
-  if (warp_group == 0) {
-    // ==== producer: the intra-chunk work =======================================================
-    const int tid = threadIdx.x;  // = key column
+  if (is_producer) {
+    // ==== producer: the intra-chunk work of chunks pw, pw + kProducers, ... ====================
+    if constexpr (kProducers == 2) cutlass::arch::warpgroup_reg_dealloc<104>();
+    const int pw = warp_group;
+    typename Cfg::ProducerStorage& ps = st.prod[pw];
+    Pipeline pipeline = pipeline_of(pw);
+    const int tid = threadIdx.x % 128;  // = key column
     const int warp = tid / 32, lane = tid % 32;
-    constexpr int kBar = 3;  // this warpgroup's named barrier
-    auto sync_wg = [] { cutlass::arch::NamedBarrier::sync(128, kBar); };
+    const int bar_id = 3 + pw;  // this warpgroup's named barrier
+    auto sync_wg = [bar_id] { cutlass::arch::NamedBarrier::sync(128, bar_id); };
     const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? __expf(p.A_log[hv]) : 1.f;
     const float bias = (p.use_gate_in_kernel && p.dt_bias != nullptr) ? p.dt_bias[hv * kK + tid] : 0.f;
     const float scale = p.scale;
     auto state = cutlass::make_producer_start_state<Pipeline>();
     float beta_raw = 0.f;  // this chunk's raw beta of row tid (tid < 16)
-    if (nchunks > 0) {
-      issue_raw_chunk<Cfg>(p, st, 0, seq_row0, rows_in(0), hq, hv, tid);
+    if (pw < nchunks) {
+      const int64_t row = seq_row0 + int64_t(pw) * kC;
+      issue_raw_chunk<Cfg>(p, ps, 0, row, rows_in(pw), hq, hv, tid);
       cp_async_commit();
-      if (tid < kC && tid < rows_in(0)) beta_raw = load_any(p.beta, p.beta_dtype, (seq_row0 + tid) * HV + hv);
+      if (tid < kC && tid < rows_in(pw)) beta_raw = load_any(p.beta, p.beta_dtype, (row + tid) * HV + hv);
     }
-    for (int c = 0; c < nchunks; ++c) {
-      const int buf = c & 1;
+    for (int c = pw, it = 0; c < nchunks; c += kProducers, ++it) {
+      const int buf = it & 1;
       const int L = rows_in(c);
       const int64_t row0 = seq_row0 + int64_t(c) * kC;
-      // the next chunk's rows in flight while this one is worked on
+      // this warpgroup's next chunk in flight while this one is worked on
       float beta_next = 0.f;
-      if (c + 1 < nchunks) {
-        const int Ln = rows_in(c + 1);
-        issue_raw_chunk<Cfg>(p, st, buf ^ 1, row0 + kC, Ln, hq, hv, tid);
-        if (tid < kC && tid < Ln) beta_next = load_any(p.beta, p.beta_dtype, (row0 + kC + tid) * HV + hv);
+      if (c + kProducers < nchunks) {
+        const int Ln = rows_in(c + kProducers);
+        const int64_t next0 = row0 + int64_t(kProducers) * kC;
+        issue_raw_chunk<Cfg>(p, ps, buf ^ 1, next0, Ln, hq, hv, tid);
+        if (tid < kC && tid < Ln) beta_next = load_any(p.beta, p.beta_dtype, (next0 + tid) * HV + hv);
       }
       cp_async_commit();
       cp_async_wait<1>();
-      if (tid < kC) st.beta[tid] = tid < L ? beta_of(p, beta_raw) : 0.f;
+      if (tid < kC) ps.beta[tid] = tid < L ? beta_of(p, beta_raw) : 0.f;
       sync_wg();  // this chunk's raw rows and betas visible to the warpgroup
 
       // -- column tid: gate and cumsum, q, k, v of every row
-      const T* rq = st.raw_q[buf];
-      const T* rk = st.raw_k[buf];
-      const T* rv = st.raw_v[buf];
+      const T* rq = ps.raw_q[buf];
+      const T* rk = ps.raw_k[buf];
+      const T* rv = ps.raw_v[buf];
       float G[kC], qv[kC], kv[kC];
       {
         float run = 0.f;
 #pragma unroll
         for (int i = 0; i < kC; ++i) {
-          const float graw = raw_g_at(st.raw_g[buf], p.g_dtype, i * kK + tid);
+          const float graw = raw_g_at(ps.raw_g[buf], p.g_dtype, i * kK + tid);
           run += i < L ? gate_of(p, graw, bias, gate_a) : 0.f;
           G[i] = run;
           qv[i] = to_float<T>(rq[i * kK + tid]);
@@ -275,23 +302,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
           part[kC + i] = kv[i] * kv[i];
         }
         warp_reduce_scatter<16>(part, lane);
-        st.red[warp][lane] = part[0];
+        ps.red[warp][lane] = part[0];
         sync_wg();
         if (warp == 0) {
-          const float s = st.red[0][lane] + st.red[1][lane] + st.red[2][lane] + st.red[3][lane];
-          st.rstd[lane] = 1.f / sqrtf(s + 1e-6f);
+          const float s = ps.red[0][lane] + ps.red[1][lane] + ps.red[2][lane] + ps.red[3][lane];
+          ps.rstd[lane] = 1.f / sqrtf(s + 1e-6f);
         }
         sync_wg();
 #pragma unroll
         for (int i = 0; i < kC; ++i) {
-          qv[i] = round_to<T>(qv[i] * st.rstd[i]);
-          kv[i] = round_to<T>(kv[i] * st.rstd[kC + i]);
+          qv[i] = round_to<T>(qv[i] * ps.rstd[i]);
+          kv[i] = round_to<T>(kv[i] * ps.rstd[kC + i]);
         }
       }
 
       // The ring stage this chunk's results go to (the consumers released it).
       pipeline.producer_acquire(state);
-      const int s = state.index();
+      const int s = pw * kStagesPer + state.index();  // the ring stage
 
       // -- the decayed operands of column tid. G is relative to the chunk's first row, so
       // e^{G} <= 1; under the bounded gate |G| <= 16 |lower_bound| <= 80 keeps e^{-G} finite and
@@ -309,13 +336,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
 #pragma unroll
       for (int i = 0; i < kC; ++i) {
         const float E = exp_ftz(G[i]), R = exp_ftz(-G[i]);
-        const float bt = st.beta[i];
+        const float bt = ps.beta[i];
         const float vv = to_float<T>(rv[i * kK + tid]);
-        st.qm[i * kLdOp + tid] = from_float<T>(qv[i] * E * e_neg_m);
-        st.km[i * kLdOp + tid] = from_float<T>(kv[i] * R * e_pos_m);
-        st.bkm[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E * e_neg_m);
-        st.kb[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E);
-        st.vb[i * kLdOp + tid] = from_float<T>(bt * vv);
+        ps.qm[i * kLdOp + tid] = from_float<T>(qv[i] * E * e_neg_m);
+        ps.km[i * kLdOp + tid] = from_float<T>(kv[i] * R * e_pos_m);
+        ps.bkm[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E * e_neg_m);
+        ps.kb[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E);
+        ps.vb[i * kLdOp + tid] = from_float<T>(bt * vv);
         reinterpret_cast<T&>(sQ(i, tid, s)) = from_float<T>(qv[i] * E);
         reinterpret_cast<T&>(sKg(tid, i, s)) = from_float<T>(kv[i] * R * e_last);
       }
@@ -326,19 +353,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         const int g4 = lane / 4, t4 = lane % 4;
         const bool is_l = warp >= 2;
         const int nt = warp & 1;  // columns 8 nt .. 8 nt + 7
-        const T* a_tile = is_l ? st.bkm : st.qm;
+        const T* a_tile = is_l ? ps.bkm : ps.qm;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int ks = 0; ks < kK / 16; ++ks) {
           uint32_t a[4], bb[2];
           ldmatrix_x4(a, a_tile + (lane % 16) * kLdOp + 16 * ks + 8 * (lane / 16));
-          ldmatrix_x2(bb, st.km + (8 * nt + lane % 8) * kLdOp + 16 * ks + 8 * ((lane / 8) % 2));
+          ldmatrix_x2(bb, ps.km + (8 * nt + lane % 8) * kLdOp + 16 * ks + 8 * ((lane / 8) % 2));
           mma_16x8x16<T>(acc, a, bb[0], bb[1]);
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = g4 + 8 * (e / 2), j = 8 * nt + 2 * t4 + e % 2;
-          if (is_l) st.lkk[i * Cfg::kLdL + j] = i > j ? acc[e] : 0.f;
+          if (is_l) ps.lkk[i * Cfg::kLdL + j] = i > j ? acc[e] : 0.f;
           else reinterpret_cast<T&>(sA(i, j, s)) = from_float<T>(i >= j ? scale * acc[e] : 0.f);
         }
       }
@@ -353,7 +380,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
           float acc0 = i == j ? 1.f : 0.f, acc1 = 0.f;
 #pragma unroll
           for (int k4 = 0; k4 < i; k4 += 4) {
-            const float4 l4 = *reinterpret_cast<const float4*>(st.lkk + i * Cfg::kLdL + k4);
+            const float4 l4 = *reinterpret_cast<const float4*>(ps.lkk + i * Cfg::kLdL + k4);
             acc0 -= l4.x * x[k4];
             if (k4 + 1 < i) acc1 -= l4.y * x[k4 + 1];
             if (k4 + 2 < i) acc0 -= l4.z * x[k4 + 2];
@@ -362,7 +389,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
           x[i] = acc0 + acc1;
         }
 #pragma unroll
-        for (int i = 0; i < kC; ++i) st.akk[i * Cfg::kLdAkk + j] = from_float<T>(x[i]);
+        for (int i = 0; i < kC; ++i) ps.akk[i * Cfg::kLdAkk + j] = from_float<T>(x[i]);
       }
       sync_wg();
 
@@ -370,14 +397,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       {
         const int g4 = lane / 4, t4 = lane % 4;
         uint32_t a[4];
-        ldmatrix_x4(a, st.akk + (lane % 16) * Cfg::kLdAkk + 8 * (lane / 16));
+        ldmatrix_x4(a, ps.akk + (lane % 16) * Cfg::kLdAkk + 8 * (lane / 16));
 #pragma unroll
         for (int pair = 0; pair < 2; ++pair) {
           const int n0 = 32 * warp + 16 * pair;
           uint32_t bw[4], bu[4];
           const int off = (8 * ((lane / 8) % 2) + lane % 8) * kLdOp + n0 + 8 * (lane / 16);
-          ldmatrix_x4_trans(bw, st.kb + off);
-          ldmatrix_x4_trans(bu, st.vb + off);
+          ldmatrix_x4_trans(bw, ps.kb + off);
+          ldmatrix_x4_trans(bu, ps.vb + off);
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             float cw[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
@@ -406,8 +433,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   }
 
   // ==== consumers: the state and the output =====================================================
+  if constexpr (kProducers == 2) cutlass::arch::warpgroup_reg_alloc<152>();
   const int tid = threadIdx.x % 128;
-  const int consumer = warp_group - 1;
+  const int consumer = warp_group - kProducers;
   const int v0 = consumer * kBV;
   const int bar = 1 + consumer;  // named barrier of this warpgroup's o staging
   typename Cfg::MmaVn mma_vn;
@@ -445,13 +473,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   const int64_t vs = HV * kK;  // row stride of o
   T* o_stage = st.o_stage[consumer];
 
-  auto state = cutlass::PipelineState<Cfg::kStages>();
-  for (int c = 0; c < nchunks; ++c) {
+  // Chunk c comes from producer c % kProducers: the loop runs kProducers chunks a step so that
+  // each producer's pipeline and state are compile-time choices.
+  cutlass::PipelineState<kStagesPer> states[kProducers];
+  for (int c0 = 0; c0 < nchunks; c0 += kProducers) {
+#pragma unroll
+   for (int j = 0; j < kProducers; ++j) {
+    const int c = c0 + j;
+    if (c >= nchunks) break;
+    Pipeline pipeline = pipeline_of(j);
+    auto& state = states[j];
     const int64_t row0 = seq_row0 + int64_t(c) * kC;
     const int L = rows_in(c);
     acc_to_a_operand<Elt>(accS, aS);  // Sh, the state rounded to T
     pipeline.consumer_wait(state);
-    const int s = state.index();
+    const int s = j * kStagesPer + state.index();  // the ring stage
 
     clear(accV);
     warpgroup_fence_operand(aS);
@@ -496,6 +532,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     pipeline.consumer_release(state);
     ++state;
     store_o_rows<Cfg>(accO, o_stage, ac, tid, bar, o + row0 * vs + hv * kK + v0, vs, L);
+   }
   }
   if (p.final_state != nullptr) {
     float* fs = p.final_state + (n * HV + hv) * KV;

@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/launch_common.h"
 #include "cuda/sm90/fused_fwd_sm90.cuh"
 #include "cuda/sm90/launch_sm90.h"
@@ -24,15 +27,34 @@ bool fused_fwd_sm90_applies(const ChunkKdaFwdParams& p) {
          aligned16(p.o) && p.HV % p.H == 0 && p.HV <= 65535 && p.N <= 0x7fffffffLL;
 }
 
-void launch_fused_fwd_sm90(const ChunkKdaFwdParams& p, cudaStream_t stream) {
-  TORCH_CHECK(fused_fwd_sm90_applies(p), "kda_ext: fused_fwd_sm90 called for a configuration it does not serve");
-  using Cfg = sm90::FusedFwdConfig<>;
+namespace {
+
+// KDA_EXT_FUSED_PRODUCERS: 1 (default) or 2 intra-chunk warpgroups per CTA (read per call: a
+// development switch for timing the two against each other).
+int fused_producers() {
+  const char* v = std::getenv("KDA_EXT_FUSED_PRODUCERS");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return 1;
+  TORCH_CHECK(std::strcmp(v, "2") == 0, "kda_ext: KDA_EXT_FUSED_PRODUCERS must be 1 or 2, got '", v, "'");
+  return 2;
+}
+
+template <int kProducers>
+void launch_with(const ChunkKdaFwdParams& p, cudaStream_t stream) {
+  using Cfg = sm90::FusedFwdConfig<kProducers>;
   auto kernel = sm90::fused_fwd_sm90_kernel<Cfg>;
   const int64_t smem = sizeof(typename Cfg::SharedStorage);
   set_dynamic_smem(kernel, smem, max_optin_smem(), "fused_fwd_sm90");
   const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>(p.HV));
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_fused_fwd_sm90(const ChunkKdaFwdParams& p, cudaStream_t stream) {
+  TORCH_CHECK(fused_fwd_sm90_applies(p), "kda_ext: fused_fwd_sm90 called for a configuration it does not serve");
+  if (fused_producers() == 2) launch_with<2>(p, stream);
+  else launch_with<1>(p, stream);
 }
 
 }  // namespace cuda
