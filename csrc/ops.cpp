@@ -28,9 +28,9 @@ TORCH_LIBRARY(kda_ext, m) {
       "(Tensor o, Tensor final_state, Tensor Aqk, Tensor Akk, Tensor g_cum, Tensor w, Tensor u, "
       "Tensor qg, Tensor kg, Tensor v_new, Tensor h)");
   // The fused Hopper forward (sm_90a builds, CUDA only): o and final_state (empty unless
-  // output_final_state) with nothing saved for a backward. It serves bf16 with K = V = 128 and the
-  // in-kernel lower-bound gate (safe_gate, lower_bound in [-5, 0)); kda_ext.chunk_kda calls it only
-  // when no gradient is needed (kda_ext/_dispatch.py: fused_forward_applies).
+  // output_final_state) with nothing saved for a backward. It serves bf16 with K = V = 128 and
+  // every gate mode; kda_ext.chunk_kda calls it only when no gradient is needed
+  // (kda_ext/_dispatch.py: fused_forward_applies).
   m.def(
       "chunk_kda_fwd_fused(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
       "Tensor? initial_state, Tensor? A_log, Tensor? dt_bias, Tensor? cu_seqlens, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -50,12 +50,12 @@ _FUSED_FWD_BY_DEFAULT = False
 
 
 def fused_forward_applies(*, device: torch.device, dtype: torch.dtype, K: int, V: int,
-                          use_gate_in_kernel: bool, lower_bound, safe_gate: bool,
                           needs_grad: bool, with_sm90: bool) -> bool:
     """Whether a chunk_kda forward runs the fused Hopper kernel (kda_ext::chunk_kda_fwd_fused):
-    an sm_90 GPU with the sm_90a build, bf16, K = V = 128, the in-kernel lower-bound gate under
-    safe_gate with lower_bound in [-5, 0), and no gradient wanted (it saves nothing for a
-    backward). KDA_EXT_FUSED_FWD: auto (default), on, off."""
+    an sm_90 GPU with the sm_90a build, bf16, K = V = 128, and no gradient wanted (it saves
+    nothing for a backward). Every gate mode: the kernel checks each 16-row chunk's gate range
+    and computes the chunks it cannot take on its fast path exactly (fused_forward_gate_variant
+    says which variant runs). KDA_EXT_FUSED_FWD: auto (default), on, off."""
     switch = _switch("KDA_EXT_FUSED_FWD")
     if switch not in ("auto", "on", "off"):
         raise ValueError(f"kda_ext: KDA_EXT_FUSED_FWD must be auto, on or off, got {switch!r}")
@@ -63,19 +63,31 @@ def fused_forward_applies(*, device: torch.device, dtype: torch.dtype, K: int, V
         return False
     if needs_grad or not with_sm90 or device.type != "cuda" or dtype != torch.bfloat16:
         return False
-    if K != 128 or V != 128 or not (use_gate_in_kernel and safe_gate and lower_bound is not None):
-        return False
-    if not -5.0 <= float(lower_bound) < 0.0:
+    if K != 128 or V != 128:
         return False
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def log_forward(q: torch.Tensor, v: torch.Tensor, chunk_size: int, safe_gate: bool) -> None:
+def fused_forward_gate_variant(*, use_gate_in_kernel: bool, lower_bound) -> str:
+    """The fused kernel's variant for a gate mode (mirrors launch_fused_sm90.cu): "bounded" for the
+    in-kernel lower-bound gate with lower_bound in [-5, 0) (every chunk's cumulative gate lies in
+    [-80, 0]: the median-row products always apply), "range-checked" otherwise (each chunk checks
+    its gate range; out-of-range chunks take the exact path)."""
+    bounded = use_gate_in_kernel and lower_bound is not None and -5.0 <= float(lower_bound) < 0.0
+    return "bounded" if bounded else "range-checked"
+
+
+def log_forward(q: torch.Tensor, v: torch.Tensor, chunk_size: int, safe_gate: bool,
+                fused_gate_variant: Optional[str] = None) -> None:
     """The debug log line of one forward call (free when DEBUG is off)."""
     if not logger.isEnabledFor(logging.DEBUG):
         return
     from ._build_info import load_build_config
 
+    if fused_gate_variant is not None:
+        logger.debug("chunk_kda forward on %s %s K=%d V=%d: fused_fwd_sm90 (one kernel, chunk 16, %s gate)",
+                     q.device, str(q.dtype).replace("torch.", ""), q.shape[-1], v.shape[-1], fused_gate_variant)
+        return
     config = load_build_config() or {}
     plan = forward_kernels(device_type=q.device.type, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
                            chunk_size=chunk_size, safe_gate=safe_gate,

@@ -42,16 +42,14 @@ def _with_sm90() -> bool:
 _WITH_SM90: Optional[bool] = None
 
 
-def _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, use_gate_in_kernel, lower_bound,
-                   safe_gate) -> bool:
+def _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias) -> bool:
     """Whether this call runs the fused Hopper forward (_dispatch.fused_forward_applies): only
     when no gradient is wanted, since it saves nothing for a backward."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, A_log, dt_bias))
     return _dispatch.fused_forward_applies(
-        device=q.device, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],
-        use_gate_in_kernel=bool(use_gate_in_kernel), lower_bound=lower_bound, safe_gate=bool(safe_gate),
-        needs_grad=needs_grad, with_sm90=_with_sm90())
+        device=q.device, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1], needs_grad=needs_grad,
+        with_sm90=_with_sm90())
 
 
 def _require_tensor(x: Any, name: str, fn: str = "chunk_kda") -> None:
@@ -628,8 +626,12 @@ def chunk_kda(
              ("A_log", A_log, ("index",)), ("dt_bias", dt_bias, ("index",))],
             g, bool(use_gate_in_kernel), bounds)
 
+    fused = (cp_plan is None and not return_intermediate_states
+             and _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias))
     if not _is_compiling():
-        _dispatch.log_forward(q, v, int(chunk_size), bool(safe_gate))
+        variant = (_dispatch.fused_forward_gate_variant(use_gate_in_kernel=bool(use_gate_in_kernel),
+                                                        lower_bound=lower_bound) if fused else None)
+        _dispatch.log_forward(q, v, int(chunk_size), bool(safe_gate), variant)
     if cp_plan is not None:
         flags = dict(use_qk_l2norm=bool(use_qk_l2norm_in_kernel), use_gate_in_kernel=bool(use_gate_in_kernel),
                      use_beta_sigmoid=bool(use_beta_sigmoid_in_kernel), allow_neg_eigval=bool(allow_neg_eigval),
@@ -638,8 +640,7 @@ def chunk_kda(
                             flags=flags, state_v_first=bool(state_v_first), chunk_size=int(chunk_size),
                             disable_recompute=bool(disable_recompute))
         return o, None
-    if not return_intermediate_states and _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias,
-                                                         use_gate_in_kernel, lower_bound, safe_gate):
+    if fused:
         o, final_state = ops.chunk_kda_fwd_fused(
             q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
             bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),

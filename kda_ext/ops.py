@@ -585,9 +585,9 @@ def chunk_kda_fwd_fused(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fused Hopper forward (``torch.ops.kda_ext.chunk_kda_fwd_fused``, sm_90a builds on an
     sm_90 GPU): ``(o, final_state)`` (final_state empty unless ``output_final_state``), nothing
-    saved for a backward. Serves bf16, K = V = 128, the in-kernel lower-bound gate with
-    ``lower_bound`` in [-5, 0) (safe_gate's bounded gate); the arguments are those of
-    :func:`chunk_kda_fwd`. Not differentiable: :func:`kda_ext.chunk_kda` calls it only when no
+    saved for a backward. Serves bf16, K = V = 128, every gate mode (chunk 16 inside; the
+    arguments are those of :func:`chunk_kda_fwd` less ``safe_gate`` and ``chunk_size``, which
+    only choose the two-kernel path's numerics). Not differentiable: :func:`kda_ext.chunk_kda` calls it only when no
     gradient is needed."""
     return torch.ops.kda_ext.chunk_kda_fwd_fused.default(
         q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens, use_qk_l2norm,

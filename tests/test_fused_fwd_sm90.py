@@ -1,7 +1,9 @@
 # tests/test_fused_fwd_sm90.py: the fused Hopper forward (csrc/cuda/sm90/fused_fwd_sm90.cuh).
 """The fused forward runs the whole pipeline in one kernel per (sequence, value head) with a
-16-row chunk inside, for bf16, K = V = 128 and the in-kernel lower-bound gate under safe_gate, when
-no gradient is wanted (KDA_EXT_FUSED_FWD: auto, on, off). On an sm_90 GPU each case checks, with
+16-row chunk inside, for bf16, K = V = 128 and every gate mode (the bounded variant for the
+in-kernel lower-bound gate with lower_bound in [-5, 0); else the range-checked one, whose chunks
+out of the median-row range, such as those with -1000 gate entries, take an exact path), when no
+gradient is wanted (KDA_EXT_FUSED_FWD: auto, on, off). On an sm_90 GPU each case checks, with
 the fused kernel forced on and its launch seen by the profiler: o and the final state against the
 float64 reference at FLA's tolerances; against the two-kernel path (chunk 64) within a bar that a
 layout, mask or pipeline error would exceed by far (the two round at other points, so they are
@@ -41,6 +43,20 @@ CASES = [
     Case(cu_seqlens=[0, 1, 64, 65, 129, 500], H=2, HV=2, **BASE, recipe="varlen", **KIMI),
     Case(cu_seqlens=[0, 15, 16, 17, 300], H=1, HV=2, **BASE, recipe="varlen", state_v_first=True, **KIMI),
 ]
+# The range-checked variant (one producer): the unbounded softplus gate, a lower bound below -5,
+# a given g with -1000 entries (FLA's varlen test: decays that end a chunk's memory), both layouts.
+SOFTPLUS = dict(gate_in_kernel=True, l2norm_in_kernel=True, beta_sigmoid=True)
+RANGE_CHECKED_CASES = [
+    Case(B=2, T=300, H=2, HV=4, **BASE, **SOFTPLUS),
+    Case(B=1, T=65, H=1, HV=2, **BASE, **SOFTPLUS, h0=False),
+    Case(B=1, T=1000, H=1, HV=2, **BASE, gate_in_kernel=True, lower_bound=-8.0, l2norm_in_kernel=True),
+    Case(B=1, T=1000, H=1, HV=2, **BASE, gate_in_kernel=True, lower_bound=-1.0, l2norm_in_kernel=True,
+         dt_bias=False),
+    Case(B=2, T=200, H=1, HV=2, **BASE, l2norm_in_kernel=True, mask_p=0.1, mask_value=-1000.0),
+    Case(cu_seqlens=[0, 1, 64, 65, 129, 500], H=2, HV=2, **BASE, recipe="varlen", mask_p=0.1,
+         mask_value=-1000.0, state_v_first=True),
+    Case(B=1, T=200, H=1, HV=2, **BASE, neg_eig=True, beta_sigmoid=True, mask_p=0.5, mask_value=-1000.0),
+]
 
 
 def _fused_outputs(case, x, monkeypatch, switch="on", producers=1):
@@ -57,7 +73,7 @@ def test_cuda_fused_fwd_against_reference_and_two_kernel_path(case, producers, m
     x = make_inputs(case, "cuda")
     ref = run_reference(case, x, grads=False)
     names = kernels_launched(lambda: _fused_outputs(case, x, monkeypatch, producers=producers))
-    assert any(f"FusedFwdConfig<{producers}>" in n for n in names), f"the fused kernel did not run: {names}"
+    assert any(f"FusedFwdConfig<{producers}, true>" in n for n in names), f"the fused kernel did not run: {names}"
     fused = _fused_outputs(case, x, monkeypatch, producers=producers)
     again = _fused_outputs(case, x, monkeypatch, producers=producers)
     two_kernel = _fused_outputs(case, x, monkeypatch, switch="off")
@@ -66,6 +82,22 @@ def test_cuda_fused_fwd_against_reference_and_two_kernel_path(case, producers, m
     for n in ("o", "ht"):
         assert torch.equal(fused[n], again[n]), f"{n} changed between identical runs"
         # chunk 16 vs chunk 64: both near the reference; a wrong row, column or stage is O(1)
+        assert_rel_close(f"{n} (fused vs two-kernel)", two_kernel[n], fused[n], 6e-3)
+
+
+@requires_sm90
+@pytest.mark.parametrize("case", RANGE_CHECKED_CASES, ids=lambda c: c.id())
+def test_cuda_fused_fwd_range_checked_gate(case, monkeypatch):
+    x = make_inputs(case, "cuda")
+    ref = run_reference(case, x, grads=False)
+    names = kernels_launched(lambda: _fused_outputs(case, x, monkeypatch, producers=2))
+    assert any("FusedFwdConfig<1, false>" in n for n in names), f"the range-checked kernel did not run: {names}"
+    fused = _fused_outputs(case, x, monkeypatch)
+    again = _fused_outputs(case, x, monkeypatch)
+    two_kernel = _fused_outputs(case, x, monkeypatch, switch="off")
+    compare(ref, fused, FLA_TOL, ["o", "ht"])
+    for n in ("o", "ht"):
+        assert torch.equal(fused[n], again[n]), f"{n} changed between identical runs"
         assert_rel_close(f"{n} (fused vs two-kernel)", two_kernel[n], fused[n], 6e-3)
 
 
@@ -110,27 +142,37 @@ def test_cuda_fused_fwd_op_refuses_what_it_does_not_serve():
     with pytest.raises(RuntimeError, match="bf16"):
         torch.ops.kda_ext.chunk_kda_fwd_fused(q, q, q, q, q[..., 0], 0.1, None, None, None, None,
                                               True, True, True, False, -5.0, False, False)
-    qb = q.to(BF16)
-    with pytest.raises(RuntimeError, match="lower-bound gate"):
-        torch.ops.kda_ext.chunk_kda_fwd_fused(qb, qb, qb, qb, qb[..., 0], 0.1, None, None, None, None,
-                                              True, True, True, False, -6.0, False, False)
+    q64 = torch.randn(1, 16, 1, 64, device="cuda", dtype=BF16)
+    with pytest.raises(RuntimeError, match="K = V = 128"):
+        torch.ops.kda_ext.chunk_kda_fwd_fused(q64, q64, q64, q64, q64[..., 0], 0.1, None, None, None, None,
+                                              True, True, True, False, -5.0, False, False)
 
 
 def _applies(**overrides):
-    kwargs = dict(device=torch.device("cuda", 0), dtype=BF16, K=128, V=128, use_gate_in_kernel=True,
-                  lower_bound=-5.0, safe_gate=True, needs_grad=False, with_sm90=True)
+    kwargs = dict(device=torch.device("cuda", 0), dtype=BF16, K=128, V=128, needs_grad=False, with_sm90=True)
     kwargs.update(overrides)
     return _dispatch.fused_forward_applies(**kwargs)
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(needs_grad=True), dict(dtype=torch.float16), dict(K=64), dict(V=64), dict(use_gate_in_kernel=False),
-    dict(lower_bound=None), dict(lower_bound=-5.5), dict(safe_gate=False), dict(with_sm90=False),
+    dict(needs_grad=True), dict(dtype=torch.float16), dict(K=64), dict(V=64), dict(with_sm90=False),
     dict(device=torch.device("cpu")),
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_fused_forward_rule_declines(overrides, monkeypatch):
     monkeypatch.setenv("KDA_EXT_FUSED_FWD", "on")
     assert not _applies(**overrides)
+
+
+@pytest.mark.parametrize("gate, variant", [
+    (dict(use_gate_in_kernel=True, lower_bound=-5.0), "bounded"),
+    (dict(use_gate_in_kernel=True, lower_bound=-0.5), "bounded"),
+    (dict(use_gate_in_kernel=True, lower_bound=-5.5), "range-checked"),
+    (dict(use_gate_in_kernel=True, lower_bound=None), "range-checked"),   # softplus
+    (dict(use_gate_in_kernel=False, lower_bound=-5.0), "range-checked"),  # a given g
+    (dict(use_gate_in_kernel=False, lower_bound=None), "range-checked"),
+])
+def test_fused_forward_gate_variant(gate, variant):
+    assert _dispatch.fused_forward_gate_variant(**gate) == variant
 
 
 def test_fused_forward_switch(monkeypatch):

@@ -106,13 +106,12 @@ std::tuple<at::Tensor, at::Tensor> chunk_kda_fwd_fused_cuda(
   p.lower_bound = lower_bound.has_value() ? static_cast<float>(*lower_bound) : 0.f;
   p.use_beta_sigmoid = use_beta_sigmoid;
   p.allow_neg_eigval = allow_neg_eigval;
-  p.safe_gate = true;  // the op's contract: the bounded (lower-bound, safe_gate) gate
+  p.safe_gate = false;  // not read: the kernel checks each chunk's gate range itself
   p.state_v_first = state_v_first;
   TORCH_CHECK(cuda::fused_fwd_sm90_applies(p),
-              "kda_ext: chunk_kda_fwd_fused serves bf16 q/k/v with K = V = 128 and the in-kernel "
-              "lower-bound gate (use_gate_in_kernel=True, lower_bound in [-5, 0)); got q ",
-              q.scalar_type(), ", K=", K, ", V=", V, ", use_gate_in_kernel=", use_gate_in_kernel,
-              ", lower_bound=", lower_bound.has_value() ? std::to_string(*lower_bound) : "None");
+              "kda_ext: chunk_kda_fwd_fused serves bf16 q/k/v with K = V = 128 (16-byte aligned, "
+              "g of float32/bf16/fp16); got q ", q.scalar_type(), ", K=", K, ", V=", V, ", g ",
+              g.scalar_type());
   TORCH_CHECK(B * T < (int64_t(1) << 31), "kda_ext: chunk_kda_fwd_fused needs B*T < 2^31, got ", B * T);
   if (N > 0 && HV > 0) cuda::launch_fused_fwd_sm90(p, stream);
   return {o, final_state};

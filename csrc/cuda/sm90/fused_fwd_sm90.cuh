@@ -45,12 +45,23 @@ namespace cuda {
 namespace sm90 {
 
 // kProducers intra-chunk warpgroups (1 or 2: chunks by parity, each with its own buffers and
-// its own kStagesPer-deep pipeline, which the consumers take in turn).
-template <int kProducers_ = 1>
+// its own kStagesPer-deep pipeline, which the consumers take in turn). kBoundedGate: the gate is
+// the in-kernel lower-bound one with lower_bound in [-5, 0), so every chunk's cumulative gate lies
+// in [-80, 0] and the median-row products always apply; otherwise (softplus gate, a given g,
+// lower bounds below -5) each chunk checks its gate's range and takes an exact path where the
+// median-row factors could leave fp32/bf16's range (a -1000 gate entry, say).
+template <int kProducers_ = 1, bool kBoundedGate_ = true>
 struct FusedFwdConfig {
   using T = __nv_bfloat16;
   using Elt = cutlass::bfloat16_t;
   static constexpr int kProducers = kProducers_;
+  static constexpr bool kBoundedGate = kBoundedGate_;
+  // A chunk takes the median-row products when its cumulative gate lies within +-kGateSpan in
+  // every column: every factor e^{G_i - G_m}, e^{-G_i} is then a normal fp32/bf16 number
+  // (e^{-80} = 1.8e-35 > 2^-126) and products of a factor and its inverse stay finite.
+  static constexpr float kGateSpan = 80.f;
+  // The exact path's pair sums: Aqk's 136 pairs i >= j, then L's 120 pairs i > j.
+  static constexpr int kAqkPairs = 16 * 17 / 2, kLPairs = 16 * 15 / 2, kPairs = kAqkPairs + kLPairs;
   static_assert(kProducers == 1 || kProducers == 2, "one or two producer warpgroups");
   static constexpr int kStagesPer = kProducers == 1 ? 3 : 2;  // ring stages of one producer
   static constexpr int kStages = kProducers * kStagesPer;     // the whole ring
@@ -97,9 +108,12 @@ struct FusedFwdConfig {
     alignas(128) T akk[kC * kLdAkk];
     alignas(16) float lkk[kC * kLdL];
     float red[4][32];     // l2norm partial sums, per warp
+    int range_ok[4];      // per warp: the chunk's gate within kGateSpan in all its columns
     float rstd[2 * kC];   // q rows, then k rows
     float beta[kC];
   };
+  static_assert(4 * kPairs * sizeof(float) <= sizeof(ProducerStorage::qm),
+                "the exact path's pair sums of four warps live in qm's space");
 
   struct SharedStorage {
     // the ring
@@ -153,8 +167,10 @@ __device__ __forceinline__ void issue_raw_chunk(const ChunkKdaFwdParams& p, type
 // half of its values whose index has its lane bit and sends the other half to its partner
 // (31 shuffles instead of 32 x 5 for a butterfly of every value). Recursive so that every index is
 // a compile-time constant (a loop bound depending on the step left the array in local memory).
-template <int O>
-__device__ __forceinline__ void warp_reduce_scatter(float (&part)[32], int lane) {
+// Started at O < 16 (2 O values), the sums run over the lanes that share lane bits above O.
+template <int O, int N>
+__device__ __forceinline__ void warp_reduce_scatter(float (&part)[N], int lane) {
+  static_assert(N >= 2 * O, "2 O values at least");
   const bool upper = (lane & O) != 0;
 #pragma unroll
   for (int i = 0; i < O; ++i) {
@@ -163,6 +179,37 @@ __device__ __forceinline__ void warp_reduce_scatter(float (&part)[32], int lane)
     part[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
   }
   if constexpr (O > 1) warp_reduce_scatter<O / 2>(part, lane);
+}
+
+// The exact path's per-warp pair sums of one chunk (thread = key column): Aqk's pairs i >= j
+// (q_i k_j e^{G_i - G_j}), then L's pairs i > j (k_i k_j e^{G_i - G_j}; beta_i comes after the
+// sum), row-major lower triangles, 256 values summed over the warp's 32 columns in groups of 16
+// (a reduce-scatter over lane bits 3..0, then lanes l and l ^ 16 added), lane l < 16 storing value
+// 16 n + l of each. Every index is a compile-time constant once the loops are unrolled (the
+// running count included), so the arrays stay in registers.
+template <class Cfg>
+__device__ __forceinline__ void exact_pair_sums(const float (&G)[16], const float (&qv)[16], const float (&kv)[16],
+                                                float* warp_sums, int lane) {
+  static_assert(Cfg::kPairs % 16 == 0, "whole groups of 16");
+  float buf[16];
+  int count = 0;
+  auto push = [&](float x) {
+    buf[count % 16] = x;
+    if (count % 16 == 15) {
+      warp_reduce_scatter<8>(buf, lane);
+      const float sum = buf[0] + __shfl_xor_sync(0xffffffffu, buf[0], 16);
+      if (lane < 16) warp_sums[count - 15 + lane] = sum;
+    }
+    ++count;
+  };
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+#pragma unroll
+    for (int j = 0; j <= i; ++j) push(qv[i] * kv[j] * exp_ftz(G[i] - G[j]));
+#pragma unroll
+  for (int i = 1; i < 16; ++i)
+#pragma unroll
+    for (int j = 0; j < i; ++j) push(kv[i] * kv[j] * exp_ftz(G[i] - G[j]));
 }
 
 __device__ __forceinline__ float raw_g_at(const unsigned char* buf, DType dt, int idx) {
@@ -280,8 +327,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       const T* rq = ps.raw_q[buf];
       const T* rk = ps.raw_k[buf];
       const T* rv = ps.raw_v[buf];
-      float G[kC], qv[kC], kv[kC];
-      {
+      auto load_column = [&](float (&G)[kC], float (&qv)[kC], float (&kv)[kC]) {
         float run = 0.f;
 #pragma unroll
         for (int i = 0; i < kC; ++i) {
@@ -291,7 +337,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
           qv[i] = to_float<T>(rq[i * kK + tid]);
           kv[i] = to_float<T>(rk[i * kK + tid]);
         }
-      }
+      };
+      auto normalize_column = [&](float (&qv)[kC], float (&kv)[kC]) {  // once ps.rstd holds the rows'
+        if (!p.use_qk_l2norm) return;
+#pragma unroll
+        for (int i = 0; i < kC; ++i) {
+          qv[i] = round_to<T>(qv[i] * ps.rstd[i]);
+          kv[i] = round_to<T>(kv[i] * ps.rstd[kC + i]);
+        }
+      };
+      float G[kC], qv[kC], kv[kC];
+      load_column(G, qv, kv);
       if (p.use_qk_l2norm) {
         // Row sums of q^2 (values 0..15) and k^2 (16..31) over the warp's 32 columns by a
         // reduce-scatter: lane l ends with value l's sum; then over the four warps.
@@ -309,11 +365,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
           ps.rstd[lane] = 1.f / sqrtf(s + 1e-6f);
         }
         sync_wg();
-#pragma unroll
-        for (int i = 0; i < kC; ++i) {
-          qv[i] = round_to<T>(qv[i] * ps.rstd[i]);
-          kv[i] = round_to<T>(kv[i] * ps.rstd[kC + i]);
-        }
+        normalize_column(qv, kv);
       }
 
       // The ring stage this chunk's results go to (the consumers released it).
@@ -333,6 +385,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       const float e_neg_m = exp_ftz(-Gm), e_pos_m = exp_ftz(Gm);
       const float e_last = exp_ftz(Gl);
       st.decay[s][tid] = e_last;
+      if constexpr (!Cfg::kBoundedGate) {
+        float lo = 0.f, hi = 0.f;
+#pragma unroll
+        for (int i = 0; i < kC; ++i) {
+          lo = fminf(lo, G[i]);
+          hi = fmaxf(hi, G[i]);
+        }
+        // (a NaN gate fails the test and takes the exact path, which passes the NaN on)
+        const bool in_range = lo >= -Cfg::kGateSpan && hi <= Cfg::kGateSpan;
+        const bool warp_ok = __all_sync(0xffffffffu, in_range);
+        if (lane == 0) ps.range_ok[warp] = warp_ok;
+      }
 #pragma unroll
       for (int i = 0; i < kC; ++i) {
         const float E = exp_ftz(G[i]), R = exp_ftz(-G[i]);
@@ -344,12 +408,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         ps.kb[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E);
         ps.vb[i * kLdOp + tid] = from_float<T>(bt * vv);
         reinterpret_cast<T&>(sQ(i, tid, s)) = from_float<T>(qv[i] * E);
-        reinterpret_cast<T&>(sKg(tid, i, s)) = from_float<T>(kv[i] * R * e_last);
+        // k e^{G_last - G}: in range, R e^{G_last}; else one exponential (R may overflow)
+        const float kg_factor = Cfg::kBoundedGate ? R * e_last : exp_ftz(Gl - G[i]);
+        reinterpret_cast<T&>(sKg(tid, i, s)) = from_float<T>(kv[i] * kg_factor);
       }
       sync_wg();
+      const bool median_products =
+          Cfg::kBoundedGate || (ps.range_ok[0] && ps.range_ok[1] && ps.range_ok[2] && ps.range_ok[3]);
 
       // -- Aqk = scale qm km^T (i >= j) and L = bkm km^T (i > j): warp w one 16 x 8 tile
-      {
+      if (median_products) {
         const int g4 = lane / 4, t4 = lane % 4;
         const bool is_l = warp >= 2;
         const int nt = warp & 1;  // columns 8 nt .. 8 nt + 7
@@ -367,6 +435,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
           const int i = g4 + 8 * (e / 2), j = 8 * nt + 2 * t4 + e % 2;
           if (is_l) ps.lkk[i * Cfg::kLdL + j] = i > j ? acc[e] : 0.f;
           else reinterpret_cast<T&>(sA(i, j, s)) = from_float<T>(i >= j ? scale * acc[e] : 0.f);
+        }
+      } else {
+        // The exact path (warp-uniform: the vote above): the column reloaded from the raw rows
+        // (registers are the producer's scarce resource, this path is rare), every pair's
+        // product with its own e^{G_i - G_j} <= 1, summed over the columns. qm is free here:
+        // its space holds the four warps' pair sums.
+        float G2[kC], q2[kC], k2[kC];
+        load_column(G2, q2, k2);
+        normalize_column(q2, k2);
+        float* pair_sums = reinterpret_cast<float*>(ps.qm);
+        exact_pair_sums<Cfg>(G2, q2, k2, pair_sums + warp * Cfg::kPairs, lane);
+        sync_wg();
+        for (int e = tid; e < kC * kC; e += 128) {
+          const int i = e / kC, j = e % kC;
+          auto summed = [&](int idx) {
+            return pair_sums[idx] + pair_sums[Cfg::kPairs + idx] + pair_sums[2 * Cfg::kPairs + idx] +
+                   pair_sums[3 * Cfg::kPairs + idx];
+          };
+          const float aqk = j <= i ? summed(i * (i + 1) / 2 + j) : 0.f;
+          const float l = j < i ? ps.beta[i] * summed(Cfg::kAqkPairs + i * (i - 1) / 2 + j) : 0.f;
+          reinterpret_cast<T&>(sA(i, j, s)) = from_float<T>(scale * aqk);
+          ps.lkk[i * Cfg::kLdL + j] = l;
         }
       }
       sync_wg();

@@ -17,9 +17,9 @@ bool state_output_sm90_applies(const ChunkKdaFwdParams& p);
 // chunk_state_output_mma. The caller checked state_output_sm90_applies.
 void launch_state_output_sm90(const ChunkKdaFwdParams& p, cudaStream_t stream);
 
-// Whether the fused forward (sm90/fused_fwd_sm90.cuh) serves this call: bf16, K = V = 128, the
-// in-kernel lower-bound gate under safe_gate with lower_bound in [-5, 0), 16-byte aligned q, k, v,
-// g and o. It writes o and final_state only (no intermediate for a backward).
+// Whether the fused forward (sm90/fused_fwd_sm90.cuh) serves this call: bf16, K = V = 128, every
+// gate mode, 16-byte aligned q, k, v, g and o. It writes o and final_state only (no intermediate
+// for a backward).
 bool fused_fwd_sm90_applies(const ChunkKdaFwdParams& p);
 
 // One CTA per (sequence, value head) on `stream`; the caller checked fused_fwd_sm90_applies.
