@@ -77,6 +77,31 @@ def fused_forward_gate_variant(*, use_gate_in_kernel: bool, lower_bound) -> str:
     return "bounded" if bounded else "range-checked"
 
 
+# Mean tokens per sequence below which the split's fixed costs (the plan, the scan's launches) are
+# not worth it: a 1024-token sequence runs in ~0.06 ms whole.
+_MIN_SPLIT_TOKENS = 4096
+
+
+def fused_segment_length(*, num_seqs: int, total_tokens: int, HV: int, num_sms: int) -> Optional[int]:
+    """Tokens per segment when the fused forward should split sequences (segments.forward_by_segments),
+    else None; from shapes alone (no host sync). The split costs three passes (the maps A and C,
+    then the outputs) for (num_sms // HV)-fold parallelism, so it is taken when sequences x heads
+    fill at most half the SMs, a segment is under a third of a mean sequence and the mean
+    sequence has _MIN_SPLIT_TOKENS tokens.
+    KDA_EXT_FUSED_SEGMENTS: auto (default), on (split whenever there are two cells), off."""
+    switch = _switch("KDA_EXT_FUSED_SEGMENTS")
+    if switch not in ("auto", "on", "off"):
+        raise ValueError(f"kda_ext: KDA_EXT_FUSED_SEGMENTS must be auto, on or off, got {switch!r}")
+    cells = num_sms // max(HV, 1)
+    if switch == "off" or cells < 2 or total_tokens < 2 * 16:
+        return None
+    seg_len = max(16, -(-(-(-total_tokens // cells)) // 16) * 16)  # a whole number of 16-row chunks
+    if switch == "auto" and (2 * num_seqs * HV > num_sms or 3 * seg_len * num_seqs > total_tokens
+                             or total_tokens < _MIN_SPLIT_TOKENS * num_seqs):
+        return None
+    return seg_len
+
+
 def log_forward(q: torch.Tensor, v: torch.Tensor, chunk_size: int, safe_gate: bool,
                 fused_gate_variant: Optional[str] = None) -> None:
     """The debug log line of one forward call (free when DEBUG is off)."""

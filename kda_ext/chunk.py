@@ -10,11 +10,11 @@ import math
 import numbers
 import os
 import warnings
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from . import _dispatch, cp, ops
+from . import _dispatch, cp, ops, segments
 
 __all__ = ["chunk_kda"]
 
@@ -40,6 +40,16 @@ def _with_sm90() -> bool:
 
 
 _WITH_SM90: Optional[bool] = None
+
+
+_NUM_SMS: Dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
 
 
 def _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias) -> bool:
@@ -641,10 +651,20 @@ def chunk_kda(
                             disable_recompute=bool(disable_recompute))
         return o, None
     if fused:
+        flags = (bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),
+                 bool(allow_neg_eigval), lower_bound)
+        num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        seg_len = _dispatch.fused_segment_length(num_seqs=num_seqs, total_tokens=q.shape[0] * q.shape[1],
+                                                 HV=v.shape[2], num_sms=_num_sms(q.device))
+        if seg_len is not None:
+            def run(q_, k_, v_, g_, beta_, h0_, cu_):
+                return ops.chunk_kda_fwd_fused(q_, k_, v_, g_, beta_, scale, h0_, A_log, dt_bias, cu_, *flags,
+                                               False, True)
+            return segments.forward_by_segments(run, q, k, v, g, beta, initial_state, cu_seqlens, seg_len,
+                                                bool(state_v_first), bool(output_final_state))
         o, final_state = ops.chunk_kda_fwd_fused(
-            q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,
-            bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),
-            bool(allow_neg_eigval), lower_bound, bool(state_v_first), bool(output_final_state))
+            q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens, *flags,
+            bool(state_v_first), bool(output_final_state))
         return o, (final_state if output_final_state else None)
     out = ops.chunk_kda_fwd(
         q, k, v, g, beta, scale, initial_state, A_log, dt_bias, cu_seqlens,

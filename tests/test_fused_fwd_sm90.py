@@ -181,3 +181,57 @@ def test_fused_forward_switch(monkeypatch):
     monkeypatch.setenv("KDA_EXT_FUSED_FWD", "sometimes")
     with pytest.raises(ValueError, match="KDA_EXT_FUSED_FWD"):
         _applies()
+
+
+@pytest.mark.parametrize("shape, seg_len", [
+    (dict(num_seqs=1, total_tokens=32768, HV=16), 4096),    # one long sequence, few heads: 8 segments
+    (dict(num_seqs=1, total_tokens=32768, HV=8), 2048),
+    (dict(num_seqs=2, total_tokens=16384, HV=32), None),    # segments would not be under a third
+    (dict(num_seqs=1, total_tokens=8192, HV=96), None),     # the heads fill the GPU
+    (dict(num_seqs=16, total_tokens=30000, HV=16), None),   # varlen batch: sequences x heads fill it
+    (dict(num_seqs=1, total_tokens=1024, HV=16), None),     # short: the split's fixed costs dominate
+], ids=["1x32768x16", "1x32768x8", "2x8192x32", "1x8192x96", "varlen16x16", "1x1024x16"])
+def test_fused_segment_length(shape, seg_len, monkeypatch):
+    monkeypatch.delenv("KDA_EXT_FUSED_SEGMENTS", raising=False)
+    assert _dispatch.fused_segment_length(**shape, num_sms=132) == seg_len
+    if seg_len is not None:
+        assert seg_len % 16 == 0
+        monkeypatch.setenv("KDA_EXT_FUSED_SEGMENTS", "off")
+        assert _dispatch.fused_segment_length(**shape, num_sms=132) is None
+
+
+def test_fused_segment_switch(monkeypatch):
+    monkeypatch.setenv("KDA_EXT_FUSED_SEGMENTS", "on")
+    assert _dispatch.fused_segment_length(num_seqs=1, total_tokens=1024, HV=16, num_sms=132) == 128
+    monkeypatch.setenv("KDA_EXT_FUSED_SEGMENTS", "always")
+    with pytest.raises(ValueError, match="KDA_EXT_FUSED_SEGMENTS"):
+        _dispatch.fused_segment_length(num_seqs=1, total_tokens=1024, HV=16, num_sms=132)
+
+
+@requires_sm90
+@pytest.mark.parametrize("case", [
+    Case(B=1, T=1000, H=1, HV=2, **BASE, **KIMI),
+    Case(B=2, T=300, H=2, HV=4, **BASE, **SOFTPLUS, state_v_first=True),
+    Case(cu_seqlens=[0, 1, 64, 65, 129, 700], H=2, HV=2, **BASE, recipe="varlen", mask_p=0.1,
+         mask_value=-1000.0),
+    Case(B=1, T=500, H=1, HV=1, **BASE, **KIMI, h0=False),
+], ids=lambda c: c.id())
+def test_cuda_fused_fwd_by_segments(case, monkeypatch):
+    """Sequences cut into segments (KDA_EXT_FUSED_SEGMENTS=on forces it at these small shapes): three
+    fused passes and the scan give the reference's o and final state, close to the unsplit run."""
+    x = make_inputs(case, "cuda")
+    ref = run_reference(case, x, grads=False)
+    monkeypatch.setenv("KDA_EXT_FUSED_SEGMENTS", "off")
+    whole = _fused_outputs(case, x, monkeypatch)
+    monkeypatch.setenv("KDA_EXT_FUSED_SEGMENTS", "on")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _fused_outputs(case, x, monkeypatch)
+        torch.cuda.synchronize()
+    launches = sum(e.count for e in prof.key_averages() if "fused_fwd_sm90_kernel" in e.key)
+    assert launches == 3, f"expected the A, C and output passes, got {launches} fused launches"
+    split = _fused_outputs(case, x, monkeypatch)
+    compare(ref, split, FLA_TOL, ["o", "ht"])
+    for n in ("o", "ht"):
+        assert_rel_close(f"{n} (segments vs whole)", whole[n], split[n], 6e-3)
+    assert torch.equal(split["o"], _fused_outputs(case, x, monkeypatch)["o"])

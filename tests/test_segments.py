@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import DEVICES, assert_rel_close
 
 from kda_ext import chunk_kda
+from kda_ext import segments as seg
 from kda_ext.segments import chunk_kda_segmented, scan_segment_states, segment_bounds, segment_state_maps
 
 
@@ -90,3 +91,60 @@ def test_state_maps_are_affine(device):
     entries, final = scan_segment_states(A.expand(B, 3, *A.shape[2:]), C.expand(B, 3, *C.shape[2:]))
     assert torch.equal(entries[:, 0], torch.zeros_like(entries[:, 0]))
     assert_rel_close("second entry", entries[:, 1], C[:, 0], 1e-12)
+
+
+# ---- the device-side plan and scan (seg.forward_by_segments) ----------------------------------
+
+def test_plan_segments_cuts_at_the_grid_and_the_sequence_starts():
+    cu = torch.tensor([0, 5, 5, 12, 13])  # an empty sequence, a length-1 one
+    plan = seg.plan_segments(cu, 13, 4)
+    assert plan.offsets.tolist() == [0, 0, 4, 5, 5, 8, 12, 12, 13]
+    # segment 0 is empty (grid point 0 on sequence 0's start); 3 is empty (sequence 1 is empty)
+    assert plan.sequence.tolist() == [0, 0, 0, 2, 2, 2, 3, 3]
+    assert plan.is_first.tolist() == [True, True, False, True, True, False, True, True]
+    assert plan.last.tolist()[0] == 2 and plan.last.tolist()[2:] == [5, 7]
+    assert plan.empty_sequence.tolist() == [False, True, False, False]
+    assert plan.max_steps == 4
+
+
+def test_plan_segments_clamps_grid_points_past_the_end():
+    plan = seg.plan_segments(torch.tensor([0, 10]), 16, 4)  # tokens 10..15 belong to no sequence
+    assert plan.offsets.tolist() == [0, 0, 4, 8, 10, 10]
+    with pytest.raises(ValueError, match="seg_len"):
+        seg.plan_segments(torch.tensor([0, 10]), 10, 0)
+
+
+def _varlen_run(cfg):
+    def run(q, k, v, g, beta, h0, cu):
+        return chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu, **cfg)
+    return run
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=["pregated", "kimi", "softplus"])
+@pytest.mark.parametrize("layout", [
+    dict(B=2, T=150, cu=None, seg_len=64),
+    dict(B=1, T=300, cu=[0, 1, 2, 2, 130, 131, 300], seg_len=48),  # length 1, an empty sequence
+    dict(B=1, T=200, cu=[0, 200], seg_len=16),
+    dict(B=1, T=100, cu=[0, 100], seg_len=1000),  # one segment
+], ids=["fixed", "varlen", "short-segments", "one-segment"])
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no-h0"])
+@pytest.mark.parametrize("state_v_first", [False, True], ids=["kv", "vk"])
+def test_forward_by_segments_equals_whole(cfg, layout, with_h0, state_v_first):
+    torch.manual_seed(3)
+    B, T, H, K = layout["B"], layout["T"], 2, 16
+    q, k, v, g, beta = _inputs(B, T, H, K, torch.float64, "cpu", cfg.get("use_gate_in_kernel", False))
+    extra = {}
+    if cfg.get("use_gate_in_kernel"):
+        extra = dict(A_log=torch.randn(H, dtype=torch.float64), dt_bias=torch.randn(H * K, dtype=torch.float64))
+    cu = None if layout["cu"] is None else torch.tensor(layout["cu"])
+    N = B if cu is None else len(layout["cu"]) - 1
+    h0 = torch.randn(N, H, K, K, dtype=torch.float64) if with_h0 else None
+    o_ref, ht_ref = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                              state_v_first=state_v_first, **cfg, **extra)
+    o, ht = seg.forward_by_segments(_varlen_run(dict(cfg, **extra)), q, k, v, g, beta, h0, cu,
+                                         layout["seg_len"], state_v_first, True)
+    torch.testing.assert_close(o, o_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ht, ht_ref, rtol=1e-9, atol=1e-9)
+    o_only, none = seg.forward_by_segments(_varlen_run(dict(cfg, **extra)), q, k, v, g, beta, h0, cu,
+                                                layout["seg_len"], state_v_first, False)
+    assert none is None and torch.equal(o_only, o)
