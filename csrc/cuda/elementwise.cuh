@@ -18,16 +18,38 @@ namespace cuda {
 // gate is far below what the bf16/fp16 rounding of qg/kg/w introduces downstream. sigmoid still
 // tends to 0 as x -> -inf (__fdividef by an infinite denominator gives 0). softplus keeps log1pf:
 // __logf near 1 has an absolute error (~4e-7) that is large relative to softplus of x << 0.
+// The gate's form, for kernels that decide it once per launch or loop instead of per element (a
+// branch per element keeps a row loop from interleaving its rows).
+enum class GateKind { kGiven, kLowerBound, kSoftplus };
+
+__device__ __forceinline__ GateKind gate_kind(const ChunkKdaFwdParams& p) {
+  if (!p.use_gate_in_kernel) return GateKind::kGiven;
+  return p.use_lower_bound_gate ? GateKind::kLowerBound : GateKind::kSoftplus;
+}
+
+// a = exp(A_log) or, without A_log, 1 (for the lower-bound gate the factor is then skipped, which
+// is the same as a factor of 1).
+template <GateKind kKind>
+__device__ __forceinline__ float gate_as(float graw, float bias, float a, float lower_bound) {
+  if constexpr (kKind == GateKind::kGiven) {
+    return graw;
+  } else if constexpr (kKind == GateKind::kLowerBound) {
+    return __fdividef(lower_bound, 1.f + __expf(-((graw + bias) * a)));
+  } else {
+    const float x = graw + bias;
+    const float sp = x > 20.f ? x : log1pf(__expf(x));
+    return -a * sp;
+  }
+}
+
 __device__ __forceinline__ float gate_of(const ChunkKdaFwdParams& p, float graw, float bias,
                                         float a) {
-  if (!p.use_gate_in_kernel) return graw;
-  float x = graw + bias;
-  if (p.use_lower_bound_gate) {
-    if (p.A_log != nullptr) x *= a;
-    return __fdividef(p.lower_bound, 1.f + __expf(-x));
+  switch (gate_kind(p)) {
+    case GateKind::kGiven: return gate_as<GateKind::kGiven>(graw, bias, a, p.lower_bound);
+    case GateKind::kLowerBound:
+      return gate_as<GateKind::kLowerBound>(graw, bias, p.A_log != nullptr ? a : 1.f, p.lower_bound);
+    default: return gate_as<GateKind::kSoftplus>(graw, bias, a, p.lower_bound);
   }
-  const float sp = x > 20.f ? x : log1pf(__expf(x));
-  return -a * sp;
 }
 
 __device__ __forceinline__ float beta_of(const ChunkKdaFwdParams& p, float raw) {

@@ -212,10 +212,56 @@ __device__ __forceinline__ void exact_pair_sums(const float (&G)[16], const floa
     for (int j = 0; j < i; ++j) push(kv[i] * kv[j] * exp_ftz(G[i] - G[j]));
 }
 
-__device__ __forceinline__ float raw_g_at(const unsigned char* buf, DType dt, int idx) {
-  if (dt == DType::kFloat32) return reinterpret_cast<const float*>(buf)[idx];
-  if (dt == DType::kBFloat16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(buf)[idx]);
-  return __half2float(reinterpret_cast<const __half*>(buf)[idx]);
+// Element index of ring coordinate (a, b, c) for plain shared-array access. GMMA's swizzled atoms
+// (ComposedLayout<Swizzle, smem_ptr_flag, Layout>) swizzle the byte address, which equals the byte
+// offset on a 1024-byte aligned array; checked against CuTe's own tensor addressing for the three
+// ring layouts on the host (session 15).
+template <class L, class T>
+__device__ __forceinline__ int ring_index(int a, int b, int c) {
+  const L layout{};
+  if constexpr (cute::is_composed_layout<L>::value) {
+    return layout.layout_a()(layout.layout_b()(a, b, c) * int(sizeof(T))) / int(sizeof(T));
+  } else {
+    return layout(a, b, c);
+  }
+}
+
+// Column tid's cumulative gate over the chunk's rows (G[i] = the sum of rows 0..i, rows >= L adding
+// nothing) from the raw g rows in shared memory. One branch-free 16-row loop per (gate form, g
+// dtype), chosen once: with the choice made per element (raw_g_at / gate_of), the rows ran one
+// after the other as ~150-cycle dependent chains (session 15's SASS).
+template <GateKind kKind, class GT>
+__device__ __forceinline__ void column_gates_as(const unsigned char* raw, int tid, int L, float bias, float a,
+                                                float lower_bound, float (&G)[16]) {
+  const GT* g = reinterpret_cast<const GT*>(raw);
+  float run = 0.f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const float gate = gate_as<kKind>(to_float<GT>(g[i * 128 + tid]), bias, a, lower_bound);
+    run += i < L ? gate : 0.f;
+    G[i] = run;
+  }
+}
+
+template <GateKind kKind>
+__device__ __forceinline__ void column_gates_of(const unsigned char* raw, DType g_dtype, int tid, int L, float bias,
+                                                float a, float lower_bound, float (&G)[16]) {
+  if (g_dtype == DType::kFloat32) column_gates_as<kKind, float>(raw, tid, L, bias, a, lower_bound, G);
+  else if (g_dtype == DType::kBFloat16) column_gates_as<kKind, __nv_bfloat16>(raw, tid, L, bias, a, lower_bound, G);
+  else column_gates_as<kKind, __half>(raw, tid, L, bias, a, lower_bound, G);
+}
+
+template <class Cfg>
+__device__ __forceinline__ void column_gates(const unsigned char* raw, DType g_dtype, GateKind kind, int tid, int L,
+                                             float bias, float a, float lower_bound, float (&G)[16]) {
+  if constexpr (Cfg::kBoundedGate) {
+    column_gates_of<GateKind::kLowerBound>(raw, g_dtype, tid, L, bias, a, lower_bound, G);
+  } else {
+    if (kind == GateKind::kGiven) column_gates_of<GateKind::kGiven>(raw, g_dtype, tid, L, bias, a, lower_bound, G);
+    else if (kind == GateKind::kLowerBound)
+      column_gates_of<GateKind::kLowerBound>(raw, g_dtype, tid, L, bias, a, lower_bound, G);
+    else column_gates_of<GateKind::kSoftplus>(raw, g_dtype, tid, L, bias, a, lower_bound, G);
+  }
 }
 
 // o^T [64 v][16 rows] (8 values a thread) as [row][v] in shared memory, then rows < L to global as
@@ -283,7 +329,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   Tensor sQ = make_tensor(make_smem_ptr(st.qg.data()), typename Cfg::LayoutWs{});
   Tensor sKg = make_tensor(make_smem_ptr(st.kg.data()), typename Cfg::LayoutKgs{});
   Tensor sA = make_tensor(make_smem_ptr(st.aqk.data()), typename Cfg::LayoutAqks{});
-  Tensor sU = make_tensor(make_smem_ptr(st.u.data()), typename Cfg::LayoutUs{});
 
   if (is_producer) {
     // ==== producer: the intra-chunk work of chunks pw, pw + kProducers, ... ====================
@@ -298,6 +343,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     const float gate_a = (p.use_gate_in_kernel && p.A_log != nullptr) ? __expf(p.A_log[hv]) : 1.f;
     const float bias = (p.use_gate_in_kernel && p.dt_bias != nullptr) ? p.dt_bias[hv * kK + tid] : 0.f;
     const float scale = p.scale;
+    const GateKind gate = gate_kind(p);
+    // The ring as plain shared arrays indexed by the layouts' offsets: writing through CuTe's
+    // swizzled tensors compiled to generic 64-bit stores with the swizzle applied to the address.
+    T* const ring_qg = reinterpret_cast<T*>(st.qg.data());
+    T* const ring_kg = reinterpret_cast<T*>(st.kg.data());
+    T* const ring_aqk = reinterpret_cast<T*>(st.aqk.data());
+    T* const ring_w = reinterpret_cast<T*>(st.w.data());
+    T* const ring_u = reinterpret_cast<T*>(st.u.data());
     auto state = cutlass::make_producer_start_state<Pipeline>();
     float beta_raw = 0.f;  // this chunk's raw beta of row tid (tid < 16)
     if (pw < nchunks) {
@@ -328,12 +381,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       const T* rk = ps.raw_k[buf];
       const T* rv = ps.raw_v[buf];
       auto load_column = [&](float (&G)[kC], float (&qv)[kC], float (&kv)[kC]) {
-        float run = 0.f;
+        column_gates<Cfg>(ps.raw_g[buf], p.g_dtype, gate, tid, L, bias, gate_a, p.lower_bound, G);
 #pragma unroll
         for (int i = 0; i < kC; ++i) {
-          const float graw = raw_g_at(ps.raw_g[buf], p.g_dtype, i * kK + tid);
-          run += i < L ? gate_of(p, graw, bias, gate_a) : 0.f;
-          G[i] = run;
           qv[i] = to_float<T>(rq[i * kK + tid]);
           kv[i] = to_float<T>(rk[i * kK + tid]);
         }
@@ -407,10 +457,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         ps.bkm[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E * e_neg_m);
         ps.kb[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E);
         ps.vb[i * kLdOp + tid] = from_float<T>(bt * vv);
-        reinterpret_cast<T&>(sQ(i, tid, s)) = from_float<T>(qv[i] * E);
+        ring_qg[ring_index<typename Cfg::LayoutWs, T>(i, tid, s)] = from_float<T>(qv[i] * E);
         // k e^{G_last - G}: in range, R e^{G_last}; else one exponential (R may overflow)
         const float kg_factor = Cfg::kBoundedGate ? R * e_last : exp_ftz(Gl - G[i]);
-        reinterpret_cast<T&>(sKg(tid, i, s)) = from_float<T>(kv[i] * kg_factor);
+        ring_kg[ring_index<typename Cfg::LayoutKgs, T>(tid, i, s)] = from_float<T>(kv[i] * kg_factor);
       }
       sync_wg();
       const bool median_products =
@@ -434,7 +484,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         for (int e = 0; e < 4; ++e) {
           const int i = g4 + 8 * (e / 2), j = 8 * nt + 2 * t4 + e % 2;
           if (is_l) ps.lkk[i * Cfg::kLdL + j] = i > j ? acc[e] : 0.f;
-          else reinterpret_cast<T&>(sA(i, j, s)) = from_float<T>(i >= j ? scale * acc[e] : 0.f);
+          else ring_aqk[ring_index<typename Cfg::LayoutAqks, T>(i, j, s)] = from_float<T>(i >= j ? scale * acc[e] : 0.f);
         }
       } else {
         // The exact path (warp-uniform: the vote above): the column reloaded from the raw rows
@@ -455,7 +505,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
           };
           const float aqk = j <= i ? summed(i * (i + 1) / 2 + j) : 0.f;
           const float l = j < i ? ps.beta[i] * summed(Cfg::kAqkPairs + i * (i - 1) / 2 + j) : 0.f;
-          reinterpret_cast<T&>(sA(i, j, s)) = from_float<T>(scale * aqk);
+          ring_aqk[ring_index<typename Cfg::LayoutAqks, T>(i, j, s)] = from_float<T>(scale * aqk);
           ps.lkk[i * Cfg::kLdL + j] = l;
         }
       }
@@ -504,8 +554,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
 #pragma unroll
             for (int rh = 0; rh < 2; ++rh) {
               const int i = g4 + 8 * rh;
-              *reinterpret_cast<uint32_t*>(&sW(i, col, s)) = pack2<T>(cw[2 * rh], cw[2 * rh + 1]);
-              *reinterpret_cast<uint32_t*>(&sU(i, col, s)) = pack2<T>(cu[2 * rh], cu[2 * rh + 1]);
+              *reinterpret_cast<uint32_t*>(&ring_w[ring_index<typename Cfg::LayoutWs, T>(i, col, s)]) =
+                  pack2<T>(cw[2 * rh], cw[2 * rh + 1]);
+              *reinterpret_cast<uint32_t*>(&ring_u[ring_index<typename Cfg::LayoutUs, T>(i, col, s)]) =
+                  pack2<T>(cu[2 * rh], cu[2 * rh + 1]);
             }
           }
         }
@@ -559,6 +611,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       clear(accS);
   }
   T* o = static_cast<T*>(p.o);
+  const T* const ring_u = reinterpret_cast<const T*>(st.u.data());
   const float scale = p.scale;
   const int64_t vs = HV * kK;  // row stride of o
   T* o_stage = st.o_stage[consumer];
@@ -595,7 +648,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int vl = ac.m0 + 8 * ((i / 2) % 2), j = ac.n0 + 8 * (i / 4) + i % 2;
-      const float uv = to_float<T>(reinterpret_cast<const T&>(sU(j, v0 + vl, s)));
+      const float uv = to_float<T>(ring_u[ring_index<typename Cfg::LayoutUs, T>(j, v0 + vl, s)]);
       accV(i) = j < L ? round_to<T>(uv - accV(i)) : 0.f;
     }
     acc_to_a_operand<Elt>(accV, aV);
