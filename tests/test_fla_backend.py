@@ -492,3 +492,17 @@ def test_upstream_test_plugin_counts_served_calls(tmp_path, calls_fla):
         assert "chunk_kda: served 2" in result.stdout
     else:  # a run that never reached kda_ext must not pass
         assert result.returncode != 0 and "served no chunk_kda call" in result.stdout
+
+
+def test_a_wrapper_over_kda_ext_functions_does_not_change_what_is_served(monkeypatch):
+    # Seen on the device (session 15): a counting wrapper (*args, **kwargs) over kda_ext.chunk.chunk_kda
+    # made the backend read the wrapper's signature and decline every call ("kda_ext has no
+    # argument `q`"). The served arguments come from the definitions.
+    original_chunk, original_recurrent = kda_ext.chunk.chunk_kda, kda_ext.fused_recurrent_kda
+    monkeypatch.setattr(kda_ext.chunk, "chunk_kda", lambda *a, **k: original_chunk(*a, **k))
+    monkeypatch.setattr(kda_ext, "fused_recurrent_kda", lambda *a, **k: original_recurrent(*a, **k))
+    t = inputs()
+    call = kfla._chunk_call(inspect.signature(original_chunk), (t["q"], t["k"], t["v"], t["g"], t["beta"]),
+                            dict(scale=0.5))
+    assert {"q", "k", "v", "g", "beta", "scale"} <= set(call)
+    assert "scale" in kfla._definition_parameters()[1] and "q" in kfla._definition_parameters()[1]
