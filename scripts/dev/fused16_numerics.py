@@ -9,7 +9,12 @@ landed kernels' scheme, 16 x 16 blocks with the median row on the diagonal and t
 later block off it) and prints the error ratio RMS(out - ref) / RMS(ref) against the fp64 recurrent
 reference, next to the test suite's bars (o 5e-3, ht 5e-3).
 
-  python scripts/dev/fused16_numerics.py [--T 1000] [--H 4] [--lower-bound -5]
+  python scripts/dev/fused16_numerics.py [--T 1000] [--H 4] [--lower-bound -5] [--inverse ...]
+
+--inverse: how (I + L)^-1 of a 16-row chunk is formed: `substitution` (fp32, the kernel's today),
+or the product (I - L)(I + L^2)(I + L^4)(I + L^8) on tensor cores with fp32 accumulation and the
+factors rounded to bf16 (`neumann-bf16`) or tf32 (`neumann-tf32`) before each product (L is
+strictly lower triangular, so L^16 = 0 and the product is exact in exact arithmetic).
 """
 import argparse
 
@@ -22,7 +27,30 @@ def bf(x):
     return x.to(torch.bfloat16).to(torch.float32)
 
 
-def fused_chunked(q, k, v, graw, braw, A_log, dt_bias, lower_bound, scale, h0, BT):
+def tf32(x):
+    """fp32 rounded to tf32 (10 mantissa bits, round to nearest even), as an mma's operand."""
+    i = x.float().contiguous().view(torch.int32)
+    lsb = (i >> 13) & 1
+    return ((i + 0x0FFF + lsb) & ~0x1FFF).view(torch.float32)
+
+
+def inverse_unit_lower(Lkk, how):
+    """(I + L)^-1 for strictly lower triangular L [..., n, n] (fp32)."""
+    n = Lkk.shape[-1]
+    eye = torch.eye(n).expand_as(Lkk)
+    if how == "substitution":
+        return torch.linalg.solve_triangular(eye + Lkk, eye, upper=False)
+    rnd = bf if how == "neumann-bf16" else tf32
+    # (I + L)^-1 = sum_k (-L)^k = (I - L)(I + L^2)(I + L^4)(I + L^8) for n <= 16
+    power = -Lkk
+    acc = eye + power
+    for _ in range(3):
+        power = rnd(power) @ rnd(power)
+        acc = rnd(acc) @ rnd(eye + power)
+    return acc
+
+
+def fused_chunked(q, k, v, graw, braw, A_log, dt_bias, lower_bound, scale, h0, BT, inverse="substitution"):
     """One sequence batch [B, T, H, *] (bf16 inputs), the in-kernel gate, l2norm and sigmoid beta."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -59,7 +87,7 @@ def fused_chunked(q, k, v, graw, braw, A_log, dt_bias, lower_bound, scale, h0, B
         Aqk = bf(scale * Aqk * tri)
         Lkk = Lkk * tri.tril(-1)
         eye = torch.eye(L)
-        Akk = bf(torch.linalg.solve_triangular(eye + Lkk, eye.expand_as(Lkk), upper=False))
+        Akk = bf(inverse_unit_lower(Lkk, inverse if BT == 16 else "substitution"))
         kb = bf(beta[:, :, sl, None] * kh[:, :, sl] * torch.exp(G))
         vb = bf(beta[:, :, sl, None] * vv[:, :, sl])
         w = bf(Akk @ kb)
@@ -87,13 +115,17 @@ def main():
     ap.add_argument("--lower-bound", type=float, default=-5.0)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--h0-scale", type=float, default=1.0, help="h0 = randn * this (the tests: 1)")
+    ap.add_argument("--key-correlation", type=float, default=0.0)
+    ap.add_argument("--inverse", default="substitution", choices=["substitution", "neumann-bf16", "neumann-tf32"])
     a = ap.parse_args()
     K = V = 128
     for seed in range(a.seeds):
         torch.manual_seed(seed)
         B, T, H = a.B, a.T, a.H
         q = torch.randn(B, T, H, K).bfloat16()
-        k = torch.randn(B, T, H, K).bfloat16()
+        # --key-correlation c: every key leans on one shared direction (cosines ~ c^2 / (1 + c^2)),
+        # which makes L's entries O(1) instead of O(1/sqrt(K)): the hard case for the inverse
+        k = (torch.randn(B, T, H, K) + a.key_correlation * torch.randn(1, 1, H, K)).bfloat16()
         v = torch.randn(B, T, H, V).bfloat16()
         graw = torch.randn(B, T, H, K).bfloat16()
         braw = torch.randn(B, T, H).bfloat16()
@@ -106,8 +138,9 @@ def main():
             l2norm(q).double(), l2norm(k).double(), v.double(), g, torch.sigmoid(braw.double()), scale,
             h0.double(), True)
         for BT in (16, 64):
-            o, S = fused_chunked(q, k, v, graw, braw, A_log, dt_bias, a.lower_bound, scale, h0, BT)
-            print(f"seed {seed} T={T} lb={a.lower_bound} chunk {BT}: o {ratio(ref_o, o):.2e}  "
+            o, S = fused_chunked(q, k, v, graw, braw, A_log, dt_bias, a.lower_bound, scale, h0, BT, a.inverse)
+            print(f"seed {seed} T={T} lb={a.lower_bound} chunk {BT} ({a.inverse if BT == 16 else 'substitution'}): "
+                  f"o {ratio(ref_o, o):.2e}  "
                   f"ht {ratio(ref_s, S):.2e}   (bars 5e-3)")
 
 
