@@ -4,7 +4,8 @@
 #
 #   bash scripts/device_check.sh [steps]     steps: any of build,test,margins,sanitize,flashkda,bench,
 #                                            profile,ncu (default all but ncu)
-# Environment: OUT (results folder, default /tmp/kda_out), PYTEST_FILES (test files, default tests:
+# Environment: OUT (results folder, default /tmp/kda_out), PREBUILT (a carried build from
+# scripts/dev/prebuild_for_device.sh, used when its source hash matches), PYTEST_FILES (test files, default tests:
 # PYTEST_ARGS is split on spaces, so a -k expression must be one word), PYTEST_ARGS (extra pytest args,
 # default "-k cuda"), BENCH_ARGS (benchmark args), PROFILE_ARGS (profile_kernels.py args, e.g.
 # "--impl fla --what fwd"); FLA wheels in .whl/ are installed if present.
@@ -80,6 +81,17 @@ wait_flashkda() {  # the FlashKDA build's result into the summary, once; its pac
 # LC_ALL=C: the same file order (and so the same hash) on every machine; a .so built elsewhere and
 # carried, with its hash written the same way, is then reused.
 src_hash=$(cat setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16)
+# PREBUILT: a folder made here by scripts/dev/prebuild_for_device.sh (carried): its .so goes into
+# kda_ext/ when its hash is these sources' (else the build step compiles as usual).
+if [ -n "${PREBUILT:-}" ]; then
+  if [ "$(cat "$PREBUILT/_C.srchash" 2>/dev/null)" == "$src_hash" ]; then
+    for f in "$PREBUILT"/_C*.so.gz; do gunzip -c "$f" > "kda_ext/$(basename "$f" .gz)"; done
+    cp "$PREBUILT/_C.srchash" "$PREBUILT/_build_config.py" kda_ext/
+    echo "prebuilt: installed from $PREBUILT (hash $src_hash)"
+  else
+    echo "prebuilt: $PREBUILT was built from other sources ($(cat "$PREBUILT/_C.srchash" 2>/dev/null) != $src_hash): not used"
+  fi
+fi
 if has build; then
   so=$(ls kda_ext/_C*.so 2>/dev/null | head -n1)
   if [ -n "$so" ] && [ "$(cat kda_ext/_C.srchash 2>/dev/null)" == "$src_hash" ]; then

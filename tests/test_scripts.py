@@ -18,7 +18,7 @@ def test_demo_runs_and_passes_on_cpu(tmp_path):
 def test_shell_scripts_parse():
     # device_check.sh only ever runs on a leased GPU machine: a syntax error must show up here.
     names = ("device_check.sh", "device_ab.sh", "device_targets.sh", "setup_env.sh", "test.sh", "demo.sh",
-             "build_flashkda.sh", "fla_upstream_tests.sh")
+             "build_flashkda.sh", "fla_upstream_tests.sh", "dev/prebuild_for_device.sh")
     for path in [os.path.join(ROOT, "scripts", name) for name in names] + [os.path.join(ROOT, ".ci", "run")]:
         proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
         assert proc.returncode == 0, f"{path}: {proc.stderr}"
@@ -261,3 +261,43 @@ def test_fla_untuned_writes_a_config_every_kernel_of_a_name_lists(tmp_path, monk
                      "default_config": {"kwargs": {"BK": 32}, "num_warps": 4, "num_stages": 2, "num_ctas": 1}}
     assert json.loads((tmp_path / "shared.json").read_text())["default_config"]["kwargs"] == {"BV": 32}
     assert not (tmp_path / "disjoint.json").exists()
+
+
+def _prebuilt_checkout(tmp_path, hash_of_sources=True):
+    """A checkout with setup.py, a csrc/ file and device_check.sh, and a PREBUILT folder."""
+    import gzip
+    import hashlib
+    import shutil
+
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    (root / "csrc").mkdir()
+    (root / "kda_ext").mkdir()
+    shutil.copy(os.path.join(ROOT, "scripts", "device_check.sh"), root / "scripts" / "device_check.sh")
+    (root / "setup.py").write_text("# setup\n")
+    (root / "csrc" / "a.cu").write_text("// kernel\n")
+    digest = hashlib.sha256(b"# setup\n// kernel\n").hexdigest()[:16]
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    with gzip.open(prebuilt / "_C.cpython-312-x86_64-linux-gnu.so.gz", "wb") as f:
+        f.write(b"the carried build")
+    (prebuilt / "_C.srchash").write_text((digest if hash_of_sources else "0" * 16) + "\n")
+    (prebuilt / "_build_config.py").write_text("WITH_CUDA = True\n")
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), PREBUILT=str(prebuilt))
+    # an empty step list: only the set-up part of the script runs (nvidia-smi may be missing here)
+    proc = subprocess.run(["bash", str(root / "scripts" / "device_check.sh"), "none"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    return proc, root
+
+
+def test_device_check_installs_a_prebuilt_of_the_same_sources(tmp_path):
+    proc, root = _prebuilt_checkout(tmp_path)
+    assert "prebuilt: installed from" in proc.stdout, proc.stdout + proc.stderr
+    assert (root / "kda_ext" / "_C.cpython-312-x86_64-linux-gnu.so").read_bytes() == b"the carried build"
+    assert (root / "kda_ext" / "_build_config.py").is_file()
+
+
+def test_device_check_ignores_a_prebuilt_of_other_sources(tmp_path):
+    proc, root = _prebuilt_checkout(tmp_path, hash_of_sources=False)
+    assert "built from other sources" in proc.stdout and "not used" in proc.stdout, proc.stdout
+    assert not (root / "kda_ext" / "_C.cpython-312-x86_64-linux-gnu.so").exists()
