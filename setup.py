@@ -9,6 +9,8 @@
 #                             0: CPU-only build (every op still registered, CPU kernels only).
 #   KDA_EXT_CUDA_ARCHS        semicolon list of SM targets, default "90a" (Hopper, wgmma-capable).
 #   KDA_EXT_DEBUG=1           -O0 -g (and -G for device code).
+#   KDA_EXT_PROFILE_SECTIONS=1  kernels print per-section cycle counts of one watched warp
+#                             (csrc/cuda/section_clock.cuh; development builds only).
 #   MAX_JOBS, NVCC_THREADS    parallel compile jobs / nvcc threads.
 #
 # What was built is recorded in kda_ext/_build_config.py, written by build_ext into the build
@@ -212,6 +214,7 @@ def _extensions_and_config():
     print(f"kda_ext: {'building with CUDA' if with_cuda else 'building CPU-only'}: {reason}", flush=True)
 
     debug = os.environ.get("KDA_EXT_DEBUG", "0") == "1"
+    profile_sections = os.environ.get("KDA_EXT_PROFILE_SECTIONS", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
@@ -232,6 +235,7 @@ def _extensions_and_config():
             f"--threads={os.environ.get('NVCC_THREADS', '4')}",
         ] + [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
         defines = ["-DKDA_EXT_WITH_CUDA"] + (["-DKDA_EXT_WITH_SM90"] if with_sm90 else [])
+        defines += ["-DKDA_EXT_PROFILE_SECTIONS"] if profile_sections else []
         sources += _sources("csrc/cuda/*.cu") + (sm90_sources if with_sm90 else [])
         ext = CUDAExtension(
             "kda_ext._C",
@@ -258,6 +262,7 @@ def _extensions_and_config():
         "NVCC_VERSION": probe.nvcc_version if with_cuda else None,
         "CUTLASS_VERSION": cutlass_version(cutlass_include) if cutlass_include else None,
         "DEBUG": debug,
+        "PROFILE_SECTIONS": bool(with_cuda and profile_sections),
     }
     return [ext], config
 

@@ -119,7 +119,8 @@ def print_build_info(file=None) -> None:
         lines.append(f"         built against torch {config.get('TORCH_VERSION')} (CUDA {config.get('TORCH_CUDA_VERSION')})"
                      f"; CUDA archs: {config.get('CUDA_ARCHS') or '-'}; nvcc: {config.get('NVCC_VERSION') or '-'}"
                      f"; CUTLASS: {config.get('CUTLASS_VERSION') or '-'}; WITH_SM90: {config.get('WITH_SM90')}"
-                     f"{'; debug' if config.get('DEBUG') else ''}")
+                     f"{'; debug' if config.get('DEBUG') else ''}"
+                     f"{'; PROFILE_SECTIONS (kernels print section timings: a development build)' if config.get('PROFILE_SECTIONS') else ''}")
         if config.get("TORCH_VERSION") != info["torch"]:
             lines.append(f"         WARNING: running torch {info['torch']}, not the torch it was built against: rebuild")
     lines.append(f"runtime: torch {info['torch']} (CUDA {info['torch_cuda']})")

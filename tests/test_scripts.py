@@ -301,3 +301,24 @@ def test_device_check_ignores_a_prebuilt_of_other_sources(tmp_path):
     proc, root = _prebuilt_checkout(tmp_path, hash_of_sources=False)
     assert "built from other sources" in proc.stdout and "not used" in proc.stdout, proc.stdout
     assert not (root / "kda_ext" / "_C.cpython-312-x86_64-linux-gnu.so").exists()
+
+
+def test_fused_sections_parses_the_kernels_lines():
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "dev"))
+    try:
+        import fused_sections
+    finally:
+        sys.path.pop(0)
+    text = "\n".join([
+        "kda_ext sections producer raw_wait 1000 10",
+        "kda_ext sections producer gates_load 3000 30",
+        "noise",
+        "kda_ext sections consumer full_wait 500 5",
+        "clock_khz 1755000",
+    ])
+    rows, clock_khz = fused_sections.parse(text)
+    assert rows == {"producer": [("raw_wait", 1000, 10), ("gates_load", 3000, 30)],
+                    "consumer": [("full_wait", 500, 5)]}
+    assert clock_khz == 1755000
+    out = fused_sections.table(rows, clock_khz)
+    assert "producer: 40 cycles a chunk" in out and "| gates_load | 30 | 75% |" in out

@@ -18,7 +18,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 [ $# -eq 1 ] || { echo "usage: prebuild_for_device.sh OUTDIR"; exit 2; }
 OUTDIR="$1"
 VENV="${KDA_DEVICE_VENV:-/tmp/kda_device_venv}"
-WORK="${KDA_PREBUILD_DIR:-/tmp/kda_prebuild}"
+SECTIONS="${KDA_EXT_PROFILE_SECTIONS:-0}"
+# A KDA_EXT_PROFILE_SECTIONS=1 build (kernels print section timings) builds apart and carries a hash
+# that device_check.sh never takes for these sources: install it by hand for the profile run.
+WORK="${KDA_PREBUILD_DIR:-/tmp/kda_prebuild$([ "$SECTIONS" = 1 ] && echo _sections)}"
 PY312="${PYTHON312:-$(command -v python3.12 || ls /root/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | head -n1)}"
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -29,10 +32,10 @@ fi
 mkdir -p "$WORK"
 cd "$ROOT"
 # Copy what changed (so ninja rebuilds only those units).
-for f in setup.py pyproject.toml $(git ls-files csrc kda_ext); do
+for f in setup.py pyproject.toml $(git ls-files --cached --others --exclude-standard csrc kda_ext); do
   cmp -s "$f" "$WORK/$f" 2>/dev/null || { mkdir -p "$WORK/$(dirname "$f")"; cp "$f" "$WORK/$f"; }
 done
-(cd "$WORK" && CUDA_HOME="$CUDA_HOME" KDA_EXT_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" \
+(cd "$WORK" && CUDA_HOME="$CUDA_HOME" KDA_EXT_CUDA=1 KDA_EXT_PROFILE_SECTIONS="$SECTIONS" MAX_JOBS="${MAX_JOBS:-2}" \
    "$VENV/bin/python" setup.py build_ext --inplace > "$WORK/build.log" 2>&1) \
   || { tail -n 40 "$WORK/build.log"; exit 1; }
 grep -E "spill" "$WORK/build.log" || true
@@ -42,5 +45,6 @@ strip --strip-debug -o "$OUTDIR/.so.tmp" "$so"
 gzip -c "$OUTDIR/.so.tmp" > "$OUTDIR/$(basename "$so").gz" && rm "$OUTDIR/.so.tmp"
 cp "$WORK/kda_ext/_build_config.py" "$OUTDIR/"
 # device_check.sh's hash, computed on this checkout's files (LC_ALL=C: the same order everywhere)
-cat setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16 > "$OUTDIR/_C.srchash"
+hash=$(cat setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16)
+echo "$hash$([ "$SECTIONS" = 1 ] && echo +sections)" > "$OUTDIR/_C.srchash"
 echo "prebuild_for_device: $OUTDIR/$(basename "$so").gz ($(du -h "$OUTDIR/$(basename "$so").gz" | cut -f1)), hash $(cat "$OUTDIR/_C.srchash")"

@@ -38,6 +38,7 @@
 #include "cuda/elementwise.cuh"  // gate_of, beta_of, exp_ftz
 #include "cuda/mma.cuh"
 #include "cuda/mma_sync.cuh"
+#include "cuda/section_clock.cuh"
 #include "cuda/sm90/state_output_sm90.cuh"
 
 namespace kda_ext {
@@ -359,6 +360,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       cp_async_commit();
       if (tid < kC && tid < rows_in(pw)) beta_raw = load_any(p.beta, p.beta_dtype, (row + tid) * HV + hv);
     }
+    // KDA_EXT_PROFILE_SECTIONS builds: thread 0 of producer 0 of CTA (0, 0) times its sections.
+    KDA_SECTIONS_DECLARE(clock, 8);
+    KDA_SECTIONS_START(clock, blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0);
     for (int c = pw, it = 0; c < nchunks; c += kProducers, ++it) {
       const int buf = it & 1;
       const int L = rows_in(c);
@@ -375,6 +379,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       cp_async_wait<1>();
       if (tid < kC) ps.beta[tid] = tid < L ? beta_of(p, beta_raw) : 0.f;
       sync_wg();  // this chunk's raw rows and betas visible to the warpgroup
+      KDA_SECTIONS_LAP(clock, 0);
 
       // -- column tid: gate and cumsum, q, k, v of every row
       const T* rq = ps.raw_q[buf];
@@ -398,6 +403,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       };
       float G[kC], qv[kC], kv[kC];
       load_column(G, qv, kv);
+      KDA_SECTIONS_LAP(clock, 1);
       if (p.use_qk_l2norm) {
         // Row sums of q^2 (values 0..15) and k^2 (16..31) over the warp's 32 columns by a
         // reduce-scatter: lane l ends with value l's sum; then over the four warps.
@@ -418,8 +424,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         normalize_column(qv, kv);
       }
 
+      KDA_SECTIONS_LAP(clock, 2);
       // The ring stage this chunk's results go to (the consumers released it).
       pipeline.producer_acquire(state);
+      KDA_SECTIONS_LAP(clock, 3);
       const int s = pw * kStagesPer + state.index();  // the ring stage
 
       // -- the decayed operands of column tid. G is relative to the chunk's first row, so
@@ -463,6 +471,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         ring_kg[ring_index<typename Cfg::LayoutKgs, T>(tid, i, s)] = from_float<T>(kv[i] * kg_factor);
       }
       sync_wg();
+      KDA_SECTIONS_LAP(clock, 4);
       const bool median_products =
           Cfg::kBoundedGate || (ps.range_ok[0] && ps.range_ok[1] && ps.range_ok[2] && ps.range_ok[3]);
 
@@ -511,6 +520,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       }
       sync_wg();
 
+      KDA_SECTIONS_LAP(clock, 5);
       // -- Akk = (I + L)^-1 by forward substitution: thread j < 16 computes column j
       if (tid < kC) {
         const int j = tid;
@@ -533,6 +543,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       }
       sync_wg();
 
+      KDA_SECTIONS_LAP(clock, 6);
       // -- w = Akk kb, u = Akk vb: warp w the columns 32 w .. 32 w + 31 (four 16 x 8 tiles each)
       {
         const int g4 = lane / 4, t4 = lane % 4;
@@ -568,9 +579,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       pipeline.producer_commit(state);
       ++state;
       beta_raw = beta_next;
+      KDA_SECTIONS_LAP(clock, 7);
       // (The next chunk's first barrier also orders this chunk's reads of the raw buffer and of
       // the operand tiles before their next writes.)
     }
+#ifdef KDA_EXT_PROFILE_SECTIONS
+    const char* const names[8] = {"raw_wait", "gates_load", "l2norm", "acquire", "operands", "aqk_l", "inverse",
+                                  "w_u_commit"};
+    KDA_SECTIONS_REPORT(clock, "producer", names, (nchunks - pw + kProducers - 1) / kProducers);
+#endif
     return;
   }
 
@@ -619,6 +636,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   // Chunk c comes from producer c % kProducers: the loop runs kProducers chunks a step so that
   // each producer's pipeline and state are compile-time choices.
   cutlass::PipelineState<kStagesPer> states[kProducers];
+  // KDA_EXT_PROFILE_SECTIONS builds: thread 0 of consumer 0 of CTA (0, 0) times its sections.
+  KDA_SECTIONS_DECLARE(cclock, 6);
+  KDA_SECTIONS_START(cclock, blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == kProducers * 128);
   for (int c0 = 0; c0 < nchunks; c0 += kProducers) {
 #pragma unroll
    for (int j = 0; j < kProducers; ++j) {
@@ -629,7 +649,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     const int64_t row0 = seq_row0 + int64_t(c) * kC;
     const int L = rows_in(c);
     acc_to_a_operand<Elt>(accS, aS);  // Sh, the state rounded to T
+    KDA_SECTIONS_LAP(cclock, 5);
     pipeline.consumer_wait(state);
+    KDA_SECTIONS_LAP(cclock, 0);
     const int s = j * kStagesPer + state.index();  // the ring stage
 
     clear(accV);
@@ -645,6 +667,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     warpgroup_commit_batch();
     warpgroup_wait<1>();
     warpgroup_fence_operand(accV);
+    KDA_SECTIONS_LAP(cclock, 1);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int vl = ac.m0 + 8 * ((i / 2) % 2), j = ac.n0 + 8 * (i / 4) + i % 2;
@@ -653,6 +676,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     }
     acc_to_a_operand<Elt>(accV, aV);
     warpgroup_fence_operand(aV);
+    KDA_SECTIONS_LAP(cclock, 2);
     warpgroup_wait<0>();
     warpgroup_fence_operand(aS);
     warpgroup_fence_operand(accO);
@@ -662,6 +686,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     warpgroup_arrive();
     gemm(mma_o, aV, tBa(_, _, _, s), accO);
     warpgroup_commit_batch();
+    KDA_SECTIONS_LAP(cclock, 3);
 #pragma unroll
     for (int i = 0; i < 64; ++i) accS(i) *= st.decay[s][ac.n0 + 8 * (i / 4) + i % 2];
     warpgroup_fence_operand(accS);
@@ -672,11 +697,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     warpgroup_fence_operand(aV);
     warpgroup_fence_operand(accO);
     warpgroup_fence_operand(accS);
+    KDA_SECTIONS_LAP(cclock, 4);
     pipeline.consumer_release(state);
     ++state;
     store_o_rows<Cfg>(accO, o_stage, ac, tid, bar, o + row0 * vs + hv * kK + v0, vs, L);
    }
   }
+#ifdef KDA_EXT_PROFILE_SECTIONS
+  {
+    const char* const names[6] = {"full_wait", "vnew_o_issue_wait1", "u_sub", "wait0_o_issue", "decay_state_wait0",
+                                  "release_store_o"};
+    KDA_SECTIONS_REPORT(cclock, "consumer", names, nchunks);
+  }
+#endif
   if (p.final_state != nullptr) {
     float* fs = p.final_state + (n * HV + hv) * KV;
     for_state_elements(ac, v0, vf, [&](int i, int off) { fs[off] = accS(i); });
