@@ -18,7 +18,8 @@ def test_demo_runs_and_passes_on_cpu(tmp_path):
 def test_shell_scripts_parse():
     # device_check.sh only ever runs on a leased GPU machine: a syntax error must show up here.
     names = ("device_check.sh", "device_ab.sh", "device_targets.sh", "setup_env.sh", "test.sh", "demo.sh",
-             "build_flashkda.sh", "fla_upstream_tests.sh", "dev/prebuild_for_device.sh")
+             "build_flashkda.sh", "fla_upstream_tests.sh", "dev/prebuild_for_device.sh",
+             "dev/fused_profile.sh")
     for path in [os.path.join(ROOT, "scripts", name) for name in names] + [os.path.join(ROOT, ".ci", "run")]:
         proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
         assert proc.returncode == 0, f"{path}: {proc.stderr}"
