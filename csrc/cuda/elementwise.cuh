@@ -10,14 +10,6 @@
 namespace kda_ext {
 namespace cuda {
 
-// The in-kernel gate of one element: lower_bound * sigmoid(a (g + bias)) (the a factor only with
-// A_log) or -a softplus(g + bias). bias = dt_bias[hv, col] (0 without one) and a = exp(A_log[hv])
-// (1 without) are computed by the caller once per slice / block.
-// __expf and __fdividef (a few ulp) instead of expf and IEEE division: those cost ~20 more
-// instructions per element in a loop that is issue-bound, and a relative error of a few ulp in a
-// gate is far below what the bf16/fp16 rounding of qg/kg/w introduces downstream. sigmoid still
-// tends to 0 as x -> -inf (__fdividef by an infinite denominator gives 0). softplus keeps log1pf:
-// __logf near 1 has an absolute error (~4e-7) that is large relative to softplus of x << 0.
 // The gate's form, for kernels that decide it once per launch or loop instead of per element (a
 // branch per element keeps a row loop from interleaving its rows).
 enum class GateKind { kGiven, kLowerBound, kSoftplus };
@@ -42,6 +34,14 @@ __device__ __forceinline__ float gate_as(float graw, float bias, float a, float 
   }
 }
 
+// The in-kernel gate of one element: lower_bound * sigmoid(a (g + bias)) (the a factor only with
+// A_log) or -a softplus(g + bias). bias = dt_bias[hv, col] (0 without one) and a = exp(A_log[hv])
+// (1 without) are computed by the caller once per slice / block.
+// __expf and __fdividef (a few ulp) instead of expf and IEEE division: those cost ~20 more
+// instructions per element in a loop that is issue-bound, and a relative error of a few ulp in a
+// gate is far below what the bf16/fp16 rounding of qg/kg/w introduces downstream. sigmoid still
+// tends to 0 as x -> -inf (__fdividef by an infinite denominator gives 0). softplus keeps log1pf:
+// __logf near 1 has an absolute error (~4e-7) that is large relative to softplus of x << 0.
 __device__ __forceinline__ float gate_of(const ChunkKdaFwdParams& p, float graw, float bias,
                                         float a) {
   switch (gate_kind(p)) {
