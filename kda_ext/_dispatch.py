@@ -95,7 +95,8 @@ def fused_segment_length(*, num_seqs: int, total_tokens: int, HV: int, num_sms: 
     cells = num_sms // max(HV, 1)
     if switch == "off" or cells < 2 or total_tokens < 2 * 16:
         return None
-    seg_len = max(16, -(-(-(-total_tokens // cells)) // 16) * 16)  # a whole number of 16-row chunks
+    per_cell = -(-total_tokens // cells)
+    seg_len = max(16, -(-per_cell // 16) * 16)  # a whole number of 16-row chunks
     if switch == "auto" and (2 * num_seqs * HV > num_sms or 3 * seg_len * num_seqs > total_tokens
                              or total_tokens < _MIN_SPLIT_TOKENS * num_seqs):
         return None

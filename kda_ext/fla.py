@@ -298,29 +298,23 @@ def _check_gate(call: Dict[str, Any], q_dtype: torch.dtype) -> None:
 
 
 def _known_parameters(function: Callable, extra: Tuple[str, ...] = ()) -> frozenset:
-    parameters = inspect.signature(inspect.unwrap(function)).parameters.values()
+    parameters = inspect.signature(function).parameters.values()
     return frozenset([p.name for p in parameters if p.kind not in (
         inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)] + list(extra))
 
 
-def _definition_parameters() -> Tuple[frozenset, frozenset]:
-    """The arguments kda_ext's chunk_kda and fused_recurrent_kda take, read from their definitions
-    once (a wrapper later put over the module attributes, for counting or profiling calls, must not
-    change what the backend serves; the calls themselves go through the attributes)."""
-    global _PARAMETERS
-    if _PARAMETERS is None:
-        from . import chunk, recurrent
-        _PARAMETERS = (_known_parameters(chunk.chunk_kda, ("transpose_state_layout",)),
-                       _known_parameters(recurrent.fused_recurrent_kda))
-    return _PARAMETERS
+# The arguments kda_ext's chunk_kda and fused_recurrent_kda take, read from their definitions when
+# this module is imported: a wrapper later put over the module attributes (counting or profiling
+# calls) must not change what the backend serves; the calls themselves go through the attributes.
+from . import chunk as _chunk_module, recurrent as _recurrent_module  # noqa: E402
 
-
-_PARAMETERS: Optional[Tuple[frozenset, frozenset]] = None
+_CHUNK_PARAMETERS = _known_parameters(_chunk_module.chunk_kda, ("transpose_state_layout",))
+_RECURRENT_PARAMETERS = _known_parameters(_recurrent_module.fused_recurrent_kda)
 
 
 def _chunk_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict[str, Any]:
     named, extra = _bind(signature, args, kwargs, "chunk_kda")
-    known = _definition_parameters()[0]
+    known = _CHUNK_PARAMETERS
     call = _split_known(named, extra, known, _CHUNK_UNUSED, signature)
     if call.get("cp_context") is not None:
         raise _Declined("context parallelism (cp_context) is not supported by kda_ext")
@@ -334,7 +328,7 @@ def _chunk_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict
 
 def _recurrent_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict[str, Any]:
     named, extra = _bind(signature, args, kwargs, "fused_recurrent_kda_fwd")
-    call = _split_known(named, extra, _definition_parameters()[1], _RECURRENT_UNUSED, signature)
+    call = _split_known(named, extra, _RECURRENT_PARAMETERS, _RECURRENT_UNUSED, signature)
     q_dtype = _check_tensors(call, convert_state=True)
     _check_gate(call, q_dtype)
     beta, v, q = call["beta"], call["v"], call["q"]
@@ -458,5 +452,3 @@ def unregister() -> bool:
 def is_registered() -> bool:
     """Whether :func:`register` is in effect (the switch ``FLA_KDA_EXT`` is not consulted)."""
     return bool(_registrations)
-
-_definition_parameters()  # at import: see its docstring

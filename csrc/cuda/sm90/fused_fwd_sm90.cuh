@@ -30,9 +30,10 @@
 //     S^T = e^{G_last} S^T + v_new^T kg.
 // Rows past the sequence's end (the last chunk) are zero-filled by the loads and masked out of
 // v_new, so they reach neither S nor a stored o row.
-// Applies to (fused_fwd_sm90_applies): bf16, K = V = 128, the in-kernel lower-bound gate with
-// safe_gate (its bound is what keeps the median-row factors in range; fp16's range is too narrow
-// for them), no intermediates wanted. Everything else keeps the two-kernel path.
+// Applies to (fused_fwd_sm90_applies): bf16 (fp16's range is too narrow for the median-row
+// factors), K = V = 128, every gate mode (FusedFwdConfig's kBoundedGate: the lower-bound gate with
+// lower_bound in [-5, 0) needs no range check; other gates check each chunk and compute the
+// out-of-range ones exactly), no intermediates wanted. Everything else keeps the two-kernel path.
 #pragma once
 
 #include "cuda/elementwise.cuh"  // gate_of, beta_of, exp_ftz
