@@ -10,7 +10,8 @@
 # Steps (each time-limited, one log $OUT/fused_profile.log): install the release build; the fused
 # tests; bench_chunk_kda --what fwd --impls ours with KDA_EXT_FUSED_FWD off / on with 1 and 2
 # producers (SHAPES, MODES); then the sections build and scripts/dev/fused_sections.py for 1 and 2
-# producers at SECTION_SHAPE.
+# producers at SECTION_SHAPE. BASELINE=DIR (another release prebuild, e.g. the commit before a
+# kernel change) is timed first, fused with 1 and 2 producers, in the same call.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -31,14 +32,21 @@ install() {  # a prebuild_for_device.sh folder into kda_ext/
   cp "$1/_build_config.py" kda_ext/
   echo "installed $1 (hash $(cat "$1/_C.srchash"))"
 }
+bench() {  # label, then KDA_EXT_FUSED_FWD and KDA_EXT_FUSED_PRODUCERS
+  echo "== $1: KDA_EXT_FUSED_FWD=$2 KDA_EXT_FUSED_PRODUCERS=$3"
+  KDA_EXT_FUSED_FWD=$2 KDA_EXT_FUSED_PRODUCERS=$3 timeout "${BENCH_TIMEOUT:-60}" "$PY" benchmarks/bench_chunk_kda.py \
+      --shapes "$SHAPES" --modes "$MODES" --what fwd --impls ours --out "$OUT/bench_$1_$2$3.md" > /dev/null 2>&1
+  grep "^| [0-9v]" "$OUT/bench_$1_$2$3.md"
+}
+if [ -n "${BASELINE:-}" ]; then
+  install "$BASELINE"
+  bench baseline on 1
+  bench baseline on 2
+fi
 install "$RELEASE"
 timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_fwd_sm90.py 2>&1 | tail -n 3
 for variant in "off 1" "on 1" "on 2"; do
-  set -- $variant
-  echo "== KDA_EXT_FUSED_FWD=$1 KDA_EXT_FUSED_PRODUCERS=$2"
-  KDA_EXT_FUSED_FWD=$1 KDA_EXT_FUSED_PRODUCERS=$2 timeout "${BENCH_TIMEOUT:-60}" "$PY" benchmarks/bench_chunk_kda.py \
-      --shapes "$SHAPES" --modes "$MODES" --what fwd --impls ours --out "$OUT/bench_fused_$1$2.md" > /dev/null 2>&1
-  grep "^| [0-9v]" "$OUT/bench_fused_$1$2.md"
+  bench release $variant
 done
 if [ -n "$SECTIONS" ]; then
   install "$SECTIONS"

@@ -21,8 +21,14 @@ VENV="${KDA_DEVICE_VENV:-/tmp/kda_device_venv}"
 SECTIONS="${KDA_EXT_PROFILE_SECTIONS:-0}"
 # A KDA_EXT_PROFILE_SECTIONS=1 build (kernels print section timings) builds apart and carries a hash
 # that device_check.sh never takes for these sources: install it by hand for the profile run.
-WORK="${KDA_PREBUILD_DIR:-/tmp/kda_prebuild$([ "$SECTIONS" = 1 ] && echo _sections)}"
-PY312="${PYTHON312:-$(command -v python3.12 || ls /root/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | head -n1)}"
+SUFFIX=""; [ "$SECTIONS" = 1 ] && SUFFIX=_sections  # (a failing $(...) in an assignment ends a set -e script)
+WORK="${KDA_PREBUILD_DIR:-/tmp/kda_prebuild$SUFFIX}"
+# (a pyenv shim may exist without the version being active: take the interpreter that runs)
+PY312="${PYTHON312:-}"
+for cand in $(ls /root/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null) $(command -v python3.12 || true); do
+  [ -n "$PY312" ] && break
+  "$cand" -c "" 2>/dev/null && PY312="$cand"
+done
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}"
 if [ ! -x "$VENV/bin/python" ]; then
   [ -n "$PY312" ] || { echo "prebuild_for_device: no python3.12 found (set PYTHON312)"; exit 1; }

@@ -71,26 +71,35 @@ struct FusedFwdConfig {
   static constexpr int kK = 128;   // K == V
   static constexpr int kBV = 64;   // value columns per consumer warpgroup
   static constexpr int kThreads = 128 * (kProducers + 2);
-  static constexpr int kLdOp = kK + 8;   // 16-bit [16][128] operand tiles of the producer: 272 B rows
+  // The producer's operand tiles are stored transposed, [key column][chunk row]: a thread owns one
+  // key column, so its 16 rows are two 16-byte stores (instead of 16 two-byte ones); rows of 48 B
+  // keep both the stores and the ldmatrix reads of 8 rows conflict-free.
+  static constexpr int kLdT = kC + 8;
   static constexpr int kLdAkk = kC + 8;  // [16][16] Akk tile: 48 B rows (16-byte aligned, conflict-free)
   static constexpr int kLdL = kC + 4;    // fp32 [16][16] L tile: rows of 4 float4
   static constexpr int kLdO = kBV + 8;   // o staging [16 rows][64 v]
   static constexpr int kGBytes = 4;      // raw g is staged at up to 4 bytes an element
 
-  // v_new^T = Sh^T w^T and o^T = Sh^T qg^T: M = v (64), N = chunk rows (16), K = k (128).
+  // v_new^T = Sh^T w^T: M = v (64), N = chunk rows (16), K = k (128); w is [row][k] (K-major B, as
+  // the w/u products' fragments store it).
   using MmaVn = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Elt, Elt, float, Shape<_64, _16, _128>, GMMA::Major::K, GMMA::Major::K>()));
+  // o^T = Sh^T qg^T: qg is [k][row] (MN-major B), the producer thread of key column k writing its
+  // 16 rows as two 16-byte stores.
+  using MmaQ = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Elt, Elt, float, Shape<_64, _16, _128>, GMMA::Major::K, GMMA::Major::MN>()));
   // o^T += v_new^T Aqk^T: K = chunk rows (16).
   using MmaO = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Elt, Elt, float, Shape<_64, _16, _16>, GMMA::Major::K, GMMA::Major::K>()));
-  // S^T += v_new^T kg: N = k (128), K = chunk rows (16); kg is [row][k]: MN-major B.
+  // S^T += v_new^T kg: N = k (128), K = chunk rows (16); kg is [k][row] (K-major B), written like qg.
   using MmaS = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Elt, Elt, float, Shape<_64, _128, _16>, GMMA::Major::K, GMMA::Major::MN>()));
+      GMMA::rs_op_selector<Elt, Elt, float, Shape<_64, _128, _16>, GMMA::Major::K, GMMA::Major::K>()));
 
   // Ring stages (the last mode). B operands as (N, K).
   using LayoutWs = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elt>{}, Shape<_16, _128, Int<kStages>>{}));
+  using LayoutQgs = decltype(tile_to_shape(GMMA::Layout_MN_SW32_Atom<Elt>{}, Shape<_16, _128, Int<kStages>>{}));
   using LayoutAqks = decltype(tile_to_shape(GMMA::Layout_K_SW32_Atom<Elt>{}, Shape<_16, _16, Int<kStages>>{}));
-  using LayoutKgs = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Elt>{}, Shape<_128, _16, Int<kStages>>{}));
+  using LayoutKgs = decltype(tile_to_shape(GMMA::Layout_K_SW32_Atom<Elt>{}, Shape<_128, _16, Int<kStages>>{}));
   using LayoutUs = Layout<Shape<_16, _128, Int<kStages>>, Stride<_128, _1, _2048>>;  // [row][v]
 
   using Pipeline = cutlass::PipelineAsync<kStagesPer>;
@@ -102,11 +111,12 @@ struct FusedFwdConfig {
     alignas(128) T raw_k[2][kC * kK];
     alignas(128) T raw_v[2][kC * kK];
     alignas(128) unsigned char raw_g[2][kC * kK * kGBytes];
-    alignas(128) T qm[kC * kLdOp];   // q-hat e^{G - G_m}     (Aqk's A operand)
-    alignas(128) T km[kC * kLdOp];   // k-hat e^{G_m - G}     (Aqk's and L's B operand)
-    alignas(128) T bkm[kC * kLdOp];  // beta k-hat e^{G - G_m} (L's A operand)
-    alignas(128) T kb[kC * kLdOp];   // beta k-hat e^{G}       (w's B operand)
-    alignas(128) T vb[kC * kLdOp];   // beta v                 (u's B operand)
+    // [key column][row], rows of kLdT. beta stays out of the operands: L's rows and Akk's columns
+    // take it, and u's B operand is the raw v rows.
+    alignas(128) T qm[kK * kLdT];   // q-hat e^{G - G_m}  (Aqk's A operand)
+    alignas(128) T km[kK * kLdT];   // k-hat e^{G_m - G}  (Aqk's and L's B operand)
+    alignas(128) T kmm[kK * kLdT];  // k-hat e^{G - G_m}  (L's A operand; L = diag(beta) kmm km^T)
+    alignas(128) T ke[kK * kLdT];   // k-hat e^{G}        (w's B operand; w = Akk diag(beta) ke)
     alignas(128) T akk[kC * kLdAkk];
     alignas(16) float lkk[kC * kLdL];
     float red[4][32];     // l2norm partial sums, per warp
@@ -120,7 +130,7 @@ struct FusedFwdConfig {
   struct SharedStorage {
     // the ring
     alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutWs>> w;
-    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutWs>> qg;
+    alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutQgs>> qg;
     alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutKgs>> kg;
     alignas(1024) cute::array_aligned<Elt, cosize_v<LayoutAqks>> aqk;
     alignas(128) cute::array_aligned<Elt, cosize_v<LayoutUs>> u;
@@ -132,36 +142,57 @@ struct FusedFwdConfig {
   };
 };
 
-// Raw rows of one chunk into the producer's buffer (cp.async, 16 bytes a copy, zero past L).
+// A producer thread's share of the raw-row copies of every chunk: the row, column and source
+// offsets that do not change from chunk to chunk, computed once per sequence (per chunk, the
+// 64-bit index arithmetic and the run-time division of the g loop cost ~35 instructions a
+// 16-byte copy; now a chunk adds its first row's offset and the thread its fixed ones).
+struct RawCopyPlan {
+  int qk_row, col;    // rows qk_row and qk_row + 8 of q, k, v; element column col
+  int g_row, g_byte;  // g: the thread's first row and its byte in the row (further rows below)
+};
+
+// g rows of 256 (16-bit) or 512 (fp32) bytes: 16 or 32 vectors of 16 bytes, 2 or 4 a thread.
+__device__ __forceinline__ int g_vectors_per_row(const ChunkKdaFwdParams& p, int kK) {
+  return p.g_dtype == DType::kFloat32 ? kK / 4 : kK / 8;
+}
+
+__device__ __forceinline__ RawCopyPlan raw_copy_plan(const ChunkKdaFwdParams& p, int tid, int kK) {
+  const int vec_per_row = g_vectors_per_row(p, kK);
+  return RawCopyPlan{tid / 16, (tid % 16) * 8, tid / vec_per_row, (tid % vec_per_row) * 16};
+}
+
+// Raw rows of one chunk into the producer's buffer (cp.async, 16 bytes a copy, zero past L). The
+// strides come from the parameters (uniform values), the thread's offsets from its plan.
 template <class Cfg>
-__device__ __forceinline__ void issue_raw_chunk(const ChunkKdaFwdParams& p, typename Cfg::ProducerStorage& ps,
-                                                int buf, int64_t row0, int L, int hq, int hv, int tid) {
+__device__ __forceinline__ void issue_raw_chunk(const ChunkKdaFwdParams& p, const RawCopyPlan& c,
+                                                typename Cfg::ProducerStorage& ps, int buf, int64_t row0, int L,
+                                                int hq, int hv) {
   using T = typename Cfg::T;
-  constexpr int kC = Cfg::kC, kK = Cfg::kK;
-  const int64_t H = p.H, HV = p.HV;
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  // 16 rows x 16 vectors of 8 elements: two a thread for each of q, k, v
+  constexpr int kK = Cfg::kK;
+  const int qk_stride = static_cast<int>(p.H) * kK, v_stride = static_cast<int>(p.HV) * kK;
+  const T* q = static_cast<const T*>(p.q) + (row0 * p.H + hq) * kK + c.col;
+  const T* k = static_cast<const T*>(p.k) + (row0 * p.H + hq) * kK + c.col;
+  const T* v = static_cast<const T*>(p.v) + (row0 * p.HV + hv) * kK + c.col;
 #pragma unroll
   for (int it = 0; it < 2; ++it) {
-    const int idx = tid + 128 * it;
-    const int r = idx / 16, c = (idx % 16) * 8;
+    const int r = c.qk_row + 8 * it;
     const bool ok = r < L;
-    const int64_t row = row0 + (ok ? r : 0);
-    cp_async16(ps.raw_q[buf] + r * kK + c, q + (row * H + hq) * kK + c, ok);
-    cp_async16(ps.raw_k[buf] + r * kK + c, k + (row * H + hq) * kK + c, ok);
-    cp_async16(ps.raw_v[buf] + r * kK + c, v + (row * HV + hv) * kK + c, ok);
+    const int rs = ok ? r : 0;  // rows past L copy nothing (zero fill) from a valid address
+    const int dst = r * kK + c.col;
+    cp_async16(ps.raw_q[buf] + dst, q + rs * qk_stride, ok);
+    cp_async16(ps.raw_k[buf] + dst, k + rs * qk_stride, ok);
+    cp_async16(ps.raw_v[buf] + dst, v + rs * v_stride, ok);
   }
-  // g: rows of 128 elements of 2 or 4 bytes
-  const int gsz = p.g_dtype == DType::kFloat32 ? 4 : 2;
-  const int vec_per_row = kK * gsz / 16;  // 16 or 32
-  const unsigned char* g = static_cast<const unsigned char*>(p.g);
-  for (int idx = tid; idx < kC * vec_per_row; idx += 128) {
-    const int r = idx / vec_per_row, c = idx % vec_per_row;
-    const bool ok = r < L;
-    const int64_t row = row0 + (ok ? r : 0);
-    cp_async16(ps.raw_g[buf] + (r * vec_per_row + c) * 16, g + ((row * HV + hv) * kK) * gsz + c * 16, ok);
+  const int vec_per_row = g_vectors_per_row(p, kK);
+  const int row_bytes = 16 * vec_per_row, stride_bytes = static_cast<int>(p.HV) * row_bytes;
+  const unsigned char* g = static_cast<const unsigned char*>(p.g) + (row0 * p.HV + hv) * row_bytes + c.g_byte;
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    if (it < vec_per_row / 8) {
+      const int r = c.g_row + (128 / vec_per_row) * it;
+      const bool ok = r < L;
+      cp_async16(ps.raw_g[buf] + r * row_bytes + c.g_byte, g + (ok ? r : 0) * stride_bytes, ok);
+    }
   }
 }
 
@@ -291,7 +322,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   using Elt = typename Cfg::Elt;
   using Pipeline = typename Cfg::Pipeline;
   using Storage = typename Cfg::SharedStorage;
-  constexpr int kC = Cfg::kC, kK = Cfg::kK, kBV = Cfg::kBV, kLdOp = Cfg::kLdOp;
+  constexpr int kC = Cfg::kC, kK = Cfg::kK, kBV = Cfg::kBV, kLdT = Cfg::kLdT;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   Storage& st = *reinterpret_cast<Storage*>(smem_raw);
   constexpr int kProducers = Cfg::kProducers, kStagesPer = Cfg::kStagesPer;
@@ -328,7 +359,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   __syncthreads();  // barriers initialised before any arrive or wait
 
   Tensor sW = make_tensor(make_smem_ptr(st.w.data()), typename Cfg::LayoutWs{});
-  Tensor sQ = make_tensor(make_smem_ptr(st.qg.data()), typename Cfg::LayoutWs{});
+  Tensor sQ = make_tensor(make_smem_ptr(st.qg.data()), typename Cfg::LayoutQgs{});
   Tensor sKg = make_tensor(make_smem_ptr(st.kg.data()), typename Cfg::LayoutKgs{});
   Tensor sA = make_tensor(make_smem_ptr(st.aqk.data()), typename Cfg::LayoutAqks{});
 
@@ -354,10 +385,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     T* const ring_w = reinterpret_cast<T*>(st.w.data());
     T* const ring_u = reinterpret_cast<T*>(st.u.data());
     auto state = cutlass::make_producer_start_state<Pipeline>();
+    const RawCopyPlan copy_plan = raw_copy_plan(p, tid, kK);
     float beta_raw = 0.f;  // this chunk's raw beta of row tid (tid < 16)
     if (pw < nchunks) {
       const int64_t row = seq_row0 + int64_t(pw) * kC;
-      issue_raw_chunk<Cfg>(p, ps, 0, row, rows_in(pw), hq, hv, tid);
+      issue_raw_chunk<Cfg>(p, copy_plan, ps, 0, row, rows_in(pw), hq, hv);
       cp_async_commit();
       if (tid < kC && tid < rows_in(pw)) beta_raw = load_any(p.beta, p.beta_dtype, (row + tid) * HV + hv);
     }
@@ -373,7 +405,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       if (c + kProducers < nchunks) {
         const int Ln = rows_in(c + kProducers);
         const int64_t next0 = row0 + int64_t(kProducers) * kC;
-        issue_raw_chunk<Cfg>(p, ps, buf ^ 1, next0, Ln, hq, hv, tid);
+        issue_raw_chunk<Cfg>(p, copy_plan, ps, buf ^ 1, next0, Ln, hq, hv);
         if (tid < kC && tid < Ln) beta_next = load_any(p.beta, p.beta_dtype, (next0 + tid) * HV + hv);
       }
       cp_async_commit();
@@ -456,44 +488,57 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         const bool warp_ok = __all_sync(0xffffffffu, in_range);
         if (lane == 0) ps.range_ok[warp] = warp_ok;
       }
+      // Two halves of 8 rows: each version of the column's 8 values packed in pairs and stored as
+      // one 16-byte vector (the private tiles and both ring tiles are [k][row]), one version at a
+      // time (few registers live: the two-producer build has 104 a thread).
+      auto put = [](T* dst, auto value_of_row, int row0) {
+        uint32_t v[4];
 #pragma unroll
-      for (int i = 0; i < kC; ++i) {
-        const float E = exp_ftz(G[i]), R = exp_ftz(-G[i]);
-        const float bt = ps.beta[i];
-        const float vv = to_float<T>(rv[i * kK + tid]);
-        ps.qm[i * kLdOp + tid] = from_float<T>(qv[i] * E * e_neg_m);
-        ps.km[i * kLdOp + tid] = from_float<T>(kv[i] * R * e_pos_m);
-        ps.bkm[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E * e_neg_m);
-        ps.kb[i * kLdOp + tid] = from_float<T>(bt * kv[i] * E);
-        ps.vb[i * kLdOp + tid] = from_float<T>(bt * vv);
-        ring_qg[ring_index<typename Cfg::LayoutWs, T>(i, tid, s)] = from_float<T>(qv[i] * E);
+        for (int e = 0; e < 4; ++e) v[e] = pack2<T>(value_of_row(row0 + 2 * e), value_of_row(row0 + 2 * e + 1));
+        *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
+      };
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float E[8], R[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          E[e] = exp_ftz(G[8 * h + e]);
+          R[e] = exp_ftz(-G[8 * h + e]);
+        }
+        const int r0 = 8 * h, col = tid * kLdT + r0;
+        put(ps.qm + col, [&](int i) { return qv[i] * E[i - r0] * e_neg_m; }, r0);
+        put(ps.km + col, [&](int i) { return kv[i] * R[i - r0] * e_pos_m; }, r0);
+        put(ps.kmm + col, [&](int i) { return kv[i] * E[i - r0] * e_neg_m; }, r0);
+        put(ps.ke + col, [&](int i) { return kv[i] * E[i - r0]; }, r0);
+        put(ring_qg + ring_index<typename Cfg::LayoutQgs, T>(r0, tid, s), [&](int i) { return qv[i] * E[i - r0]; }, r0);
         // k e^{G_last - G}: in range, R e^{G_last}; else one exponential (R may overflow)
-        const float kg_factor = Cfg::kBoundedGate ? R * e_last : exp_ftz(Gl - G[i]);
-        ring_kg[ring_index<typename Cfg::LayoutKgs, T>(tid, i, s)] = from_float<T>(kv[i] * kg_factor);
+        put(ring_kg + ring_index<typename Cfg::LayoutKgs, T>(tid, r0, s),
+            [&](int i) { return kv[i] * (Cfg::kBoundedGate ? R[i - r0] * e_last : exp_ftz(Gl - G[i])); }, r0);
       }
       sync_wg();
       KDA_SECTIONS_LAP(clock, 4);
       const bool median_products =
           Cfg::kBoundedGate || (ps.range_ok[0] && ps.range_ok[1] && ps.range_ok[2] && ps.range_ok[3]);
 
-      // -- Aqk = scale qm km^T (i >= j) and L = bkm km^T (i > j): warp w one 16 x 8 tile
+      // -- Aqk = scale qm km^T (i >= j) and L = diag(beta) kmm km^T (i > j): warp w one 16 x 8 tile,
+      // operands from the [k][row] tiles by transposing loads
       if (median_products) {
         const int g4 = lane / 4, t4 = lane % 4;
         const bool is_l = warp >= 2;
         const int nt = warp & 1;  // columns 8 nt .. 8 nt + 7
-        const T* a_tile = is_l ? ps.bkm : ps.qm;
+        const T* a_tile = is_l ? ps.kmm : ps.qm;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int ks = 0; ks < kK / 16; ++ks) {
           uint32_t a[4], bb[2];
-          ldmatrix_x4(a, a_tile + (lane % 16) * kLdOp + 16 * ks + 8 * (lane / 16));
-          ldmatrix_x2(bb, ps.km + (8 * nt + lane % 8) * kLdOp + 16 * ks + 8 * ((lane / 8) % 2));
+          ldmatrix_x4_trans(a, a_tile + (16 * ks + 8 * (lane / 16) + lane % 8) * kLdT + 8 * ((lane / 8) % 2));
+          ldmatrix_x2_trans(bb, ps.km + (16 * ks + 8 * ((lane / 8) % 2) + lane % 8) * kLdT + 8 * nt);
           mma_16x8x16<T>(acc, a, bb[0], bb[1]);
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = g4 + 8 * (e / 2), j = 8 * nt + 2 * t4 + e % 2;
-          if (is_l) ps.lkk[i * Cfg::kLdL + j] = i > j ? acc[e] : 0.f;
+          if (is_l) ps.lkk[i * Cfg::kLdL + j] = i > j ? ps.beta[i] * acc[e] : 0.f;
           else ring_aqk[ring_index<typename Cfg::LayoutAqks, T>(i, j, s)] = from_float<T>(i >= j ? scale * acc[e] : 0.f);
         }
       } else {
@@ -539,13 +584,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
           }
           x[i] = acc0 + acc1;
         }
+        // Akk diag(beta): w = Akk (beta k e^G) and u = Akk (beta v) take k e^G and the raw v rows
+        const float beta_j = ps.beta[j];
 #pragma unroll
-        for (int i = 0; i < kC; ++i) ps.akk[i * Cfg::kLdAkk + j] = from_float<T>(x[i]);
+        for (int i = 0; i < kC; ++i) ps.akk[i * Cfg::kLdAkk + j] = from_float<T>(x[i] * beta_j);
       }
       sync_wg();
 
       KDA_SECTIONS_LAP(clock, 6);
-      // -- w = Akk kb, u = Akk vb: warp w the columns 32 w .. 32 w + 31 (four 16 x 8 tiles each)
+      // -- w = Akk' ke, u = Akk' v with Akk' = Akk diag(beta): warp w the columns 32 w .. 32 w + 31
+      // (four 16 x 8 tiles each); ke from its [k][row] tile, v from the raw [row][k] rows (zero past L)
       {
         const int g4 = lane / 4, t4 = lane % 4;
         uint32_t a[4];
@@ -554,9 +602,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         for (int pair = 0; pair < 2; ++pair) {
           const int n0 = 32 * warp + 16 * pair;
           uint32_t bw[4], bu[4];
-          const int off = (8 * ((lane / 8) % 2) + lane % 8) * kLdOp + n0 + 8 * (lane / 16);
-          ldmatrix_x4_trans(bw, ps.kb + off);
-          ldmatrix_x4_trans(bu, ps.vb + off);
+          ldmatrix_x4(bw, ps.ke + (n0 + 8 * (lane / 16) + lane % 8) * kLdT + 8 * ((lane / 8) % 2));
+          ldmatrix_x4_trans(bu, rv + (8 * ((lane / 8) % 2) + lane % 8) * kK + n0 + 8 * (lane / 16));
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             float cw[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
@@ -599,14 +646,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   const int v0 = consumer * kBV;
   const int bar = 1 + consumer;  // named barrier of this warpgroup's o staging
   typename Cfg::MmaVn mma_vn;
+  typename Cfg::MmaQ mma_q;
   typename Cfg::MmaO mma_o;
   typename Cfg::MmaS mma_s;
   auto thr_vn = mma_vn.get_thread_slice(tid);
+  auto thr_q = mma_q.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
   auto thr_s = mma_s.get_thread_slice(tid);
 
   Tensor tBw = thr_vn.partition_fragment_B(sW);
-  Tensor tBq = thr_vn.partition_fragment_B(sQ);
+  Tensor tBq = thr_q.partition_fragment_B(sQ);
   Tensor tBa = thr_o.partition_fragment_B(sA);
   Tensor tBk = thr_s.partition_fragment_B(sKg);
 
@@ -664,7 +713,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     clear(accO);
     warpgroup_fence_operand(accO);
     warpgroup_arrive();
-    gemm(mma_vn, aS, tBq(_, _, _, s), accO);
+    gemm(mma_q, aS, tBq(_, _, _, s), accO);
     warpgroup_commit_batch();
     warpgroup_wait<1>();
     warpgroup_fence_operand(accV);
