@@ -77,6 +77,21 @@ def fused_forward_gate_variant(*, use_gate_in_kernel: bool, lower_bound) -> str:
     return "bounded" if bounded else "range-checked"
 
 
+def fused_forward_cluster(*, num_seqs: int, HV: int, num_sms: int, gate_variant: str) -> bool:
+    """Whether the fused kernel runs as 2-CTA clusters (mirrors launch_fused_sm90.cu): each
+    (sequence, value head) on two SMs, one value half each, the cluster's four producer
+    warpgroups taking the chunks in turn. auto (the default) takes it for the bounded gate when
+    the clusters fit the GPU at once (2 num_seqs HV <= num_sms); with more (sequence, head)
+    pairs the one-CTA kernel fills every SM already. KDA_EXT_FUSED_CLUSTER: auto, on, off
+    (on and off apply to the bounded variant; the range-checked one always runs one CTA)."""
+    switch = _switch("KDA_EXT_FUSED_CLUSTER")
+    if switch not in ("auto", "on", "off"):
+        raise ValueError(f"kda_ext: KDA_EXT_FUSED_CLUSTER must be auto, on or off, got {switch!r}")
+    if gate_variant != "bounded" or switch == "off":
+        return False
+    return switch == "on" or 2 * num_seqs * HV <= num_sms
+
+
 # Mean tokens per sequence below which the split's fixed costs (the plan, the scan's launches) are
 # not worth it: a 1024-token sequence runs in ~0.06 ms whole.
 _MIN_SPLIT_TOKENS = 4096
@@ -104,15 +119,16 @@ def fused_segment_length(*, num_seqs: int, total_tokens: int, HV: int, num_sms: 
 
 
 def log_forward(q: torch.Tensor, v: torch.Tensor, chunk_size: int, safe_gate: bool,
-                fused_gate_variant: Optional[str] = None) -> None:
+                fused_gate_variant: Optional[str] = None, fused_cluster: bool = False) -> None:
     """The debug log line of one forward call (free when DEBUG is off)."""
     if not logger.isEnabledFor(logging.DEBUG):
         return
     from ._build_info import load_build_config
 
     if fused_gate_variant is not None:
-        logger.debug("chunk_kda forward on %s %s K=%d V=%d: fused_fwd_sm90 (one kernel, chunk 16, %s gate)",
-                     q.device, str(q.dtype).replace("torch.", ""), q.shape[-1], v.shape[-1], fused_gate_variant)
+        logger.debug("chunk_kda forward on %s %s K=%d V=%d: fused_fwd_sm90 (one kernel, chunk 16, %s gate, %s)",
+                     q.device, str(q.dtype).replace("torch.", ""), q.shape[-1], v.shape[-1], fused_gate_variant,
+                     "2-CTA clusters" if fused_cluster else "one CTA per sequence and head")
         return
     config = load_build_config() or {}
     plan = forward_kernels(device_type=q.device.type, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1],

@@ -641,7 +641,10 @@ def chunk_kda(
     if not _is_compiling():
         variant = (_dispatch.fused_forward_gate_variant(use_gate_in_kernel=bool(use_gate_in_kernel),
                                                         lower_bound=lower_bound) if fused else None)
-        _dispatch.log_forward(q, v, int(chunk_size), bool(safe_gate), variant)
+        num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        cluster = fused and _dispatch.fused_forward_cluster(num_seqs=num_seqs, HV=v.shape[2],
+                                                             num_sms=_num_sms(q.device), gate_variant=variant)
+        _dispatch.log_forward(q, v, int(chunk_size), bool(safe_gate), variant, cluster)
     if cp_plan is not None:
         flags = dict(use_qk_l2norm=bool(use_qk_l2norm_in_kernel), use_gate_in_kernel=bool(use_gate_in_kernel),
                      use_beta_sigmoid=bool(use_beta_sigmoid_in_kernel), allow_neg_eigval=bool(allow_neg_eigval),

@@ -183,6 +183,25 @@ def test_fused_forward_switch(monkeypatch):
         _applies()
 
 
+@pytest.mark.parametrize("num_seqs, HV, variant, cluster", [
+    (2, 32, "bounded", True),          # 128 CTAs as clusters on 132 SMs
+    (1, 96, "bounded", False),         # 96 (sequence, head) pairs: one CTA each fills the GPU
+    (1, 16, "bounded", True),
+    (1, 16, "range-checked", False),   # the range-checked variant runs one CTA
+])
+def test_fused_forward_cluster(num_seqs, HV, variant, cluster, monkeypatch):
+    monkeypatch.delenv("KDA_EXT_FUSED_CLUSTER", raising=False)
+    rule = dict(num_seqs=num_seqs, HV=HV, num_sms=132, gate_variant=variant)
+    assert _dispatch.fused_forward_cluster(**rule) is cluster
+    monkeypatch.setenv("KDA_EXT_FUSED_CLUSTER", "off")
+    assert _dispatch.fused_forward_cluster(**rule) is False
+    monkeypatch.setenv("KDA_EXT_FUSED_CLUSTER", "on")
+    assert _dispatch.fused_forward_cluster(**rule) is (variant == "bounded")
+    monkeypatch.setenv("KDA_EXT_FUSED_CLUSTER", "yes")
+    with pytest.raises(ValueError, match="KDA_EXT_FUSED_CLUSTER"):
+        _dispatch.fused_forward_cluster(**rule)
+
+
 @pytest.mark.parametrize("shape, seg_len", [
     (dict(num_seqs=1, total_tokens=32768, HV=16), 4096),    # one long sequence, few heads: 8 segments
     (dict(num_seqs=1, total_tokens=32768, HV=8), 2048),

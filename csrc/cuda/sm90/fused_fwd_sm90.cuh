@@ -52,12 +52,23 @@ namespace sm90 {
 // in [-80, 0] and the median-row products always apply; otherwise (softplus gate, a given g,
 // lower bounds below -5) each chunk checks its gate's range and takes an exact path where the
 // median-row factors could leave fp32/bf16's range (a -1000 gate entry, say).
-template <int kProducers_ = 1, bool kBoundedGate_ = true>
+//
+// kCluster: a 2-CTA cluster per (sequence, value head) instead of one CTA. Each CTA keeps one value
+// half (one consumer warpgroup) and runs two producer warpgroups; the cluster's four producers take
+// the chunks in turn (chunk c from producer c % 4 = 2 rank + j), each writing its ring stage in its
+// own CTA and copying it to the peer's (one DSMEM bulk copy per tile, completing on the peer's full
+// barrier). The producers' work per head spreads over two SMs, and twice the CTAs fill the GPU
+// when sequences x heads are few (64 of 132 SMs at (2, 8192, 32, 128) without it).
+template <int kProducers_ = 1, bool kBoundedGate_ = true, bool kCluster_ = false>
 struct FusedFwdConfig {
   using T = __nv_bfloat16;
   using Elt = cutlass::bfloat16_t;
   static constexpr int kProducers = kProducers_;
   static constexpr bool kBoundedGate = kBoundedGate_;
+  static constexpr bool kCluster = kCluster_;
+  static constexpr int kClusterSize = kCluster ? 2 : 1;
+  static constexpr int kConsumers = kCluster ? 1 : 2;          // value halves a CTA holds
+  static constexpr int kRingProducers = kProducers * kClusterSize;  // producers taking turns
   // A chunk takes the median-row products when its cumulative gate lies within +-kGateSpan in
   // every column: every factor e^{G_i - G_m}, e^{-G_i} is then a normal fp32/bf16 number
   // (e^{-80} = 1.8e-35 > 2^-126) and products of a factor and its inverse stay finite.
@@ -65,12 +76,15 @@ struct FusedFwdConfig {
   // The exact path's pair sums: Aqk's 136 pairs i >= j, then L's 120 pairs i > j.
   static constexpr int kAqkPairs = 16 * 17 / 2, kLPairs = 16 * 15 / 2, kPairs = kAqkPairs + kLPairs;
   static_assert(kProducers == 1 || kProducers == 2, "one or two producer warpgroups");
-  static constexpr int kStagesPer = kProducers == 1 ? 3 : 2;  // ring stages of one producer
-  static constexpr int kStages = kProducers * kStagesPer;     // the whole ring
+  static_assert(!kCluster || kProducers == 2, "the cluster variant runs two producers a CTA");
+  // ring stages of one producer (in the cluster variant each of the four producers has one: its
+  // next chunk's front half, raw rows to l2norm, runs while the consumers finish the stage)
+  static constexpr int kStagesPer = kCluster ? 1 : (kProducers == 1 ? 3 : 2);
+  static constexpr int kStages = kRingProducers * kStagesPer;  // the whole ring
   static constexpr int kC = 16;    // chunk rows
   static constexpr int kK = 128;   // K == V
   static constexpr int kBV = 64;   // value columns per consumer warpgroup
-  static constexpr int kThreads = 128 * (kProducers + 2);
+  static constexpr int kThreads = 128 * (kProducers + kConsumers);
   // The producer's operand tiles are stored transposed, [key column][chunk row]: a thread owns one
   // key column, so its 16 rows are two 16-byte stores (instead of 16 two-byte ones); rows of 48 B
   // keep both the stores and the ldmatrix reads of 8 rows conflict-free.
@@ -137,9 +151,16 @@ struct FusedFwdConfig {
     alignas(128) float decay[kStages][kK];  // e^{G_last} per key column
     ProducerStorage prod[kProducers];
     // consumers: o of one chunk as [row][v], per warpgroup
-    alignas(128) T o_stage[2][kC * kLdO];
+    alignas(128) T o_stage[kConsumers][kC * kLdO];
     typename Pipeline::SharedStorage pipeline[kProducers];  // producer j fills ring stages j * kStagesPer ..
+    // the cluster variant's ring barriers, one pair a stage: full (one arrival: the local producer's,
+    // or the peer producer's with the bytes of its copies) and empty (one arrival from each CTA's
+    // consumer; only the producing CTA's is used)
+    alignas(8) uint64_t cluster_full[kStages];
+    alignas(8) uint64_t cluster_empty[kStages];
   };
+  // The bytes of one ring stage the cluster variant copies to the peer.
+  static constexpr uint32_t kStageBytes = 4 * (kC * kK * 2) + kC * kC * 2 + kK * 4;
 };
 
 // A producer thread's share of the raw-row copies of every chunk: the row, column and source
@@ -194,6 +215,22 @@ __device__ __forceinline__ void issue_raw_chunk(const ChunkKdaFwdParams& p, cons
       cp_async16(ps.raw_g[buf] + r * row_bytes + c.g_byte, g + (ok ? r : 0) * stride_bytes, ok);
     }
   }
+}
+
+// One tile of this CTA's ring stage into the same place of the peer CTA's shared memory (a DSMEM
+// bulk copy through the async proxy), completing its bytes on the peer's full barrier.
+__device__ __forceinline__ void copy_tile_to_peer(const void* tile, uint32_t bytes, const uint64_t* full_barrier,
+                                                  uint32_t peer) {
+  const uint32_t src = cute::cast_smem_ptr_to_uint(tile);
+  const uint32_t bar = cute::cast_smem_ptr_to_uint(full_barrier);
+  asm volatile(
+      "{\n\t.reg .b32 dst, rbar;\n\t"
+      "mapa.shared::cluster.u32 dst, %0, %2;\n\t"
+      "mapa.shared::cluster.u32 rbar, %1, %2;\n\t"
+      "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [dst], [%0], %3, [rbar];\n\t}"
+      :
+      : "r"(src), "r"(bar), "r"(peer), "r"(bytes)
+      : "memory");
 }
 
 // part[i] summed over the warp's lanes for i = lane, left in part[0]: at each step a lane keeps the
@@ -326,14 +363,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   Storage& st = *reinterpret_cast<Storage*>(smem_raw);
   constexpr int kProducers = Cfg::kProducers, kStagesPer = Cfg::kStagesPer;
-  // One producer: no setmaxnreg, 168 registers a thread (the launch bound's share of 64K over 384
-  // threads) is what both roles need. Two: 128 a thread by the launch bound, redistributed as 104
-  // for the producers and 152 for the consumers (ptxas allocates each role within its budget:
-  // without spills there, while 120/136 spilled 56 bytes and 128/128 112).
+  constexpr bool kCluster = Cfg::kCluster;
+  constexpr int kRingProducers = Cfg::kRingProducers, kStages = Cfg::kStages;
+  using ClusterBarrier = cutlass::arch::ClusterBarrier;
+  // One producer, or the cluster variant (two producers, one consumer): no setmaxnreg, 168
+  // registers a thread (the launch bound's share of 64K over 384 threads) is what both roles need.
+  // Two producers and two consumers: 128 a thread by the launch bound, redistributed as 104 for the
+  // producers and 152 for the consumers (ptxas allocates each role within its budget: 20 bytes of
+  // spills there, while 120/136 spilled 56 bytes and 128/128 112).
 
   const int warp_group = threadIdx.x / 128;
   const int64_t HV = p.HV;
-  const int64_t n = blockIdx.x;
+  // the cluster variant: CTAs 2 n and 2 n + 1 are the cluster of sequence n, rank = value half
+  const int rank = kCluster ? static_cast<int>(cute::block_rank_in_cluster()) : 0;
+  const uint32_t peer = static_cast<uint32_t>(rank ^ 1);
+  const int64_t n = kCluster ? blockIdx.x / 2 : blockIdx.x;
   const int hv = blockIdx.y;
   const int hq = static_cast<int>(hv / (HV / p.H));
   const int64_t b = p.varlen ? 0 : n;
@@ -352,11 +396,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   pp.consumer_arv_count = 256;
   // Producer j's pipeline drives ring stages j * kStagesPer .. (j + 1) * kStagesPer - 1.
   auto pipeline_of = [&](int j) { return Pipeline(st.pipeline[j], pp, cute::false_type{}); };
-  if (threadIdx.x < 32) {
+  if constexpr (kCluster) {
+    if (threadIdx.x == 0) {
 #pragma unroll
-    for (int j = 0; j < kProducers; ++j) Pipeline::init_barriers(st.pipeline[j], pp);
+      for (int s = 0; s < kStages; ++s) {
+        ClusterBarrier::init(&st.cluster_full[s], 1);
+        ClusterBarrier::init(&st.cluster_empty[s], 2);
+      }
+      cutlass::arch::fence_barrier_init();
+    }
+    cute::cluster_sync();  // both CTAs' barriers initialised before either arrives on the other's
+  } else {
+    if (threadIdx.x < 32) {
+#pragma unroll
+      for (int j = 0; j < kProducers; ++j) Pipeline::init_barriers(st.pipeline[j], pp);
+    }
+    __syncthreads();  // barriers initialised before any arrive or wait
   }
-  __syncthreads();  // barriers initialised before any arrive or wait
 
   Tensor sW = make_tensor(make_smem_ptr(st.w.data()), typename Cfg::LayoutWs{});
   Tensor sQ = make_tensor(make_smem_ptr(st.qg.data()), typename Cfg::LayoutQgs{});
@@ -364,9 +420,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   Tensor sA = make_tensor(make_smem_ptr(st.aqk.data()), typename Cfg::LayoutAqks{});
 
   if (is_producer) {
-    // ==== producer: the intra-chunk work of chunks pw, pw + kProducers, ... ====================
-    if constexpr (kProducers == 2) cutlass::arch::warpgroup_reg_dealloc<104>();
+    // ==== producer: the intra-chunk work of chunks P, P + kRingProducers, ... ===================
+    if constexpr (kProducers == 2 && !kCluster) cutlass::arch::warpgroup_reg_dealloc<104>();
     const int pw = warp_group;
+    const int P = rank * kProducers + pw;  // this producer's turn among the ring's producers
     typename Cfg::ProducerStorage& ps = st.prod[pw];
     Pipeline pipeline = pipeline_of(pw);
     const int tid = threadIdx.x % 128;  // = key column
@@ -387,24 +444,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     auto state = cutlass::make_producer_start_state<Pipeline>();
     const RawCopyPlan copy_plan = raw_copy_plan(p, tid, kK);
     float beta_raw = 0.f;  // this chunk's raw beta of row tid (tid < 16)
-    if (pw < nchunks) {
-      const int64_t row = seq_row0 + int64_t(pw) * kC;
-      issue_raw_chunk<Cfg>(p, copy_plan, ps, 0, row, rows_in(pw), hq, hv);
+    if (P < nchunks) {
+      const int64_t row = seq_row0 + int64_t(P) * kC;
+      issue_raw_chunk<Cfg>(p, copy_plan, ps, 0, row, rows_in(P), hq, hv);
       cp_async_commit();
-      if (tid < kC && tid < rows_in(pw)) beta_raw = load_any(p.beta, p.beta_dtype, (row + tid) * HV + hv);
+      if (tid < kC && tid < rows_in(P)) beta_raw = load_any(p.beta, p.beta_dtype, (row + tid) * HV + hv);
     }
     // KDA_EXT_PROFILE_SECTIONS builds: thread 0 of producer 0 of CTA (0, 0) times its sections.
     KDA_SECTIONS_DECLARE(clock, 8);
     KDA_SECTIONS_START(clock, blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0);
-    for (int c = pw, it = 0; c < nchunks; c += kProducers, ++it) {
+    for (int c = P, it = 0; c < nchunks; c += kRingProducers, ++it) {
       const int buf = it & 1;
       const int L = rows_in(c);
       const int64_t row0 = seq_row0 + int64_t(c) * kC;
       // this warpgroup's next chunk in flight while this one is worked on
       float beta_next = 0.f;
-      if (c + kProducers < nchunks) {
-        const int Ln = rows_in(c + kProducers);
-        const int64_t next0 = row0 + int64_t(kProducers) * kC;
+      if (c + kRingProducers < nchunks) {
+        const int Ln = rows_in(c + kRingProducers);
+        const int64_t next0 = row0 + int64_t(kRingProducers) * kC;
         issue_raw_chunk<Cfg>(p, copy_plan, ps, buf ^ 1, next0, Ln, hq, hv);
         if (tid < kC && tid < Ln) beta_next = load_any(p.beta, p.beta_dtype, (next0 + tid) * HV + hv);
       }
@@ -459,9 +516,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
 
       KDA_SECTIONS_LAP(clock, 2);
       // The ring stage this chunk's results go to (the consumers released it).
-      pipeline.producer_acquire(state);
+      // (the cluster variant: stage P free in both CTAs; its first use waits for nothing)
+      if constexpr (kCluster) ClusterBarrier::wait(&st.cluster_empty[P], (it & 1) ^ 1);
+      else pipeline.producer_acquire(state);
       KDA_SECTIONS_LAP(clock, 3);
-      const int s = pw * kStagesPer + state.index();  // the ring stage
+      const int s = kCluster ? P : pw * kStagesPer + state.index();  // the ring stage
 
       // -- the decayed operands of column tid. G is relative to the chunk's first row, so
       // e^{G} <= 1; under the bounded gate |G| <= 16 |lower_bound| <= 80 keeps e^{-G} finite and
@@ -624,8 +683,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       // The consumers read the stage with wgmma (the async proxy): make this thread's writes
       // visible to it, then arrive.
       cutlass::arch::fence_view_async_shared();
-      pipeline.producer_commit(state);
-      ++state;
+      if constexpr (kCluster) {
+        // every thread's stage writes fenced for the async proxy, then one thread signals the
+        // local consumer and sends the stage to the peer's
+        sync_wg();
+        if (tid == 0) {
+          ClusterBarrier::arrive(&st.cluster_full[s]);
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&st.cluster_full[s], Cfg::kStageBytes, peer, 1);
+          constexpr uint32_t kTile = kC * kK * 2;
+          copy_tile_to_peer(st.w.data() + s * kC * kK, kTile, &st.cluster_full[s], peer);
+          copy_tile_to_peer(st.qg.data() + s * kC * kK, kTile, &st.cluster_full[s], peer);
+          copy_tile_to_peer(st.kg.data() + s * kC * kK, kTile, &st.cluster_full[s], peer);
+          copy_tile_to_peer(st.u.data() + s * kC * kK, kTile, &st.cluster_full[s], peer);
+          copy_tile_to_peer(st.aqk.data() + s * kC * kC, kC * kC * 2, &st.cluster_full[s], peer);
+          copy_tile_to_peer(st.decay[s], kK * 4, &st.cluster_full[s], peer);
+        }
+      } else {
+        pipeline.producer_commit(state);
+        ++state;
+      }
       beta_raw = beta_next;
       KDA_SECTIONS_LAP(clock, 7);
       // (The next chunk's first barrier also orders this chunk's reads of the raw buffer and of
@@ -634,16 +710,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
 #ifdef KDA_EXT_PROFILE_SECTIONS
     const char* const names[8] = {"raw_wait", "gates_load", "l2norm", "acquire", "operands", "aqk_l", "inverse",
                                   "w_u_commit"};
-    KDA_SECTIONS_REPORT(clock, "producer", names, (nchunks - pw + kProducers - 1) / kProducers);
+    KDA_SECTIONS_REPORT(clock, "producer", names, (nchunks - P + kRingProducers - 1) / kRingProducers);
 #endif
+    // the cluster: no CTA leaves while its peer may still arrive on its barriers or copy into it
+    if constexpr (kCluster) cute::cluster_sync();
     return;
   }
 
   // ==== consumers: the state and the output =====================================================
-  if constexpr (kProducers == 2) cutlass::arch::warpgroup_reg_alloc<152>();
+  if constexpr (kProducers == 2 && !kCluster) cutlass::arch::warpgroup_reg_alloc<152>();
   const int tid = threadIdx.x % 128;
   const int consumer = warp_group - kProducers;
-  const int v0 = consumer * kBV;
+  const int v0 = (kCluster ? rank : consumer) * kBV;
   const int bar = 1 + consumer;  // named barrier of this warpgroup's o staging
   typename Cfg::MmaVn mma_vn;
   typename Cfg::MmaQ mma_q;
@@ -683,27 +761,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   const int64_t vs = HV * kK;  // row stride of o
   T* o_stage = st.o_stage[consumer];
 
-  // Chunk c comes from producer c % kProducers: the loop runs kProducers chunks a step so that
-  // each producer's pipeline and state are compile-time choices.
-  cutlass::PipelineState<kStagesPer> states[kProducers];
   // KDA_EXT_PROFILE_SECTIONS builds: thread 0 of consumer 0 of CTA (0, 0) times its sections.
   KDA_SECTIONS_DECLARE(cclock, 6);
   KDA_SECTIONS_START(cclock, blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == kProducers * 128);
-  for (int c0 = 0; c0 < nchunks; c0 += kProducers) {
-#pragma unroll
-   for (int j = 0; j < kProducers; ++j) {
-    const int c = c0 + j;
-    if (c >= nchunks) break;
-    Pipeline pipeline = pipeline_of(j);
-    auto& state = states[j];
-    const int64_t row0 = seq_row0 + int64_t(c) * kC;
-    const int L = rows_in(c);
-    acc_to_a_operand<Elt>(accS, aS);  // Sh, the state rounded to T
-    KDA_SECTIONS_LAP(cclock, 5);
-    pipeline.consumer_wait(state);
-    KDA_SECTIONS_LAP(cclock, 0);
-    const int s = j * kStagesPer + state.index();  // the ring stage
-
+  // One chunk's products from ring stage s, up to the state update's completion (the stage may be
+  // released after it).
+  auto step = [&](int s, int L) {
     clear(accV);
     warpgroup_fence_operand(aS);
     warpgroup_fence_operand(accV);
@@ -747,11 +810,48 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     warpgroup_fence_operand(aV);
     warpgroup_fence_operand(accO);
     warpgroup_fence_operand(accS);
-    KDA_SECTIONS_LAP(cclock, 4);
-    pipeline.consumer_release(state);
-    ++state;
-    store_o_rows<Cfg>(accO, o_stage, ac, tid, bar, o + row0 * vs + hv * kK + v0, vs, L);
-   }
+  };
+  if constexpr (kCluster) {
+    // chunk c from ring stage c % kStages (producer c % 4 of the cluster)
+    for (int c = 0; c < nchunks; ++c) {
+      const int s = c % kStages;
+      const int64_t row0 = seq_row0 + int64_t(c) * kC;
+      const int L = rows_in(c);
+      acc_to_a_operand<Elt>(accS, aS);  // Sh, the state rounded to T
+      KDA_SECTIONS_LAP(cclock, 5);
+      ClusterBarrier::wait(&st.cluster_full[s], (c / kStages) & 1);
+      KDA_SECTIONS_LAP(cclock, 0);
+      step(s, L);
+      KDA_SECTIONS_LAP(cclock, 4);
+      // the warpgroup is done with the stage: one arrival on the producing CTA's empty barrier
+      cutlass::arch::NamedBarrier::sync(128, bar);
+      if (tid == 0) ClusterBarrier::arrive(&st.cluster_empty[s], static_cast<uint32_t>(s / kProducers), 1u);
+      store_o_rows<Cfg>(accO, o_stage, ac, tid, bar, o + row0 * vs + hv * kK + v0, vs, L);
+    }
+  } else {
+    // Chunk c comes from producer c % kProducers: the loop runs kProducers chunks a step so that
+    // each producer's pipeline and state are compile-time choices.
+    cutlass::PipelineState<kStagesPer> states[kProducers];
+    for (int c0 = 0; c0 < nchunks; c0 += kProducers) {
+#pragma unroll
+      for (int j = 0; j < kProducers; ++j) {
+        const int c = c0 + j;
+        if (c >= nchunks) break;
+        Pipeline pipeline = pipeline_of(j);
+        auto& state = states[j];
+        const int64_t row0 = seq_row0 + int64_t(c) * kC;
+        const int L = rows_in(c);
+        acc_to_a_operand<Elt>(accS, aS);  // Sh, the state rounded to T
+        KDA_SECTIONS_LAP(cclock, 5);
+        pipeline.consumer_wait(state);
+        KDA_SECTIONS_LAP(cclock, 0);
+        step(j * kStagesPer + state.index(), L);
+        KDA_SECTIONS_LAP(cclock, 4);
+        pipeline.consumer_release(state);
+        ++state;
+        store_o_rows<Cfg>(accO, o_stage, ac, tid, bar, o + row0 * vs + hv * kK + v0, vs, L);
+      }
+    }
   }
 #ifdef KDA_EXT_PROFILE_SECTIONS
   {
@@ -764,6 +864,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     float* fs = p.final_state + (n * HV + hv) * KV;
     for_state_elements(ac, v0, vf, [&](int i, int off) { fs[off] = accS(i); });
   }
+  if constexpr (kCluster) cute::cluster_sync();  // (the producers' matching call: their exit)
 }
 
 }  // namespace sm90

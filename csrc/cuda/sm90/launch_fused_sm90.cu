@@ -40,14 +40,44 @@ int fused_producers() {
   return 2;
 }
 
-template <int kProducers, bool kBoundedGate>
+// KDA_EXT_FUSED_CLUSTER: auto (default), on or off. auto takes the 2-CTA cluster variant when
+// sequences x heads clusters fit the GPU at once (2 N HV <= SMs): there it puts the producers of a
+// head on two SMs and fills the idle half of the GPU; with more (sequence, head) pairs the
+// one-CTA kernel already fills every SM and the cluster would only add waves.
+bool fused_cluster(const ChunkKdaFwdParams& p) {
+  const char* v = std::getenv("KDA_EXT_FUSED_CLUSTER");
+  if (v != nullptr && std::strcmp(v, "on") == 0) return true;
+  if (v != nullptr && std::strcmp(v, "off") == 0) return false;
+  TORCH_CHECK(v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0,
+              "kda_ext: KDA_EXT_FUSED_CLUSTER must be auto, on or off, got '", v, "'");
+  return 2 * p.N * p.HV <= sm_count();
+}
+
+template <int kProducers, bool kBoundedGate, bool kCluster = false>
 void launch_with(const ChunkKdaFwdParams& p, cudaStream_t stream) {
-  using Cfg = sm90::FusedFwdConfig<kProducers, kBoundedGate>;
+  using Cfg = sm90::FusedFwdConfig<kProducers, kBoundedGate, kCluster>;
   auto kernel = sm90::fused_fwd_sm90_kernel<Cfg>;
   const int64_t smem = sizeof(typename Cfg::SharedStorage);
   set_dynamic_smem(kernel, smem, max_optin_smem(), "fused_fwd_sm90");
-  const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>(p.HV));
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
+  if constexpr (kCluster) {
+    TORCH_CHECK(p.N <= 0x3fffffffLL, "kda_ext: fused_fwd_sm90 cluster launch: too many sequences (", p.N, ")");
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(2 * p.N), static_cast<unsigned>(p.HV));
+    config.blockDim = dim3(Cfg::kThreads);
+    config.dynamicSmemBytes = static_cast<size_t>(smem);
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = 2;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  } else {
+    const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>(p.HV));
+    kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -57,7 +87,9 @@ void launch_fused_fwd_sm90(const ChunkKdaFwdParams& p, cudaStream_t stream) {
   TORCH_CHECK(fused_fwd_sm90_applies(p), "kda_ext: fused_fwd_sm90 called for a configuration it does not serve");
   // The exact path's registers do not fit two producers' budget (104 a thread: 1.6 KB of
   // spills): the unbounded gate runs one producer warpgroup.
+  // (The range-checked variant as a cluster spills 124 bytes at 168 registers: not built.)
   if (!fused_fwd_gate_is_bounded(p)) launch_with<1, false>(p, stream);
+  else if (fused_cluster(p)) launch_with<2, true, true>(p, stream);
   else if (fused_producers() == 2) launch_with<2, true>(p, stream);
   else launch_with<1, true>(p, stream);
 }
