@@ -44,22 +44,31 @@ def forward_kernels(*, device_type: str, dtype: torch.dtype, K: int, V: int, chu
             "state_output": state_kernel}
 
 
-# KDA_EXT_FUSED_FWD=auto follows this until the fused forward has been measured against the
-# two-kernel path on an H100 (docs/perf-notes.md, "Fused forward, chunk 16"); on / off force it.
-_FUSED_FWD_BY_DEFAULT = False
+# KDA_EXT_FUSED_FWD=auto takes the fused forward where it was measured faster than the two-kernel
+# forward (H100, session 16, docs/perf-notes.md): the bounded gate (the Kimi setting), sequences
+# x heads at least a quarter of the SMs and sequences of _FUSED_MIN_TOKENS tokens on average. It
+# was slower with 16 (sequence, head) pairs (1 x 32768 and 1 x 1024 tokens, 16 heads: the
+# two-kernel path spreads the chunks of few heads over the GPU) and for the range-checked variant
+# (the exact path of out-of-range chunks).
+_FUSED_MIN_TOKENS = 2048
 
 
 def fused_forward_applies(*, device: torch.device, dtype: torch.dtype, K: int, V: int,
-                          needs_grad: bool, with_sm90: bool) -> bool:
+                          needs_grad: bool, with_sm90: bool, gate_variant: str = "range-checked",
+                          num_seqs: int = 1, HV: int = 1, total_tokens: int = 0, num_sms: int = 132) -> bool:
     """Whether a chunk_kda forward runs the fused Hopper kernel (kda_ext::chunk_kda_fwd_fused):
     an sm_90 GPU with the sm_90a build, bf16, K = V = 128, and no gradient wanted (it saves
-    nothing for a backward). Every gate mode: the kernel checks each 16-row chunk's gate range
-    and computes the chunks it cannot take on its fast path exactly (fused_forward_gate_variant
-    says which variant runs). KDA_EXT_FUSED_FWD: auto (default), on, off."""
+    nothing for a backward). It serves every gate mode (the kernel checks each 16-row chunk's gate
+    range and computes the chunks it cannot take on its fast path exactly; fused_forward_gate_variant
+    says which variant runs). KDA_EXT_FUSED_FWD: auto (default: where it is the faster forward, see
+    above), on, off."""
     switch = _switch("KDA_EXT_FUSED_FWD")
     if switch not in ("auto", "on", "off"):
         raise ValueError(f"kda_ext: KDA_EXT_FUSED_FWD must be auto, on or off, got {switch!r}")
-    if switch == "off" or (switch == "auto" and not _FUSED_FWD_BY_DEFAULT):
+    if switch == "off":
+        return False
+    if switch == "auto" and not (gate_variant == "bounded" and 4 * num_seqs * HV >= num_sms
+                                 and total_tokens >= _FUSED_MIN_TOKENS * num_seqs):
         return False
     if needs_grad or not with_sm90 or device.type != "cuda" or dtype != torch.bfloat16:
         return False

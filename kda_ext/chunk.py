@@ -52,14 +52,16 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
-def _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias) -> bool:
+def _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, gate_variant) -> bool:
     """Whether this call runs the fused Hopper forward (_dispatch.fused_forward_applies): only
     when no gradient is wanted, since it saves nothing for a backward."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, A_log, dt_bias))
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return _dispatch.fused_forward_applies(
         device=q.device, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1], needs_grad=needs_grad,
-        with_sm90=_with_sm90())
+        with_sm90=_with_sm90(), gate_variant=gate_variant, num_seqs=num_seqs, HV=v.shape[2],
+        total_tokens=q.shape[0] * q.shape[1], num_sms=_num_sms(q.device) if q.device.type == "cuda" else 132)
 
 
 def _require_tensor(x: Any, name: str, fn: str = "chunk_kda") -> None:
@@ -636,11 +638,12 @@ def chunk_kda(
              ("A_log", A_log, ("index",)), ("dt_bias", dt_bias, ("index",))],
             g, bool(use_gate_in_kernel), bounds)
 
+    gate_variant = _dispatch.fused_forward_gate_variant(use_gate_in_kernel=bool(use_gate_in_kernel),
+                                                        lower_bound=lower_bound)
     fused = (cp_plan is None and not return_intermediate_states
-             and _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias))
+             and _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, gate_variant))
     if not _is_compiling():
-        variant = (_dispatch.fused_forward_gate_variant(use_gate_in_kernel=bool(use_gate_in_kernel),
-                                                        lower_bound=lower_bound) if fused else None)
+        variant = gate_variant if fused else None
         num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         cluster = fused and _dispatch.fused_forward_cluster(num_seqs=num_seqs, HV=v.shape[2],
                                                              num_sms=_num_sms(q.device), gate_variant=variant)

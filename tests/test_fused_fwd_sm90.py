@@ -59,23 +59,35 @@ RANGE_CHECKED_CASES = [
 ]
 
 
-def _fused_outputs(case, x, monkeypatch, switch="on", producers=1):
+def _fused_outputs(case, x, monkeypatch, switch="on", producers=1, cluster="off"):
     monkeypatch.setenv("KDA_EXT_FUSED_FWD", switch)
     monkeypatch.setenv("KDA_EXT_FUSED_PRODUCERS", str(producers))
+    monkeypatch.setenv("KDA_EXT_FUSED_CLUSTER", cluster)
     with torch.no_grad():
         return run_kernel(case, x, grads=False)
 
 
+# The bounded variant's three layouts: (KDA_EXT_FUSED_PRODUCERS, KDA_EXT_FUSED_CLUSTER) and the
+# kernel instance the profiler must see.
+LAYOUTS = {
+    "1producer": (1, "off", "FusedFwdConfig<1, true, false>"),
+    "2producers": (2, "off", "FusedFwdConfig<2, true, false>"),
+    "cluster": (2, "on", "FusedFwdConfig<2, true, true>"),
+}
+
+
 @requires_sm90
-@pytest.mark.parametrize("producers", [1, 2], ids=["1producer", "2producers"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
-def test_cuda_fused_fwd_against_reference_and_two_kernel_path(case, producers, monkeypatch):
+def test_cuda_fused_fwd_against_reference_and_two_kernel_path(case, layout, monkeypatch):
+    producers, cluster, kernel = LAYOUTS[layout]
     x = make_inputs(case, "cuda")
     ref = run_reference(case, x, grads=False)
-    names = kernels_launched(lambda: _fused_outputs(case, x, monkeypatch, producers=producers))
-    assert any(f"FusedFwdConfig<{producers}, true>" in n for n in names), f"the fused kernel did not run: {names}"
-    fused = _fused_outputs(case, x, monkeypatch, producers=producers)
-    again = _fused_outputs(case, x, monkeypatch, producers=producers)
+    run = dict(producers=producers, cluster=cluster)
+    names = kernels_launched(lambda: _fused_outputs(case, x, monkeypatch, **run))
+    assert any(kernel in n for n in names), f"the fused kernel did not run: {names}"
+    fused = _fused_outputs(case, x, monkeypatch, **run)
+    again = _fused_outputs(case, x, monkeypatch, **run)
     two_kernel = _fused_outputs(case, x, monkeypatch, switch="off")
     compare(ref, fused, FLA_TOL, ["o", "ht"])
     compare(ref, two_kernel, FLA_TOL, ["o", "ht"])
@@ -90,8 +102,8 @@ def test_cuda_fused_fwd_against_reference_and_two_kernel_path(case, producers, m
 def test_cuda_fused_fwd_range_checked_gate(case, monkeypatch):
     x = make_inputs(case, "cuda")
     ref = run_reference(case, x, grads=False)
-    names = kernels_launched(lambda: _fused_outputs(case, x, monkeypatch, producers=2))
-    assert any("FusedFwdConfig<1, false>" in n for n in names), f"the range-checked kernel did not run: {names}"
+    names = kernels_launched(lambda: _fused_outputs(case, x, monkeypatch, producers=2, cluster="on"))
+    assert any("FusedFwdConfig<1, false, false>" in n for n in names), f"the range-checked kernel did not run: {names}"
     fused = _fused_outputs(case, x, monkeypatch)
     again = _fused_outputs(case, x, monkeypatch)
     two_kernel = _fused_outputs(case, x, monkeypatch, switch="off")
@@ -173,6 +185,23 @@ def test_fused_forward_rule_declines(overrides, monkeypatch):
 ])
 def test_fused_forward_gate_variant(gate, variant):
     assert _dispatch.fused_forward_gate_variant(**gate) == variant
+
+
+@pytest.mark.parametrize("shape, variant, taken", [
+    (dict(num_seqs=2, HV=32, total_tokens=16384), "bounded", True),     # measured 2.0x the two-kernel path
+    (dict(num_seqs=1, HV=96, total_tokens=8192), "bounded", True),      # 1.7x
+    (dict(num_seqs=16, HV=16, total_tokens=32768), "bounded", True),    # varlen batch: 1.23x
+    (dict(num_seqs=1, HV=16, total_tokens=32768), "bounded", False),    # few (sequence, head) pairs: slower
+    (dict(num_seqs=1, HV=16, total_tokens=1024), "bounded", False),
+    (dict(num_seqs=8, HV=32, total_tokens=8192), "bounded", False),     # 1024-token sequences
+    (dict(num_seqs=2, HV=32, total_tokens=16384), "range-checked", False),  # the exact path: slower
+], ids=["2x8192x32", "1x8192x96", "varlen16x16", "1x32768x16", "1x1024x16", "8x1024x32", "softplus"])
+def test_fused_forward_auto_rule(shape, variant, taken, monkeypatch):
+    monkeypatch.delenv("KDA_EXT_FUSED_FWD", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _applies(gate_variant=variant, num_sms=132, **shape) is taken
+    monkeypatch.setenv("KDA_EXT_FUSED_FWD", "on")
+    assert _applies(gate_variant=variant, num_sms=132, **shape)
 
 
 def test_fused_forward_switch(monkeypatch):

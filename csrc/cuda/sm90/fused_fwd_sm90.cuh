@@ -91,7 +91,7 @@ struct FusedFwdConfig {
   static constexpr int kLdT = kC + 8;
   static constexpr int kLdAkk = kC + 8;  // [16][16] Akk tile: 48 B rows (16-byte aligned, conflict-free)
   static constexpr int kLdL = kC + 4;    // fp32 [16][16] L tile: rows of 4 float4
-  static constexpr int kLdO = kBV + 8;   // o staging [16 rows][64 v]
+  static constexpr int kLdO = 16 + 8;    // o staging of one consumer warp: [16 rows][16 v], 48 B rows
   static constexpr int kGBytes = 4;      // raw g is staged at up to 4 bytes an element
 
   // v_new^T = Sh^T w^T: M = v (64), N = chunk rows (16), K = k (128); w is [row][k] (K-major B, as
@@ -133,7 +133,6 @@ struct FusedFwdConfig {
     alignas(128) T ke[kK * kLdT];   // k-hat e^{G}        (w's B operand; w = Akk diag(beta) ke)
     alignas(128) T akk[kC * kLdAkk];
     alignas(16) float lkk[kC * kLdL];
-    float red[4][32];     // l2norm partial sums, per warp
     int range_ok[4];      // per warp: the chunk's gate within kGateSpan in all its columns
     float rstd[2 * kC];   // q rows, then k rows
     float beta[kC];
@@ -151,7 +150,7 @@ struct FusedFwdConfig {
     alignas(128) float decay[kStages][kK];  // e^{G_last} per key column
     ProducerStorage prod[kProducers];
     // consumers: o of one chunk as [row][v], per warpgroup
-    alignas(128) T o_stage[kConsumers][kC * kLdO];
+    alignas(128) T o_stage[kConsumers][4][kC * kLdO];
     typename Pipeline::SharedStorage pipeline[kProducers];  // producer j fills ring stages j * kStagesPer ..
     // the cluster variant's ring barriers, one pair a stage: full (one arrival: the local producer's,
     // or the peer producer's with the bytes of its copies) and empty (one arrival from each CTA's
@@ -334,23 +333,24 @@ __device__ __forceinline__ void column_gates(const unsigned char* raw, DType g_d
   }
 }
 
-// o^T [64 v][16 rows] (8 values a thread) as [row][v] in shared memory, then rows < L to global as
-// 16-byte vectors (16 rows x 8 vectors: one a thread).
+// o^T [64 v][16 rows] to global, each warp its own 16 value columns: its 8 values a thread as
+// [row][v] in the warp's staging tile, then rows < L as 16-byte vectors (16 rows x 2: one a lane).
+// Warp-local, so no warpgroup barrier (two of them a chunk cost ~600 cycles of the consumer's
+// ~2,550 in session 16's section profile).
 template <class Cfg, class Acc>
-__device__ __forceinline__ void store_o_rows(const Acc& acc, typename Cfg::T* stage, const AccCoord& ac,
-                                             int tid, int bar, typename Cfg::T* dst, int64_t row_stride, int L) {
+__device__ __forceinline__ void store_o_rows(const Acc& acc, typename Cfg::T* warp_stage, const AccCoord& ac,
+                                             int lane, typename Cfg::T* dst, int64_t row_stride, int L) {
   using T = typename Cfg::T;
   constexpr int kLd = Cfg::kLdO;
-  cutlass::arch::NamedBarrier::sync(128, bar);
+  __syncwarp();  // the previous chunk's reads of the tile are done
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int m = ac.m0 + 8 * ((i / 2) % 2), j = ac.n0 + 8 * (i / 4) + i % 2;
-    stage[j * kLd + m] = from_float<T>(acc(i));
+    const int m = lane / 4 + 8 * ((i / 2) % 2), j = ac.n0 + 8 * (i / 4) + i % 2;
+    warp_stage[j * kLd + m] = from_float<T>(acc(i));
   }
-  cutlass::arch::NamedBarrier::sync(128, bar);
-  const int j = tid / 8, c = (tid % 8) * 8;
-  if (j < L)
-    *reinterpret_cast<uint4*>(dst + j * row_stride + c) = *reinterpret_cast<const uint4*>(stage + j * kLd + c);
+  __syncwarp();
+  const int j = lane / 2, c = (lane % 2) * 8;
+  if (j < L) *reinterpret_cast<uint4*>(dst + j * row_stride + c) = *reinterpret_cast<const uint4*>(warp_stage + j * kLd + c);
 }
 
 template <class Cfg>
@@ -368,9 +368,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   using ClusterBarrier = cutlass::arch::ClusterBarrier;
   // One producer, or the cluster variant (two producers, one consumer): no setmaxnreg, 168
   // registers a thread (the launch bound's share of 64K over 384 threads) is what both roles need.
-  // Two producers and two consumers: 128 a thread by the launch bound, redistributed as 104 for the
-  // producers and 152 for the consumers (ptxas allocates each role within its budget: 20 bytes of
-  // spills there, while 120/136 spilled 56 bytes and 128/128 112).
+  // Two producers and two consumers: 128 a thread by the launch bound, redistributed as 112 for the
+  // producers and 144 for the consumers (ptxas allocates each role within its budget; 104/152
+  // spilled 52 bytes in the producer loop, 112/144 spills 20 bytes, stored once before the loop).
 
   const int warp_group = threadIdx.x / 128;
   const int64_t HV = p.HV;
@@ -421,7 +421,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
 
   if (is_producer) {
     // ==== producer: the intra-chunk work of chunks P, P + kRingProducers, ... ===================
-    if constexpr (kProducers == 2 && !kCluster) cutlass::arch::warpgroup_reg_dealloc<104>();
+    if constexpr (kProducers == 2 && !kCluster) cutlass::arch::warpgroup_reg_dealloc<112>();
     const int pw = warp_group;
     const int P = rank * kProducers + pw;  // this producer's turn among the ring's producers
     typename Cfg::ProducerStorage& ps = st.prod[pw];
@@ -457,18 +457,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       const int buf = it & 1;
       const int L = rows_in(c);
       const int64_t row0 = seq_row0 + int64_t(c) * kC;
-      // this warpgroup's next chunk in flight while this one is worked on
+      cp_async_wait<0>();  // this chunk's raw rows (the one group in flight)
+      if (tid < kC) ps.beta[tid] = tid < L ? beta_of(p, beta_raw) : 0.f;
+      // This chunk's raw rows and betas visible to the warpgroup; and every warp is past the
+      // previous chunk's reads of the other raw buffer (the w/u products read its v rows), so the
+      // next chunk's copies may overwrite it.
+      sync_wg();
       float beta_next = 0.f;
-      if (c + kRingProducers < nchunks) {
+      if (c + kRingProducers < nchunks) {  // this warpgroup's next chunk in flight meanwhile
         const int Ln = rows_in(c + kRingProducers);
         const int64_t next0 = row0 + int64_t(kRingProducers) * kC;
         issue_raw_chunk<Cfg>(p, copy_plan, ps, buf ^ 1, next0, Ln, hq, hv);
         if (tid < kC && tid < Ln) beta_next = load_any(p.beta, p.beta_dtype, (next0 + tid) * HV + hv);
       }
       cp_async_commit();
-      cp_async_wait<1>();
-      if (tid < kC) ps.beta[tid] = tid < L ? beta_of(p, beta_raw) : 0.f;
-      sync_wg();  // this chunk's raw rows and betas visible to the warpgroup
       KDA_SECTIONS_LAP(clock, 0);
 
       // -- column tid: gate and cumsum, q, k, v of every row
@@ -491,26 +493,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
           kv[i] = round_to<T>(kv[i] * ps.rstd[kC + i]);
         }
       };
+      if (p.use_qk_l2norm) {
+        // The 32 row norms (q rows 0..15, then k rows) from the raw rows, four threads a row and
+        // 32 elements each (16-byte loads, their order rotated so that the eight threads of a
+        // load phase hit distinct banks); issued before the column loads, which hide its latency.
+        const int norm = tid / 4, quarter = tid % 4;
+        const T* row = (norm < kC ? rq + norm * kK : rk + (norm - kC) * kK) + 32 * quarter;
+        float ss = 0.f;
+#pragma unroll
+        for (int v4 = 0; v4 < 4; ++v4) {
+          const int vv = (v4 + quarter / 2 + 2 * (norm & 1)) & 3;
+          const uint4 x = *reinterpret_cast<const uint4*>(row + 8 * vv);
+          const uint32_t words[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 f = unpack2<T>(words[e]);
+            ss = fmaf(f.x, f.x, ss);
+            ss = fmaf(f.y, f.y, ss);
+          }
+        }
+        ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+        ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+        if (quarter == 0) ps.rstd[norm] = 1.f / sqrtf(ss + 1e-6f);
+      }
       float G[kC], qv[kC], kv[kC];
       load_column(G, qv, kv);
       KDA_SECTIONS_LAP(clock, 1);
       if (p.use_qk_l2norm) {
-        // Row sums of q^2 (values 0..15) and k^2 (16..31) over the warp's 32 columns by a
-        // reduce-scatter: lane l ends with value l's sum; then over the four warps.
-        float part[32];
-#pragma unroll
-        for (int i = 0; i < kC; ++i) {
-          part[i] = qv[i] * qv[i];
-          part[kC + i] = kv[i] * kv[i];
-        }
-        warp_reduce_scatter<16>(part, lane);
-        ps.red[warp][lane] = part[0];
-        sync_wg();
-        if (warp == 0) {
-          const float s = ps.red[0][lane] + ps.red[1][lane] + ps.red[2][lane] + ps.red[3][lane];
-          ps.rstd[lane] = 1.f / sqrtf(s + 1e-6f);
-        }
-        sync_wg();
+        sync_wg();  // the row norms
         normalize_column(qv, kv);
       }
 
@@ -549,7 +559,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       }
       // Two halves of 8 rows: each version of the column's 8 values packed in pairs and stored as
       // one 16-byte vector (the private tiles and both ring tiles are [k][row]), one version at a
-      // time (few registers live: the two-producer build has 104 a thread).
+      // time (few registers live: the two-producer build has 112 a thread).
       auto put = [](T* dst, auto value_of_row, int row0) {
         uint32_t v[4];
 #pragma unroll
@@ -569,7 +579,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         put(ps.km + col, [&](int i) { return kv[i] * R[i - r0] * e_pos_m; }, r0);
         put(ps.kmm + col, [&](int i) { return kv[i] * E[i - r0] * e_neg_m; }, r0);
         put(ps.ke + col, [&](int i) { return kv[i] * E[i - r0]; }, r0);
-        put(ring_qg + ring_index<typename Cfg::LayoutQgs, T>(r0, tid, s), [&](int i) { return qv[i] * E[i - r0]; }, r0);
+        put(ring_qg + ring_index<typename Cfg::LayoutQgs, T>(r0, tid, s),
+            [&](int i) { return scale * qv[i] * E[i - r0]; }, r0);  // o = Sh (scale qg) + v_new Aqk
         // k e^{G_last - G}: in range, R e^{G_last}; else one exponential (R may overflow)
         put(ring_kg + ring_index<typename Cfg::LayoutKgs, T>(tid, r0, s),
             [&](int i) { return kv[i] * (Cfg::kBoundedGate ? R[i - r0] * e_last : exp_ftz(Gl - G[i])); }, r0);
@@ -704,8 +715,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       }
       beta_raw = beta_next;
       KDA_SECTIONS_LAP(clock, 7);
-      // (The next chunk's first barrier also orders this chunk's reads of the raw buffer and of
-      // the operand tiles before their next writes.)
+      // (The next chunk's first barrier also orders this chunk's reads of the raw buffers and of
+      // the operand tiles before their next writes: the copies into a raw buffer are issued after it.)
     }
 #ifdef KDA_EXT_PROFILE_SECTIONS
     const char* const names[8] = {"raw_wait", "gates_load", "l2norm", "acquire", "operands", "aqk_l", "inverse",
@@ -718,11 +729,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   }
 
   // ==== consumers: the state and the output =====================================================
-  if constexpr (kProducers == 2 && !kCluster) cutlass::arch::warpgroup_reg_alloc<152>();
+  if constexpr (kProducers == 2 && !kCluster) cutlass::arch::warpgroup_reg_alloc<144>();
   const int tid = threadIdx.x % 128;
   const int consumer = warp_group - kProducers;
   const int v0 = (kCluster ? rank : consumer) * kBV;
-  const int bar = 1 + consumer;  // named barrier of this warpgroup's o staging
+  const int bar = 1 + consumer;  // this warpgroup's named barrier (the cluster variant's stage release)
   typename Cfg::MmaVn mma_vn;
   typename Cfg::MmaQ mma_q;
   typename Cfg::MmaO mma_o;
@@ -757,9 +768,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   }
   T* o = static_cast<T*>(p.o);
   const T* const ring_u = reinterpret_cast<const T*>(st.u.data());
-  const float scale = p.scale;
   const int64_t vs = HV * kK;  // row stride of o
-  T* o_stage = st.o_stage[consumer];
+  T* o_stage = st.o_stage[consumer][tid / 32];  // this warp's tile
+  const int lane = tid % 32;
+  T* const o_dst0 = o + hv * kK + v0 + 16 * (tid / 32);  // the warp's 16 value columns of row 0
 
   // KDA_EXT_PROFILE_SECTIONS builds: thread 0 of consumer 0 of CTA (0, 0) times its sections.
   KDA_SECTIONS_DECLARE(cclock, 6);
@@ -767,13 +779,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
   // One chunk's products from ring stage s, up to the state update's completion (the stage may be
   // released after it).
   auto step = [&](int s, int L) {
+    // the chunk's decay of this thread's 32 key columns, loaded while the products run
+    float2 decay[16];
+#pragma unroll
+    for (int q = 0; q < 16; ++q) decay[q] = *reinterpret_cast<const float2*>(&st.decay[s][ac.n0 + 8 * q]);
     clear(accV);
     warpgroup_fence_operand(aS);
     warpgroup_fence_operand(accV);
     warpgroup_arrive();
     gemm(mma_vn, aS, tBw(_, _, _, s), accV);
     warpgroup_commit_batch();
-    clear(accO);
+    clear(accO);  // (qg carries the scale: the producer wrote scale q e^G)
     warpgroup_fence_operand(accO);
     warpgroup_arrive();
     gemm(mma_q, aS, tBq(_, _, _, s), accO);
@@ -790,23 +806,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
     acc_to_a_operand<Elt>(accV, aV);
     warpgroup_fence_operand(aV);
     KDA_SECTIONS_LAP(cclock, 2);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(aS);
-    warpgroup_fence_operand(accO);
+    // the state update first (the next chunk waits for it), then o += v_new Aqk^T behind the
+    // in-flight o product (wgmma groups of a warpgroup run in order)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) accO(i) *= scale;
-    warpgroup_fence_operand(accO);
-    warpgroup_arrive();
-    gemm(mma_o, aV, tBa(_, _, _, s), accO);
-    warpgroup_commit_batch();
-    KDA_SECTIONS_LAP(cclock, 3);
-#pragma unroll
-    for (int i = 0; i < 64; ++i) accS(i) *= st.decay[s][ac.n0 + 8 * (i / 4) + i % 2];
+    for (int i = 0; i < 64; ++i) accS(i) *= (i % 2 == 0) ? decay[i / 4].x : decay[i / 4].y;
     warpgroup_fence_operand(accS);
     warpgroup_arrive();
     gemm(mma_s, aV, tBk(_, _, _, s), accS);
     warpgroup_commit_batch();
+    KDA_SECTIONS_LAP(cclock, 3);
+    warpgroup_arrive();
+    gemm(mma_o, aV, tBa(_, _, _, s), accO);
+    warpgroup_commit_batch();
     warpgroup_wait<0>();
+    warpgroup_fence_operand(aS);
     warpgroup_fence_operand(aV);
     warpgroup_fence_operand(accO);
     warpgroup_fence_operand(accS);
@@ -826,7 +839,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       // the warpgroup is done with the stage: one arrival on the producing CTA's empty barrier
       cutlass::arch::NamedBarrier::sync(128, bar);
       if (tid == 0) ClusterBarrier::arrive(&st.cluster_empty[s], static_cast<uint32_t>(s / kProducers), 1u);
-      store_o_rows<Cfg>(accO, o_stage, ac, tid, bar, o + row0 * vs + hv * kK + v0, vs, L);
+      store_o_rows<Cfg>(accO, o_stage, ac, lane, o_dst0 + row0 * vs, vs, L);
     }
   } else {
     // Chunk c comes from producer c % kProducers: the loop runs kProducers chunks a step so that
@@ -849,13 +862,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         KDA_SECTIONS_LAP(cclock, 4);
         pipeline.consumer_release(state);
         ++state;
-        store_o_rows<Cfg>(accO, o_stage, ac, tid, bar, o + row0 * vs + hv * kK + v0, vs, L);
+        store_o_rows<Cfg>(accO, o_stage, ac, lane, o_dst0 + row0 * vs, vs, L);
       }
     }
   }
 #ifdef KDA_EXT_PROFILE_SECTIONS
   {
-    const char* const names[6] = {"full_wait", "vnew_o_issue_wait1", "u_sub", "wait0_o_issue", "decay_state_wait0",
+    const char* const names[6] = {"full_wait", "vnew_o_issue_wait1", "u_sub", "decay_state_issue", "o_issue_wait0",
                                   "release_store_o"};
     KDA_SECTIONS_REPORT(cclock, "consumer", names, nchunks);
   }

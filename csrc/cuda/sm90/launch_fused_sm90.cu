@@ -31,13 +31,13 @@ bool fused_fwd_gate_is_bounded(const ChunkKdaFwdParams& p) {
 
 namespace {
 
-// KDA_EXT_FUSED_PRODUCERS: 1 (default) or 2 intra-chunk warpgroups per CTA (read per call: a
-// development switch for timing the two against each other).
+// KDA_EXT_FUSED_PRODUCERS: 2 (default) or 1 intra-chunk warpgroups per CTA of the one-CTA layout
+// (read per call: a development switch; two were faster at every measured shape, session 16).
 int fused_producers() {
   const char* v = std::getenv("KDA_EXT_FUSED_PRODUCERS");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return 1;
-  TORCH_CHECK(std::strcmp(v, "2") == 0, "kda_ext: KDA_EXT_FUSED_PRODUCERS must be 1 or 2, got '", v, "'");
-  return 2;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "2") == 0) return 2;
+  TORCH_CHECK(std::strcmp(v, "1") == 0, "kda_ext: KDA_EXT_FUSED_PRODUCERS must be 1 or 2, got '", v, "'");
+  return 1;
 }
 
 // KDA_EXT_FUSED_CLUSTER: auto (default), on or off. auto takes the 2-CTA cluster variant when
