@@ -833,6 +833,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
       acc_to_a_operand<Elt>(accS, aS);  // Sh, the state rounded to T
       KDA_SECTIONS_LAP(cclock, 5);
       ClusterBarrier::wait(&st.cluster_full[s], (c / kStages) & 1);
+      // CUTLASS's wait has no memory clobber: keep the stage's plain shared loads (u, decay) below it
+      asm volatile("" ::: "memory");
       KDA_SECTIONS_LAP(cclock, 0);
       step(s, L);
       KDA_SECTIONS_LAP(cclock, 4);
@@ -857,6 +859,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_fwd_sm90_kernel(const 
         acc_to_a_operand<Elt>(accS, aS);  // Sh, the state rounded to T
         KDA_SECTIONS_LAP(cclock, 5);
         pipeline.consumer_wait(state);
+        asm volatile("" ::: "memory");  // (as above)
         KDA_SECTIONS_LAP(cclock, 0);
         step(j * kStagesPer + state.index(), L);
         KDA_SECTIONS_LAP(cclock, 4);
