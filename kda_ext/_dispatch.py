@@ -128,13 +128,16 @@ def fused_segment_length(*, num_seqs: int, total_tokens: int, HV: int, num_sms: 
 
 
 def log_forward(q: torch.Tensor, v: torch.Tensor, chunk_size: int, safe_gate: bool,
-                fused_gate_variant: Optional[str] = None, fused_cluster: bool = False) -> None:
+                fused_gate_variant: Optional[str] = None, num_seqs: int = 1) -> None:
     """The debug log line of one forward call (free when DEBUG is off)."""
     if not logger.isEnabledFor(logging.DEBUG):
         return
     from ._build_info import load_build_config
 
     if fused_gate_variant is not None:
+        fused_cluster = fused_forward_cluster(
+            num_seqs=num_seqs, HV=v.shape[2], gate_variant=fused_gate_variant,
+            num_sms=torch.cuda.get_device_properties(q.device).multi_processor_count)
         logger.debug("chunk_kda forward on %s %s K=%d V=%d: fused_fwd_sm90 (one kernel, chunk 16, %s gate, %s)",
                      q.device, str(q.dtype).replace("torch.", ""), q.shape[-1], v.shape[-1], fused_gate_variant,
                      "2-CTA clusters" if fused_cluster else "one CTA per sequence and head")

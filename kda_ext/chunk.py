@@ -52,12 +52,11 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
-def _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, gate_variant) -> bool:
+def _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, num_seqs, gate_variant) -> bool:
     """Whether this call runs the fused Hopper forward (_dispatch.fused_forward_applies): only
     when no gradient is wanted, since it saves nothing for a backward."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, A_log, dt_bias))
-    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return _dispatch.fused_forward_applies(
         device=q.device, dtype=q.dtype, K=q.shape[-1], V=v.shape[-1], needs_grad=needs_grad,
         with_sm90=_with_sm90(), gate_variant=gate_variant, num_seqs=num_seqs, HV=v.shape[2],
@@ -640,14 +639,11 @@ def chunk_kda(
 
     gate_variant = _dispatch.fused_forward_gate_variant(use_gate_in_kernel=bool(use_gate_in_kernel),
                                                         lower_bound=lower_bound)
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     fused = (cp_plan is None and not return_intermediate_states
-             and _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, cu_seqlens, gate_variant))
+             and _fused_forward(q, k, v, g, beta, initial_state, A_log, dt_bias, num_seqs, gate_variant))
     if not _is_compiling():
-        variant = gate_variant if fused else None
-        num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        cluster = fused and _dispatch.fused_forward_cluster(num_seqs=num_seqs, HV=v.shape[2],
-                                                             num_sms=_num_sms(q.device), gate_variant=variant)
-        _dispatch.log_forward(q, v, int(chunk_size), bool(safe_gate), variant, cluster)
+        _dispatch.log_forward(q, v, int(chunk_size), bool(safe_gate), gate_variant if fused else None, num_seqs)
     if cp_plan is not None:
         flags = dict(use_qk_l2norm=bool(use_qk_l2norm_in_kernel), use_gate_in_kernel=bool(use_gate_in_kernel),
                      use_beta_sigmoid=bool(use_beta_sigmoid_in_kernel), allow_neg_eigval=bool(allow_neg_eigval),
@@ -659,7 +655,6 @@ def chunk_kda(
     if fused:
         flags = (bool(use_qk_l2norm_in_kernel), bool(use_gate_in_kernel), bool(use_beta_sigmoid_in_kernel),
                  bool(allow_neg_eigval), lower_bound)
-        num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         seg_len = _dispatch.fused_segment_length(num_seqs=num_seqs, total_tokens=q.shape[0] * q.shape[1],
                                                  HV=v.shape[2], num_sms=_num_sms(q.device))
         if seg_len is not None:

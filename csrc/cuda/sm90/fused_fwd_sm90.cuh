@@ -1,6 +1,7 @@
-// kda_ext CUDA, Hopper path: the fused forward (issue 17). One persistent CTA per (sequence, value
-// head) runs the whole chunked pipeline for that sequence with nothing but q, k, v, g, beta read and
-// o (and the final state) written: no intermediate reaches HBM.
+// kda_ext CUDA, Hopper path: the fused forward (issue 17). One persistent CTA (or a 2-CTA cluster,
+// FusedFwdConfig's kCluster) per (sequence, value head) runs the whole chunked pipeline for that
+// sequence with nothing but q, k, v, g, beta read and o (and the final state) written: no
+// intermediate reaches HBM.
 //
 // Why a chunk of 16 inside the kernel: the intra-chunk work (gate, cumsum, l2norm, the decayed
 // operands, Aqk, L, (I + L)^-1, w, u) of a 64-row chunk is 10 block pairs of 16 x 16 products, a
@@ -18,15 +19,16 @@
 //   j, j + 2, ... with its own buffers and pipeline. Thread t owns key column t of every row. A
 //   producer streams the raw q, k, v, g rows of its next chunk with cp.async into a two-deep
 //   private buffer while it works on this one; computes the gate and its cumsum down its column in
-//   registers, the l2norm row sums by a warp reduce-scatter, beta; the decayed operands; Aqk and L
+//   registers, the l2norm row norms (four threads a row), beta; the decayed operands; Aqk and L
 //   on mma.sync (one 16 x 8 tile per warp), (I + L)^-1 by forward substitution (16 threads, one
 //   column each), and w = Akk (beta k e^G), u = Akk (beta v) on mma.sync; and writes w, qg, kg,
 //   Aqk, u and the chunk's decay e^{G_last} into its ring stage in the layouts the consumers'
 //   wgmma reads.
-// - the last two warpgroups, the consumers: value columns 0..63 and 64..127. Each holds its slice of the
+// - the last two warpgroups (one in the cluster variant, a value half each CTA), the consumers:
+//   value columns 0..63 and 64..127. Each holds its slice of the
 //   transposed state S^T [64 v][128 k] in fp32 wgmma accumulators for the whole sequence and runs,
 //   per chunk, the four products of state_output_sm90.cuh with N = 16 chunk rows:
-//     v_new^T = u^T - Sh^T w^T,  o^T = scale Sh^T qg^T + v_new^T Aqk^T,
+//     v_new^T = u^T - Sh^T w^T,  o^T = Sh^T qg^T + v_new^T Aqk^T (qg and Aqk carry the scale),
 //     S^T = e^{G_last} S^T + v_new^T kg.
 // Rows past the sequence's end (the last chunk) are zero-filled by the loads and masked out of
 // v_new, so they reach neither S nor a stored o row.
@@ -36,7 +38,7 @@
 // out-of-range ones exactly), no intermediates wanted. Everything else keeps the two-kernel path.
 #pragma once
 
-#include "cuda/elementwise.cuh"  // gate_of, beta_of, exp_ftz
+#include "cuda/elementwise.cuh"  // gate_as, beta_of, exp_ftz
 #include "cuda/mma.cuh"
 #include "cuda/mma_sync.cuh"
 #include "cuda/section_clock.cuh"
